@@ -1,0 +1,88 @@
+"""Bad input fails loudly with a message that says what to do; it never runs silently without the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from tl_vlm import HookedVLM, VLMInputs
+from tl_vlm.families import family_for
+
+
+def test_unsupported_architecture_names_supported_ones():
+    config = AutoConfig.for_model("gpt2")
+    config.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration"):
+        family_for(config)
+
+
+def test_unsupported_vision_tower_is_named():
+    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model"}, text_config=LlamaConfig())
+    config.architectures = ["LlavaForConditionalGeneration"]
+    with pytest.raises(NotImplementedError, match="siglip_vision_model"):
+        family_for(config).vlm_config(config)
+
+
+def test_placeholders_without_pixels(llava15):
+    batch = llava15.batch()
+    with pytest.raises(ValueError, match="no pixel_values"):
+        llava15.model(batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def test_pixels_without_placeholders(llava15):
+    batch = llava15.batch()
+    ids = llava15.model.tokenizer(["USER: hello ASSISTANT:"] * 2, return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="no image placeholder"):
+        llava15.model(VLMInputs(ids, batch.pixel_values))
+
+
+def test_count_mismatch(llava15):
+    batch = llava15.batch()
+    with pytest.raises(ValueError, match="feature vectors"):
+        llava15.model(VLMInputs(batch.input_ids, batch.pixel_values[:1], batch.attention_mask))
+
+
+def test_wrong_image_size(llava15):
+    batch = llava15.batch()
+    with pytest.raises(ValueError, match="model.prepare"):
+        llava15.model(VLMInputs(batch.input_ids, torch.zeros(2, 3, 31, 31), batch.attention_mask))
+
+
+def test_unknown_input_is_not_dropped(llava15):
+    batch = llava15.batch()
+    with pytest.raises(ValueError, match="refusing to drop"):
+        llava15.model({**batch.as_kwargs(), "pixel_values_videos": batch.pixel_values})
+
+
+def test_text_instead_of_tokens(llava15):
+    with pytest.raises(TypeError, match="prepare"):
+        llava15.model("USER: hi")
+
+
+def test_missing_weight_is_reported(tmp_path, checkpoints):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["llava15"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="blocks.1.mlp.W_in"):
+        HookedVLM.from_pretrained(broken)
+
+
+def test_legacy_hub_key_layout_loads(tmp_path, checkpoints, llava15):
+    """Hub checkpoints saved by older transformers nest CLIP under vision_tower.vision_model."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(checkpoints["llava15"], legacy)
+    weights = load_file(legacy / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
+    save_file(renamed, legacy / "model.safetensors")
+    model = HookedVLM.from_pretrained(legacy)
+    batch = llava15.batch()
+    assert torch.equal(model(batch), llava15.model(batch))

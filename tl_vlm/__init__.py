@@ -1,0 +1,9 @@
+"""tl_vlm: vision-language models as inspectable as TransformerLens made language models."""
+
+from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.hooked_vlm import HookedVLM
+from tl_vlm.inputs import VLMInputs
+
+__version__ = "0.1.0"
+
+__all__ = ["HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__"]

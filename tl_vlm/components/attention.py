@@ -1,0 +1,124 @@
+"""Multi-head / grouped-query self-attention with TL's per-head hooks.
+
+SDPA runs whenever nothing hooks ``hook_attn_scores`` or ``hook_pattern`` of this layer; the
+explicit softmax(QK^T) path runs only where a hook or cache asks for the pattern.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_vlm.components import layout
+from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.components.kv_cache import KVCacheEntry
+from tl_vlm.components.rotary import apply_rotary
+from tl_vlm.config import TowerConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TowerConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, kv, d, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(layout.empty_heads_in(h, d, dh))
+        self._W_K = nn.Parameter(layout.empty_heads_in(kv, d, dh))
+        self._W_V = nn.Parameter(layout.empty_heads_in(kv, d, dh))
+        self.W_O = nn.Parameter(layout.empty_heads_out(h, dh, d))
+        self.b_Q = nn.Parameter(torch.zeros(h, dh)) if cfg.attn_bias else None
+        self._b_K = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
+        self._b_V = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
+        self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
+        self.scale = dh**-0.5
+        self.repeat = h // kv
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+
+    # GQA keeps one K/V per group; the public names repeat them per query head as TL does.
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._W_K.repeat_interleave(self.repeat, 0) if self.repeat > 1 else self._W_K
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._W_V.repeat_interleave(self.repeat, 0) if self.repeat > 1 else self._W_V
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"] | None:
+        if self._b_K is None or self.repeat == 1:
+            return self._b_K
+        return self._b_K.repeat_interleave(self.repeat, 0)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"] | None:
+        if self._b_V is None or self.repeat == 1:
+            return self._b_V
+        return self._b_V.repeat_interleave(self.repeat, 0)
+
+    def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        out = F.linear(x, layout.heads_in_linear(W), None if b is None else b.reshape(-1))
+        return out.view(*x.shape[:-1], W.shape[0], W.shape[-1])
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        rotary: tuple[Tensor, Tensor] | None = None,
+        mask: Float[Tensor, "batch 1 q k"] | None = None,
+        causal: bool = False,
+        cache: KVCacheEntry | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        q = run_hook(self.hook_q, self._project(x, self.W_Q, self.b_Q))
+        k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
+        v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
+        if rotary is not None:
+            q = run_hook(self.hook_rot_q, apply_rotary(q, *rotary))
+            k = run_hook(self.hook_rot_k, apply_rotary(k, *rotary))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+
+        if active(self.hook_attn_scores) or active(self.hook_pattern):
+            z = self._explicit(q, k, v, mask, causal)
+        else:
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale, enable_gqa=self.repeat > 1
+            )
+        z = run_hook(self.hook_z, z.transpose(1, 2))
+
+        if active(self.hook_result) or self.cfg.use_attn_result:
+            result = run_hook(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            out = result.sum(2)
+            return out if self.b_O is None else out + self.b_O
+        return F.linear(z.reshape(*z.shape[:2], -1), layout.heads_out_linear(self.W_O), self.b_O)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if self.repeat > 1:
+            k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if mask is None and causal:
+            mask = causal_mask(q.shape[2], k.shape[2], q.dtype, q.device)
+        if mask is not None:
+            scores = scores + mask
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return torch.matmul(pattern, v)
+
+
+def causal_mask(q_len: int, k_len: int, dtype: torch.dtype, device) -> Float[Tensor, "1 1 q k"]:
+    """Additive mask; the query block sits at the end of the key sequence."""
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        None, None
+    ]

@@ -1,0 +1,47 @@
+"""Token embedding, unembedding and the ViT patch embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_vlm.components import layout
+
+
+class Embed(nn.Module):
+    def __init__(self, d_vocab: int, d_model: int):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class Unembed(nn.Module):
+    def __init__(self, d_model: int, d_vocab: int):
+        super().__init__()
+        self.W_U = nn.Parameter(layout.empty_in_out(d_model, d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(d_vocab))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.W_U.T, self.b_U)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchifier with a class token (CLIP-style ViT); positions are added by the tower."""
+
+    def __init__(self, d_model: int, patch_size: int, num_channels: int, n_positions: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.W_patch = nn.Parameter(torch.empty(d_model, num_channels, patch_size, patch_size))
+        self.class_embedding = nn.Parameter(torch.empty(d_model))
+        self.W_pos = nn.Parameter(torch.empty(n_positions, d_model))
+
+    def forward(self, pixel_values: Float[Tensor, "image channel height width"]) -> Float[Tensor, "image pos d_model"]:
+        patches = F.conv2d(pixel_values.to(self.W_patch.dtype), self.W_patch, stride=self.patch_size)
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1)

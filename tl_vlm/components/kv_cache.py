@@ -1,0 +1,41 @@
+"""Preallocated key/value cache for generation, one entry per language block."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+class KVCacheEntry:
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, d_head: int, dtype: torch.dtype, device):
+        self.k = torch.empty(batch, n_kv_heads, max_len, d_head, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(
+        self, k: Float[Tensor, "batch kv pos d_head"], v: Float[Tensor, "batch kv pos d_head"]
+    ) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; this step needs {end}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Past keys/values of every block plus the attention mask seen so far."""
+
+    def __init__(self, cfg, batch: int, max_len: int, device, dtype: torch.dtype):
+        self.entries = [
+            KVCacheEntry(batch, cfg.n_key_value_heads, max_len, cfg.d_head, dtype, device) for _ in range(cfg.n_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.entries[0].length
+
+    def __getitem__(self, layer: int) -> KVCacheEntry:
+        return self.entries[layer]

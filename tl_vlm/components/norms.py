@@ -1,0 +1,62 @@
+"""LayerNorm and RMSNorm with TL's hook_scale / hook_normalized.
+
+Without hooks they run the same fused kernels as HF; with hooks the explicit form exposes the
+scale. ``elementwise=False`` is the folded (LNPre / RMSPre) form used after ``fold_ln``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_vlm.components.hooks import active
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float, elementwise: bool = True):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+        self.w = nn.Parameter(torch.ones(d_model)) if elementwise else None
+        self.b = nn.Parameter(torch.zeros(d_model)) if elementwise else None
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if not (active(self.hook_scale) or active(self.hook_normalized)):
+            return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = self.hook_normalized(x / scale)
+        return x if self.w is None else x * self.w + self.b
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float, elementwise: bool = True):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+        self.w = nn.Parameter(torch.ones(d_model)) if elementwise else None
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        dtype = x.dtype
+        x = x.float()  # HF computes the statistic in fp32 whatever the model dtype
+        if active(self.hook_scale) or active(self.hook_normalized):
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            x = self.hook_normalized(x / scale)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x.to(dtype)
+        return x if self.w is None else self.w * x
+
+
+def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
+    if kind in ("LN", "LNPre"):
+        return LayerNorm(d_model, eps, elementwise=kind == "LN")
+    if kind in ("RMS", "RMSPre"):
+        return RMSNorm(d_model, eps, elementwise=kind == "RMS")
+    raise ValueError(f"unknown normalization_type {kind!r}; expected LN, LNPre, RMS or RMSPre")

@@ -1,0 +1,157 @@
+"""LLaVA 1.5 (``LlavaForConditionalGeneration``): CLIP ViT -> MLP projector -> Llama / Mistral / Qwen2 LM."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.families.weights import Rule, WeightMap, clip_vision_rules, decoder_lm_rules, linear_rules
+from tl_vlm.towers import CLIPVisionTower, MLPProjector
+from tl_vlm.towers.projector import ProjectorConfig
+
+# Which projections carry biases, per language model type: (attention biases, mlp bias).
+_LM_BIASES = {
+    "llama": lambda c: (("q", "k", "v", "o") if c.attention_bias else (), bool(getattr(c, "mlp_bias", False))),
+    "mistral": lambda c: ((), False),
+    "qwen2": lambda c: (("q", "k", "v"), False),
+}
+
+
+def clip_vision_config(vc) -> TowerConfig:
+    if vc.model_type != "clip_vision_model":
+        raise NotImplementedError(
+            f"vision tower {vc.model_type!r} is not supported yet; tl_vlm converts CLIP vision towers for LLaVA"
+        )
+    return TowerConfig(
+        n_layers=vc.num_hidden_layers,
+        d_model=vc.hidden_size,
+        n_heads=vc.num_attention_heads,
+        d_head=vc.hidden_size // vc.num_attention_heads,
+        d_mlp=vc.intermediate_size,
+        act_fn=vc.hidden_act,
+        normalization_type="LN",
+        eps=vc.layer_norm_eps,
+        n_ctx=(vc.image_size // vc.patch_size) ** 2 + 1,
+        attn_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attention_dir="bidirectional",
+        positional_embedding_type="standard",
+        original_architecture="CLIPVisionModel",
+    )
+
+
+def decoder_lm_config(tc, name: str) -> TowerConfig:
+    if tc.model_type not in _LM_BIASES:
+        raise NotImplementedError(
+            f"language model {tc.model_type!r} is not supported yet; supported: {sorted(_LM_BIASES)}"
+        )
+    if getattr(tc, "use_sliding_window", False):
+        raise NotImplementedError("Qwen2 per-layer sliding-window attention is not supported yet")
+    attn_bias, mlp_bias = _LM_BIASES[tc.model_type](tc)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return TowerConfig(
+        n_layers=tc.num_hidden_layers,
+        d_model=tc.hidden_size,
+        n_heads=tc.num_attention_heads,
+        d_head=head_dim,
+        n_key_value_heads=tc.num_key_value_heads,
+        d_mlp=tc.intermediate_size,
+        act_fn=tc.hidden_act,
+        normalization_type="RMS",
+        eps=tc.rms_norm_eps,
+        d_vocab=tc.vocab_size,
+        n_ctx=tc.max_position_embeddings,
+        gated_mlp=True,
+        attn_bias="q" in attn_bias,
+        attn_out_bias="o" in attn_bias,
+        mlp_bias=mlp_bias,
+        sliding_window=getattr(tc, "sliding_window", None) if tc.model_type == "mistral" else None,
+        final_rms=True,
+        original_architecture=tc.model_type,
+        model_name=name,
+        extra={"hf_config": tc, "attn_biases": attn_bias, "tie_word_embeddings": bool(tc.tie_word_embeddings)},
+    )
+
+
+class LlavaFamily:
+    name = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+
+    def vlm_config(self, hf_config) -> VLMConfig:
+        vc, tc = hf_config.vision_config, hf_config.get_text_config()
+        image_token_id = getattr(hf_config, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = hf_config.image_token_index
+        return VLMConfig(
+            architecture=hf_config.architectures[0] if hf_config.architectures else self.architectures[0],
+            family=self.name,
+            language=decoder_lm_config(tc, getattr(hf_config, "_name_or_path", "")),
+            vision=clip_vision_config(vc),
+            image_token_id=image_token_id,
+            vision_feature_layer=hf_config.vision_feature_layer,
+            vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+            image_size=vc.image_size,
+            patch_size=vc.patch_size,
+            num_channels=vc.num_channels,
+            projector_act=hf_config.projector_hidden_act,
+            projector_bias=getattr(hf_config, "multimodal_projector_bias", True),
+            extra={"hf_config": hf_config},
+        )
+
+    def build_towers(self, model) -> None:
+        cfg = model.vlm_cfg
+        model.vision = CLIPVisionTower(cfg.vision, cfg.image_size, cfg.patch_size, cfg.num_channels)
+        d_text = cfg.language.d_model
+        model.projector = MLPProjector(
+            ProjectorConfig(
+                d_in=cfg.vision.d_model * len(cfg.feature_layers),
+                d_hidden=d_text,
+                d_out=d_text,
+                act_fn=cfg.projector_act,
+                bias=cfg.projector_bias,
+            )
+        )
+
+    def normalize_key(self, key: str) -> str:
+        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
+        # older hub files nest CLIP as vision_tower.vision_model.*.
+        key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.|image_newline)", "", key)
+        key = re.sub(r"^language_model\.model\.", "language_model.", key)
+        key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
+        return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+    def weight_map(self, cfg: VLMConfig) -> WeightMap:
+        lm = cfg.language
+        p = cfg.projector_bias
+        return WeightMap(
+            [
+                *clip_vision_rules(r"vision_tower", "vision", cfg.vision.d_head),
+                *linear_rules(r"multi_modal_projector\.linear_1", "projector.mlp.W_in", "projector.mlp.b_in" if p else None),
+                *linear_rules(r"multi_modal_projector\.linear_2", "projector.mlp.W_out", "projector.mlp.b_out" if p else None),
+                *decoder_lm_rules(r"language_model", lm.d_head, lm.extra["attn_biases"], lm.mlp_bias),
+                *self.extra_rules(),
+            ],
+            # LLaVA reads patch features from the residual stream; CLIP's post-LN only serves CLIP's pooled output.
+            ignore=[r"vision_tower\.post_layernorm\.(weight|bias)", r".*\.position_ids", r".*rotary_emb\.inv_freq"],
+        )
+
+    def extra_rules(self) -> list[Rule]:
+        return []
+
+    def select_features(self, cfg: VLMConfig, hidden: dict[int, Tensor]) -> Float[Tensor, "image patch d_in"]:
+        features = [hidden[i] for i in cfg.feature_layers]
+        if cfg.vision_feature_select_strategy == "default":
+            features = [f[:, 1:] for f in features]
+        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+
+    def image_features(self, model, pixel_values: Tensor, image_sizes: Tensor | None) -> Tensor:
+        if image_sizes is not None:
+            raise ValueError("image_sizes is only used by LLaVA-NeXT checkpoints; this LLaVA model takes fixed-size images")
+        cfg = model.vlm_cfg
+        hidden = model.vision(pixel_values, keep=cfg.feature_layers)
+        return model.projector(self.select_features(cfg, hidden)).flatten(0, 1)

@@ -1,0 +1,50 @@
+"""LLaVA-NeXT / 1.6 (``LlavaNextForConditionalGeneration``): anyres tiles, unpadding and ``image_newline``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+from tl_vlm.families.llava import LlavaFamily
+from tl_vlm.families.weights import Rule
+
+
+class LlavaNextFamily(LlavaFamily):
+    name = "llava_next"
+    architectures = ("LlavaNextForConditionalGeneration",)
+
+    def build_towers(self, model) -> None:
+        super().build_towers(model)
+        # Appended after each row of tiles; it lives with the projector whose output it joins.
+        model.projector.image_newline = nn.Parameter(torch.empty(model.vlm_cfg.language.d_model))
+
+    def extra_rules(self) -> list[Rule]:
+        return [Rule(r"image_newline", "projector.image_newline")]
+
+    def image_features(self, model, pixel_values: Tensor, image_sizes: Tensor | None) -> Tensor:
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them with pixel_values)")
+        cfg = model.vlm_cfg
+        hf_config = cfg.extra["hf_config"]
+        n_tiles = [image_size_to_num_patches(size, hf_config.image_grid_pinpoints, cfg.image_size) for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, n_tiles)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"LLaVA-NeXT pixel_values must be 4D or 5D, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(n_tiles):
+            raise ValueError(f"image_sizes imply {sum(n_tiles)} tiles but pixel_values holds {pixel_values.shape[0]}")
+        hidden = model.vision(pixel_values, keep=cfg.feature_layers)
+        features = torch.split(model.projector(self.select_features(cfg, hidden)), n_tiles, dim=0)
+        # HF's own packing (tile grid, unpadding, newline) so the token order is HF's by construction.
+        packed, _ = LlavaNextModel.pack_image_features(
+            SimpleNamespace(config=hf_config),
+            features,
+            image_sizes,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            image_newline=model.projector.image_newline,
+        )
+        return torch.cat(packed, dim=0)

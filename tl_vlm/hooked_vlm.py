@@ -1,0 +1,354 @@
+"""HookedVLM: a vision-language model under one HookPoint namespace.
+
+The language tower's modules sit at the top level under HookedTransformer's names (``blocks``,
+``ln_final``, ...), so every TransformerLens tool finds them; the other towers are children with
+prefixes (``vision.*``, ``projector.*``). ``model.language`` is the same language modules seen as
+one tower object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from torch import Tensor
+from transformer_lens import ActivationCache, HookedRootModule
+from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+from tl_vlm import weight_processing
+from tl_vlm.components import KVCache, Rotary
+from tl_vlm.config import VLMConfig
+from tl_vlm.families import family_for, family_named
+from tl_vlm.families.weights import load_weights, set_parameter
+from tl_vlm.inputs import VLMInputs
+from tl_vlm.sampling import sample_next_token
+from tl_vlm.towers import DecoderLM
+from tl_vlm.towers.stacked import StackedWeights
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class HookedVLM(StackedWeights, HookedRootModule):
+    def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
+        super().__init__()
+        self.vlm_cfg = cfg
+        self.cfg = cfg.language
+        self.family = family_named(cfg.family)
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.generation_config = generation_config or GenerationConfig()
+        language = DecoderLM(cfg.language, Rotary.from_hf_config(cfg.language.extra["hf_config"]))
+        for name, child in language.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
+        self.family.build_towers(self)
+        self.setup()
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        load_processor: bool = True,
+    ) -> "HookedVLM":
+        """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
+        path = _resolve_checkpoint(model_name, revision)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) if load_processor else None
+        generation_config = (
+            GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
+        )
+        model = cls._convert(hf_config, _iter_safetensors(path), device, dtype, processor, generation_config)
+        model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+        return model
+
+    @classmethod
+    def from_hf_model(
+        cls,
+        hf_model,
+        processor=None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+    ) -> "HookedVLM":
+        """Convert an in-memory HF model. Weights are shared with it, not copied, where device and dtype
+        agree; weight processing writes new tensors, so it never edits the HF model."""
+        param = next(hf_model.parameters())
+        model = cls._convert(
+            hf_model.config,
+            iter(hf_model.state_dict().items()),
+            device or param.device,
+            dtype or param.dtype,
+            processor,
+            getattr(hf_model, "generation_config", None),
+        )
+        model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+        return model
+
+    @classmethod
+    def _convert(cls, hf_config, tensors, device, dtype, processor, generation_config) -> "HookedVLM":
+        family = family_for(hf_config)
+        cfg = family.vlm_config(hf_config)
+        for tower in (cfg.language, cfg.vision):
+            tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
+        # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
+        # the checkpoint's tensors, so the process never holds two copies of the weights.
+        model = cls(cfg, processor, generation_config)
+        loaded = load_weights(model, family.weight_map(cfg), tensors, family.normalize_key, device, dtype)
+        if "unembed.W_U" not in loaded and cfg.language.extra["tie_word_embeddings"]:
+            set_parameter(model, "unembed.W_U", model.embed.W_E.T)
+            loaded.add("unembed.W_U")
+        missing = {name for name, _ in model.named_parameters()} - loaded - {"unembed.b_U"}
+        if missing:
+            raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
+        return model.to(device=device, dtype=dtype).eval()
+
+    def process_weights(
+        self,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+    ) -> None:
+        """TL weight processing; outputs (softmax of the logits) are unchanged. See weight_processing."""
+        weight_processing.process(self, fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+        self.setup()
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.unembed.b_U
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    # ---------------------------------------------------------------- inputs
+
+    def prepare(self, images=None, text: str | list[str] | None = None, **processor_kwargs) -> VLMInputs:
+        """Run the model's HF processor; returns inputs with the images attached."""
+        if self.processor is None:
+            raise ValueError("this model was loaded without a processor; pass HF processor outputs to the model instead")
+        if text is None:
+            raise ValueError("prepare needs text (with the model's image placeholder where each image goes)")
+        if isinstance(text, list) and len(text) > 1:
+            processor_kwargs.setdefault("padding", True)
+        batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
+        return VLMInputs.from_mapping(batch).to(self.device)
+
+    def _inputs(self, input: Any, **kwargs) -> VLMInputs:
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if input is None:
+            batch = given
+        elif isinstance(input, VLMInputs):
+            batch = {**input.as_kwargs(), **given}
+        elif isinstance(input, Mapping):
+            batch = {**input, **given}
+        elif isinstance(input, Tensor):
+            batch = {"input_ids": input, **given}
+        elif isinstance(input, (str, list)):
+            raise TypeError("pass token ids or VLMInputs; build them from text and images with model.prepare(images=, text=)")
+        else:
+            raise TypeError(f"unsupported input of type {type(input).__name__}")
+        if "input_ids" not in batch:
+            raise ValueError("input_ids are required")
+        inputs = VLMInputs.from_mapping(batch)
+        if inputs.input_ids.ndim == 1:
+            inputs.input_ids = inputs.input_ids[None]
+        return inputs
+
+    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
+        """Which language positions hold image features."""
+        return input_ids == self.vlm_cfg.image_token_id
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input: VLMInputs | Tensor | Mapping | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_sizes: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        return_type: ReturnType = "logits",
+        stop_at_layer: int | None = None,
+        cache: KVCache | None = None,
+    ):
+        inputs = self._inputs(
+            input, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
+        )
+        device = self.device
+        ids = inputs.input_ids.to(device)
+        mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else None
+        image_mask = self.image_token_mask(ids)
+        features = self._image_features(inputs, image_mask, device)
+        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
+        out = self.language(embeds, mask, position_ids, cache, stop_at_layer)
+        if stop_at_layer is not None or return_type == "logits":
+            return out
+        if return_type is None:
+            return None
+        loss = _next_token_loss(out, ids, mask, image_mask)
+        return loss if return_type == "loss" else (out, loss)
+
+    def _image_features(self, inputs: VLMInputs, image_mask: Tensor, device) -> Tensor | None:
+        n_placeholders = int(image_mask.sum())
+        token = self.vlm_cfg.image_token_id
+        if inputs.pixel_values is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"input_ids hold {n_placeholders} image placeholder tokens (id {token}) but no pixel_values were "
+                    "given; pass the processor's pixel_values (model.prepare(images=..., text=...)) or drop the placeholders"
+                )
+            return None
+        if not n_placeholders:
+            raise ValueError(
+                f"pixel_values were given but input_ids hold no image placeholder token (id {token}), so the image "
+                "would be ignored; put the image token in the prompt (model.prepare does this)"
+            )
+        image_sizes = inputs.image_sizes.to(device) if inputs.image_sizes is not None else None
+        features = self.family.image_features(self, inputs.pixel_values.to(device), image_sizes)
+        if features.shape[0] != n_placeholders:
+            raise ValueError(
+                f"the images give {features.shape[0]} feature vectors but input_ids hold {n_placeholders} image "
+                "placeholder tokens; build prompt and images together with the model's processor (model.prepare)"
+            )
+        return features
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
+        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input: VLMInputs | Tensor | Mapping | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        use_past_kv_cache: bool = True,
+        generator: torch.Generator | None = None,
+        **input_kwargs,
+    ) -> Int[Tensor, "batch pos"]:
+        """Prompt followed by the new tokens, as HF's ``generate`` returns them (greedy tokens equal HF's)."""
+        inputs = self._inputs(input, **input_kwargs)
+        device = self.device
+        ids = inputs.input_ids.to(device)
+        batch, prompt_len = ids.shape
+        mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else torch.ones_like(ids)
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
+        pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
+        pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+
+        # As HF's generate: positions count only real tokens, so left padding does not shift them.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = KVCache(self.cfg, batch, prompt_len + max_new_tokens, device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits[:, -1].float(), ids, do_sample, temperature, top_k, top_p, generator)
+            token = token.masked_fill(finished, pad)
+            ids = torch.cat([ids, token[:, None]], dim=-1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            if cache is not None:
+                logits = self(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, -1:], cache=cache)
+            else:
+                step = VLMInputs(ids, inputs.pixel_values, mask, inputs.image_sizes)
+                logits = self(step, position_ids=positions)
+        return ids
+
+    # ---------------------------------------------------------------- tokens
+
+    def to_string(self, tokens: Tensor) -> str | list[str]:
+        if tokens.ndim == 1:
+            return self.tokenizer.decode(tokens)
+        return self.tokenizer.batch_decode(tokens)
+
+    def to_str_tokens(self, tokens: Tensor) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(tokens.reshape(-1).tolist())
+
+    def to_single_token(self, word: str) -> int:
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
+
+def _next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"], ids: Tensor, mask: Tensor | None, image_mask: Tensor
+) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy over real text targets (not image placeholders, not padding)."""
+    log_probs = logits[:, :-1].float().log_softmax(-1)
+    target_log_probs = log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+    valid = ~image_mask[:, 1:]
+    if mask is not None:
+        valid &= mask[:, 1:].bool() & mask[:, :-1].bool()
+    return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _resolve_checkpoint(model_name: str | os.PathLike, revision: str | None) -> Path:
+    path = Path(model_name)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    # Same loader either way: fetch the config, processor files and safetensors, never pickles.
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    return Path(snapshot_download(str(model_name), revision=revision, allow_patterns=patterns))
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no .safetensors weights in {path}; tl_vlm does not unpickle .bin checkpoints "
+            "(convert them with transformers' save_pretrained(safe_serialization=True))"
+        )
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)

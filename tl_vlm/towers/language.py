@@ -1,0 +1,112 @@
+"""Decoder-only language tower (Llama, Vicuna, Mistral, Qwen2) under HookedTransformer's names.
+
+``hook_embed`` holds the merged input embedding: token embeddings at text positions and projected
+image features at image positions. ``hook_text_embed`` and ``hook_image_embed`` split it (each is
+zero where the other is not), so ``hook_embed == text + image`` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_vlm.components import Embed, KVCache, Rotary, TransformerBlock, Unembed, make_norm
+from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.config import TowerConfig
+from tl_vlm.towers.stacked import StackedWeights
+
+
+class DecoderLM(StackedWeights, nn.Module):
+    def __init__(self, cfg: TowerConfig, rotary: Rotary):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_text_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_image_embed = HookPoint()
+        self.hook_embed = HookPoint()
+        self.rotary = rotary
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.unembed.b_U
+
+    def embed_inputs(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        image_features: Float[Tensor, "n_image_tokens d_model"] | None = None,
+        image_mask: Bool[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        if image_features is None:
+            text = self.embed(input_ids)
+            if active(self.hook_text_embed):
+                text = self.hook_text_embed(text)
+            if active(self.hook_image_embed):
+                text = text + self.hook_image_embed(torch.zeros_like(text))
+            return run_hook(self.hook_embed, text)
+        mask = image_mask[..., None]
+        text = self.embed(input_ids.masked_fill(image_mask, 0))
+        features = image_features.to(text.dtype)
+        if active(self.hook_text_embed) or active(self.hook_image_embed):
+            text = self.hook_text_embed(text.masked_fill(mask, 0.0))
+            image = self.hook_image_embed(torch.zeros_like(text).masked_scatter(mask, features))
+            embeds = text + image
+        else:
+            embeds = text.masked_scatter(mask, features)
+        return run_hook(self.hook_embed, embeds)
+
+    def forward(
+        self,
+        embeds: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch total_pos"] | None = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
+        cache: KVCache | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
+        batch, pos = embeds.shape[:2]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + pos, device=embeds.device).expand(batch, -1)
+        rotary = self.rotary(position_ids, embeds.dtype)
+        mask, causal = self._mask(attention_mask, batch, pos, past, embeds)
+        resid = embeds
+        for i, block in enumerate(self.blocks[:stop_at_layer]):
+            resid = block(resid, rotary, mask, causal, cache[i] if cache is not None else None)
+        if stop_at_layer is not None:
+            return resid
+        return self.unembed(self.ln_final(resid))
+
+    def _mask(
+        self, attention_mask: Tensor | None, batch: int, pos: int, past: int, like: Tensor
+    ) -> tuple[Float[Tensor, "batch 1 q k"] | None, bool]:
+        """Additive mask, or (None, causal) when SDPA's built-in causal masking (or none) is exact."""
+        total, window = past + pos, self.cfg.sliding_window
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        windowed = window is not None and total > window
+        if not padded and not windowed:
+            if past == 0:
+                return None, True
+            if pos == 1:
+                return None, False
+        q = torch.arange(past, total, device=like.device)[:, None]
+        k = torch.arange(total, device=like.device)[None, :]
+        allowed = (k <= q)[None, None]
+        if windowed:
+            allowed = allowed & (q - k < window)[None, None]
+        if padded:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+        zeros = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+        return zeros.masked_fill(~allowed, torch.finfo(like.dtype).min), False

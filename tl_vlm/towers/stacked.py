@@ -1,0 +1,81 @@
+"""HookedTransformer's stacked weight properties (``model.W_Q`` -> ``[layer, head, d_model, d_head]``)."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import FactoredMatrix
+
+
+class StackedWeights:
+    """Mixin for anything with ``blocks``; the tower's own names, as in TL."""
+
+    blocks: torch.nn.ModuleList
+
+    def _stack(self, get) -> Tensor:
+        return torch.stack([get(block) for block in self.blocks], dim=0)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_Q)
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_V)
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack(lambda b: b.attn.W_O)
+
+    def _bias(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """Absent biases read as zeros, as HookedTransformer reports them."""
+        return self._stack(lambda b: getattr(b.attn, name) if getattr(b.attn, name) is not None else b.attn.W_Q.new_zeros(shape))
+
+    @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self._bias("b_Q", (self.cfg.n_heads, self.cfg.d_head))
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        return self._bias("b_K", (self.cfg.n_heads, self.cfg.d_head))
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self._bias("b_V", (self.cfg.n_heads, self.cfg.d_head))
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._bias("b_O", (self.cfg.d_model,))
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack(lambda b: b.mlp.W_in)
+
+    @property
+    def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"] | None:
+        return self._stack(lambda b: b.mlp.W_gate) if self.cfg.gated_mlp else None
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return self._stack(lambda b: b.mlp.W_out)
+
+    @property
+    def b_in(self) -> Float[Tensor, "layer d_mlp"]:
+        return self._stack(lambda b: b.mlp.b_in if b.mlp.b_in is not None else b.mlp.W_in.new_zeros(self.cfg.d_mlp))
+
+    @property
+    def b_out(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack(lambda b: b.mlp.b_out if b.mlp.b_out is not None else b.mlp.W_out.new_zeros(self.cfg.d_model))
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)

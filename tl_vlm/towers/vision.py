@@ -1,0 +1,57 @@
+"""CLIP-style ViT vision tower: patch + class embedding, learned positions, pre-LN, pre-norm blocks.
+
+Hidden state ``j`` is the input of block ``j`` (``j = 0`` is the output of ``ln_pre``), as in HF's
+``hidden_states``. Blocks after the deepest feature layer the VLM reads run only when one of their
+hooks is attached: they cannot change the output, and skipping them is free speed.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from tl_vlm.components import PatchEmbed, TransformerBlock, make_norm
+from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.config import TowerConfig
+from tl_vlm.towers.stacked import StackedWeights
+
+
+class CLIPVisionTower(StackedWeights, nn.Module):
+    def __init__(self, cfg: TowerConfig, image_size: int, patch_size: int, num_channels: int):
+        super().__init__()
+        self.cfg, self.image_size = cfg, image_size
+        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, (image_size // patch_size) ** 2 + 1)
+        self.hook_embed = HookPoint()  # [image, 1 + patch, d_model]: class token then patches
+        self.hook_pos_embed = HookPoint()
+        self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps)
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+
+    def forward(
+        self, pixel_values: Float[Tensor, "image channel height width"], keep: list[int]
+    ) -> dict[int, Float[Tensor, "image pos d_model"]]:
+        """Hidden states with the requested indices (0..n_layers)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"vision tower expects pixel_values [image, channel, {self.image_size}, {self.image_size}], got "
+                f"{tuple(pixel_values.shape)}; resize with the model's processor (model.prepare)"
+            )
+        x = run_hook(self.hook_embed, self.embed(pixel_values))
+        pos = run_hook(self.hook_pos_embed, self.embed.W_pos.expand(x.shape[0], -1, -1))
+        resid = self.ln_pre(x + pos)
+        stop = max(max(keep), self._last_hooked_block() + 1)
+        out = {}
+        for i in range(stop):
+            if i in keep:
+                out[i] = resid
+            resid = self.blocks[i](resid)
+        if stop in keep:
+            out[stop] = resid
+        return out
+
+    def _last_hooked_block(self) -> int:
+        for i in range(self.cfg.n_layers - 1, -1, -1):
+            if any(active(hook) for hook in self.blocks[i].hook_points()):
+                return i
+        return -1
