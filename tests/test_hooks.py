@@ -32,6 +32,12 @@ def test_hook_name_contract(pair):
 def test_activation_shapes(pair):
     model, batch = pair.model, pair.batch()
     _, cache = model.run_with_cache(batch)
+    assert "blocks.0.attn.hook_result" not in cache, "as in TL, caching everything skips hook_result by default"
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(batch)
+    finally:
+        model.set_use_attn_result(False)
     b, p = batch.shape
     cfg, vcfg = model.cfg, model.vision.cfg
     assert cache["blocks.0.hook_resid_pre"].shape == (b, p, cfg.d_model)

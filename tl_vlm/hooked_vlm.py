@@ -9,6 +9,7 @@ one tower object.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +70,7 @@ class HookedVLM(StackedWeights, HookedRootModule):
         """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
         path = _resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) if load_processor else None
+        processor = _load_processor(path, trust_remote_code) if load_processor else None
         generation_config = (
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
@@ -117,7 +118,7 @@ class HookedVLM(StackedWeights, HookedRootModule):
         if "unembed.W_U" not in loaded and cfg.language.extra["tie_word_embeddings"]:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
             loaded.add("unembed.W_U")
-        missing = {name for name, _ in model.named_parameters()} - loaded - {"unembed.b_U"}
+        missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
         return model.to(device=device, dtype=dtype).eval()
@@ -145,7 +146,7 @@ class HookedVLM(StackedWeights, HookedRootModule):
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
-        return self.unembed.b_U
+        return self.language.b_U
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +204,7 @@ class HookedVLM(StackedWeights, HookedRootModule):
         return_type: ReturnType = "logits",
         stop_at_layer: int | None = None,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ):
         inputs = self._inputs(
             input, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
@@ -213,7 +215,7 @@ class HookedVLM(StackedWeights, HookedRootModule):
         image_mask = self.image_token_mask(ids)
         features = self._image_features(inputs, image_mask, device)
         embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
-        out = self.language(embeds, mask, position_ids, cache, stop_at_layer)
+        out = self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
@@ -245,8 +247,27 @@ class HookedVLM(StackedWeights, HookedRootModule):
             )
         return features
 
-    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs):
-        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""
+        for tower in (self.cfg, self.vision.cfg):
+            tower.use_attn_result = use_attn_result
+
+    def run_with_cache(
+        self,
+        *model_args,
+        names_filter=None,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        **kwargs,
+    ):
+        """TL's run_with_cache returning an ActivationCache. As in HookedTransformer, caching everything
+        leaves out ``hook_result`` (it is ``head`` times the residual stream) unless ``use_attn_result`` is
+        set; name it in ``names_filter`` to get it anyway."""
+        if names_filter is None and not self.cfg.use_attn_result:
+            names_filter = _not_result
+        out, cache = super().run_with_cache(
+            *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
+        )
         if return_cache_object:
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
@@ -283,7 +304,8 @@ class HookedVLM(StackedWeights, HookedRootModule):
         # As HF's generate: positions count only real tokens, so left padding does not shift them.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = KVCache(self.cfg, batch, prompt_len + max_new_tokens, device, self.embed.W_E.dtype) if use_past_kv_cache else None
-        logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache)
+        # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
+        logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             token = sample_next_token(logits[:, -1].float(), ids, do_sample, temperature, top_k, top_p, generator)
@@ -295,10 +317,12 @@ class HookedVLM(StackedWeights, HookedRootModule):
             if bool(finished.all()):
                 break
             if cache is not None:
-                logits = self(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, -1:], cache=cache)
+                logits = self(
+                    input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, -1:], cache=cache, logits_to_keep=1
+                )
             else:
                 step = VLMInputs(ids, inputs.pixel_values, mask, inputs.image_sizes)
-                logits = self(step, position_ids=positions)
+                logits = self(step, position_ids=positions, logits_to_keep=1)
         return ids
 
     # ---------------------------------------------------------------- tokens
@@ -318,6 +342,10 @@ class HookedVLM(StackedWeights, HookedRootModule):
         return ids[0]
 
 
+def _not_result(name: str) -> bool:
+    return not name.endswith("hook_result")
+
+
 def _next_token_loss(
     logits: Float[Tensor, "batch pos d_vocab"], ids: Tensor, mask: Tensor | None, image_mask: Tensor
 ) -> Float[Tensor, ""]:
@@ -328,6 +356,14 @@ def _next_token_loss(
     if mask is not None:
         valid &= mask[:, 1:].bool() & mask[:, :-1].bool()
     return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _load_processor(path: Path, trust_remote_code: bool):
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
+        return None
 
 
 def _resolve_checkpoint(model_name: str | os.PathLike, revision: str | None) -> Path:

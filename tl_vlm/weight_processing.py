@@ -37,7 +37,8 @@ def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: 
     if center_unembed:
         unembed = model.language.unembed
         _replace(unembed, "W_U", unembed.W_U - unembed.W_U.mean(-1, keepdim=True))
-        _replace(unembed, "b_U", unembed.b_U - unembed.b_U.mean())
+        if unembed.b_U is not None:
+            _replace(unembed, "b_U", unembed.b_U - unembed.b_U.mean())
     if fold_value_biases:
         for tower in towers:
             fold_value_bias(tower)

@@ -24,7 +24,8 @@ class Unembed(nn.Module):
     def __init__(self, d_model: int, d_vocab: int):
         super().__init__()
         self.W_U = nn.Parameter(layout.empty_in_out(d_model, d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(d_vocab))
+        # None until weight processing needs one: a zero bias would cost a full pass over the logits.
+        self.register_parameter("b_U", None)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.W_U.T, self.b_U)

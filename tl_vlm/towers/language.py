@@ -42,7 +42,8 @@ class DecoderLM(StackedWeights, nn.Module):
 
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"]:
-        return self.unembed.b_U
+        b_U = self.unembed.b_U
+        return b_U if b_U is not None else self.unembed.W_U.new_zeros(self.cfg.d_vocab)
 
     def embed_inputs(
         self,
@@ -75,7 +76,10 @@ class DecoderLM(StackedWeights, nn.Module):
         position_ids: Int[Tensor, "batch pos"] | None = None,
         cache: KVCache | None = None,
         stop_at_layer: int | None = None,
+        logits_to_keep: int = 0,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
+        """Logits (of the last ``logits_to_keep`` positions if non-zero, as HF), or the residual stream
+        entering block ``stop_at_layer``."""
         batch, pos = embeds.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -87,7 +91,7 @@ class DecoderLM(StackedWeights, nn.Module):
             resid = block(resid, rotary, mask, causal, cache[i] if cache is not None else None)
         if stop_at_layer is not None:
             return resid
-        return self.unembed(self.ln_final(resid))
+        return self.unembed(self.ln_final(resid)[:, -logits_to_keep:])
 
     def _mask(
         self, attention_mask: Tensor | None, batch: int, pos: int, past: int, like: Tensor
