@@ -1,0 +1,24 @@
+"""The main job runs end to end and its numbers are the model's numbers."""
+
+from __future__ import annotations
+
+import json
+
+from tl_vlm.cli import main
+
+
+def test_demo_writes_report(tmp_path, checkpoints):
+    out = tmp_path / "demo"
+    assert main(["demo", str(checkpoints["llava15"]), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fidelity"]["logits_max_abs_diff"] <= 1e-4
+    lang = report["patching"]["language_resid_pre_at_image_positions"]
+    assert abs(lang[0] - 1.0) < 1e-4, "patching every image position before layer 0 restores the clean run"
+    vision = report["patching"]["vision_resid_pre"]
+    assert abs(vision[0] - 1.0) < 1e-4 and abs(vision[-1]) < 1e-6, "the last vision layer is past feature layer -2"
+    assert (out / "report.md").read_text().startswith("# tl_vlm demo")
+
+
+def test_hooks_command_lists_names(checkpoints, capsys):
+    assert main(["hooks", str(checkpoints["llava15"]), "--filter", r"^vision\.blocks\.0\.attn\.hook_pattern$"]) == 0
+    assert capsys.readouterr().out.split() == ["vision.blocks.0.attn.hook_pattern"]
