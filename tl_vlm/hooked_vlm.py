@@ -29,12 +29,12 @@ from tl_vlm.families.weights import load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.sampling import sample_next_token
 from tl_vlm.towers import DecoderLM
-from tl_vlm.towers.stacked import StackedWeights
+from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedVLM(StackedWeights, HookedRootModule):
+class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
     def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
         super().__init__()
         self.vlm_cfg = cfg
@@ -135,18 +135,6 @@ class HookedVLM(StackedWeights, HookedRootModule):
         self.setup()
 
     # ---------------------------------------------------------------- properties
-
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[Tensor, " d_vocab"]:
-        return self.language.b_U
 
     @property
     def device(self) -> torch.device:

@@ -16,10 +16,10 @@ from transformer_lens.hook_points import HookPoint
 from tl_vlm.components import Embed, KVCache, Rotary, TransformerBlock, Unembed, make_norm
 from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.config import TowerConfig
-from tl_vlm.towers.stacked import StackedWeights
+from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 
-class DecoderLM(StackedWeights, nn.Module):
+class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
     def __init__(self, cfg: TowerConfig, rotary: Rotary):
         super().__init__()
         self.cfg = cfg
@@ -31,19 +31,6 @@ class DecoderLM(StackedWeights, nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
-
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[Tensor, " d_vocab"]:
-        b_U = self.unembed.b_U
-        return b_U if b_U is not None else self.unembed.W_U.new_zeros(self.cfg.d_vocab)
 
     def embed_inputs(
         self,

@@ -79,3 +79,21 @@ class StackedWeights:
     @property
     def OV(self) -> FactoredMatrix:
         return FactoredMatrix(self.W_V, self.W_O)
+
+
+class LanguageWeights:
+    """Mixin for anything with ``embed`` and ``unembed``: TL's W_E, W_U, b_U."""
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """Absent until weight processing creates it; reads as zeros like HookedTransformer's."""
+        b_U = self.unembed.b_U
+        return b_U if b_U is not None else self.unembed.W_U.new_zeros(self.unembed.W_U.shape[1])
