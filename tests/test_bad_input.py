@@ -86,3 +86,24 @@ def test_legacy_hub_key_layout_loads(tmp_path, checkpoints, llava15):
     model = HookedVLM.from_pretrained(legacy)
     batch = llava15.batch()
     assert torch.equal(model(batch), llava15.model(batch))
+
+
+def test_next_images_and_sizes_must_agree(checkpoints):
+    from conftest import NON_SQUARE, PROMPTS
+    from tl_vlm.zoo.tiny import sample_images
+
+    model = HookedVLM.from_pretrained(checkpoints["llava_next_mistral"])
+    batch = model.prepare(images=sample_images(2, sizes=NON_SQUARE), text=PROMPTS)
+    with pytest.raises(ValueError, match="image_sizes"):
+        model(VLMInputs(batch.input_ids, batch.pixel_values, batch.attention_mask, batch.image_sizes[:1]))
+
+
+def test_one_dimensional_inputs_and_folding_twice(llava15):
+    batch = llava15.batch()
+    row = VLMInputs(batch.input_ids[0], batch.pixel_values[:1], batch.attention_mask[0])
+    real = batch.attention_mask[0].bool()
+    assert torch.allclose(llava15.model(row)[0][real], llava15.model(batch)[0][real], atol=1e-5)
+    model = HookedVLM.from_pretrained(llava15.path, fold_ln=True)
+    with pytest.warns(UserWarning, match="already folded"):
+        model.process_weights(fold_ln=True)
+    assert len(llava15.model.to_str_tokens(batch.input_ids)) == 2

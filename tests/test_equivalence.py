@@ -105,3 +105,28 @@ def test_from_hf_model_shares_weights_and_matches(llava15):
     processed = HookedVLM.from_hf_model(llava15.hf, llava15.model.processor, fold_ln=True)
     assert processed.blocks[0].attn.W_Q.data_ptr() != hf_q.data_ptr()
     assert torch.equal(hf_q, llava15.model.blocks[0].attn.W_Q.transpose(1, 2).reshape(hf_q.shape)), "HF model untouched"
+
+
+def test_seeded_sampling_and_penalties_follow_hf(pair):
+    batch = pair.batch()
+    for settings in ({"do_sample": True}, {"do_sample": True, "temperature": 0.7, "top_p": 0.8},
+                     {"do_sample": False, "repetition_penalty": 1.5}):
+        torch.manual_seed(11)
+        expected = pair.hf.generate(**batch.as_kwargs(), max_new_tokens=6, **settings)
+        torch.manual_seed(11)
+        assert torch.equal(pair.model.generate(batch, max_new_tokens=6, **settings), expected), settings
+
+
+def test_generation_defaults_without_generation_config(tmp_path, checkpoints):
+    import shutil
+
+    from tl_vlm import HookedVLM
+
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoints["llava15"], bare)
+    (bare / "generation_config.json").unlink()
+    model = HookedVLM.from_pretrained(bare)
+    assert model.generation_config.eos_token_id is not None, "falls back to the model config, as HF does"
+    model.generation_config.num_beams = 2
+    with pytest.raises(NotImplementedError, match="num_beams"):
+        model.generate(model.to_tokens("USER: hi ASSISTANT:"), max_new_tokens=2)

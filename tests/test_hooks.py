@@ -123,3 +123,69 @@ def test_skipped_vision_layers_run_when_hooked(llava15):
     seen = []
     model.run_with_hooks(batch, fwd_hooks=[(f"vision.blocks.{last}.hook_resid_post", lambda x, hook: seen.append(x))])
     assert len(seen) == 1
+
+
+def test_every_hook_point_fires(pair):
+    model, batch = pair.model, pair.batch()
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(batch)
+    finally:
+        model.set_use_attn_result(False)
+    assert set(cache.keys()) == set(model.hook_dict), "a registered hook point that never fires is a silent no-op"
+
+
+def test_feature_layer_hook_reaches_the_projector(llava15):
+    """LLaVA reads vision hidden state -2, i.e. the input of the last block: hooking it must matter."""
+    model, batch = llava15.model, llava15.batch()
+    last = model.vision.cfg.n_layers - 1
+    zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+    with torch.no_grad():
+        via_pre = model.run_with_hooks(batch, fwd_hooks=[(f"vision.blocks.{last}.hook_resid_pre", zero)])
+        via_post = model.run_with_hooks(batch, fwd_hooks=[(f"vision.blocks.{last - 1}.hook_resid_post", zero)])
+        clean = model(batch)
+    assert (via_pre - clean).abs().max() > 1e-3
+    assert torch.equal(via_pre, via_post)
+
+
+def test_in_place_hooks_never_edit_weights(llava15):
+    model, batch = llava15.model, llava15.batch()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def scribble(x, hook):
+        x.mul_(0.5)
+
+    model.run_with_hooks(batch, fwd_hooks=[(lambda name: True, scribble)])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"an in-place hook wrote into {name}"
+
+
+def test_transformer_lens_cache_algebra(llava15):
+    from transformer_lens import SVDInterpreter
+
+    model, batch = llava15.model, llava15.batch()
+    logits, cache = model.run_with_cache(batch)
+    n = model.cfg.n_layers
+    final = cache[f"blocks.{n - 1}.hook_resid_post"]
+    parts = cache.get_full_resid_decomposition(expand_neurons=False)
+    assert torch.allclose(parts.sum(0), final, atol=1e-4), "components (image features included) sum to the stream"
+    decomposed = cache.decompose_resid()
+    assert torch.allclose(decomposed.sum(0), final, atol=1e-5)
+    accumulated = cache.accumulated_resid(apply_ln=True)
+    assert accumulated.shape[0] == n + 1
+    token = int(logits[0, -1].argmax())
+    direct = cache.logit_attrs(decomposed[:, :, -1], tokens=torch.tensor([token, token]), pos_slice=-1)
+    assert direct.shape == decomposed.shape[:2]
+    singular = SVDInterpreter(model).get_singular_vectors("OV", layer_index=0, head_index=1)
+    assert singular.shape[0] == model.cfg.d_vocab, "singular vectors read out in the vocabulary"
+
+
+def test_hooked_layernorm_is_fp32_stable():
+    from tl_vlm.components import LayerNorm
+
+    norm = LayerNorm(8, 1e-5).half()
+    x = torch.randn(2, 3, 8).half()
+    x[0, 0, 0] = 400.0
+    fast = norm(x)
+    norm.hook_scale.add_hook(lambda t, hook: None)
+    assert torch.allclose(norm(x).float(), fast.float(), atol=1e-2)

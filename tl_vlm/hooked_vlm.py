@@ -27,7 +27,7 @@ from tl_vlm.config import VLMConfig
 from tl_vlm.families import family_for, family_named
 from tl_vlm.families.weights import load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
-from tl_vlm.sampling import sample_next_token
+from tl_vlm.sampling import logits_processors, next_token, resolve_settings
 from tl_vlm.towers import DecoderLM
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
@@ -113,7 +113,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
-        model = cls(cfg, processor, generation_config)
+        model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
         loaded = load_weights(model, family.weight_map(cfg), tensors, family.normalize_key, device, dtype)
         if "unembed.W_U" not in loaded and cfg.language.extra["tie_word_embeddings"]:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
@@ -172,6 +172,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         inputs = VLMInputs.from_mapping(batch)
         if inputs.input_ids.ndim == 1:
             inputs.input_ids = inputs.input_ids[None]
+            if inputs.attention_mask is not None and inputs.attention_mask.ndim == 1:
+                inputs.attention_mask = inputs.attention_mask[None]
         return inputs
 
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
@@ -193,7 +195,14 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         stop_at_layer: int | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        generated_from: int | None = None,
     ):
+        """Logits (or loss) of the language model on text with images merged in.
+
+        ``generated_from``: positions from here on are generated text, where an image placeholder id is a
+        plain token (as in HF's decode steps). A non-empty ``cache`` already holds the images, so all its
+        new positions are generated text.
+        """
         inputs = self._inputs(
             input, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
         )
@@ -201,6 +210,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         ids = inputs.input_ids.to(device)
         mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else None
         image_mask = self.image_token_mask(ids)
+        if cache is not None and cache.length > 0:
+            generated_from = 0
+        if generated_from is not None:
+            image_mask[:, generated_from:] = False
         features = self._image_features(inputs, image_mask, device)
         embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
         out = self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
@@ -267,36 +280,49 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         self,
         input: VLMInputs | Tensor | Mapping | None = None,
         *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         use_past_kv_cache: bool = True,
         generator: torch.Generator | None = None,
         **input_kwargs,
     ) -> Int[Tensor, "batch pos"]:
-        """Prompt followed by the new tokens, as HF's ``generate`` returns them (greedy tokens equal HF's)."""
+        """Prompt followed by the new tokens, as HF's ``generate`` returns them.
+
+        Unset settings come from ``model.generation_config`` (the checkpoint's), then HF's defaults, so
+        greedy tokens equal HF's and seeded sampling draws from HF's distribution. Hooks fire at every step.
+        """
         inputs = self._inputs(input, **input_kwargs)
+        settings = resolve_settings(
+            self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
         device = self.device
         ids = inputs.input_ids.to(device)
         batch, prompt_len = ids.shape
+        n_new = settings.max_new_tokens if settings.max_new_tokens is not None else max(settings.max_length - prompt_len, 1)
         mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else torch.ones_like(ids)
-        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device)
-        pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
-        pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+        eos_ids = settings.eos_token_id
+        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        pad = settings.pad_token_id if settings.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        processors = logits_processors(settings, mask, eos_ids)
 
         # As HF's generate: positions count only real tokens, so left padding does not shift them.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = KVCache(self.cfg, batch, prompt_len + max_new_tokens, device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = KVCache(self.cfg, batch, prompt_len + n_new, device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            token = sample_next_token(logits[:, -1].float(), ids, do_sample, temperature, top_k, top_p, generator)
+        for _ in range(n_new):
+            token = next_token(logits[:, -1].float(), ids, settings, processors, generator)
             token = token.masked_fill(finished, pad)
             ids = torch.cat([ids, token[:, None]], dim=-1)
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
@@ -310,17 +336,58 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                 )
             else:
                 step = VLMInputs(ids, inputs.pixel_values, mask, inputs.image_sizes)
-                logits = self(step, position_ids=positions, logits_to_keep=1)
+                logits = self(step, position_ids=positions, logits_to_keep=1, generated_from=prompt_len)
         return ids
 
+    # ---------------------------------------------------------------- TransformerLens model surface
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
+        """Sum of the biases written into the residual stream before ``layer`` (TL's definition)."""
+        bias = self.W_E.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            if block.attn.b_O is not None:
+                bias = bias + block.attn.b_O
+            if include_mlp_biases and block.mlp.b_out is not None:
+                bias = bias + block.mlp.b_out
+        if mlp_input and layer < self.cfg.n_layers and self.blocks[layer].attn.b_O is not None:
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor | list[int]) -> Tensor:
+        """Unembedding directions of tokens: ``[d_model]`` for one token, ``[..., d_model]`` otherwise."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
+            return self.W_U[:, int(tokens)]
+        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
+
+    def tl_parameters(self) -> dict[str, Tensor]:
+        """Parameters under TL names, with grouped K/V repeated per head (what SVDInterpreter reads)."""
+        params = dict(self.named_parameters())
+        for prefix, tower in (("", self.language), ("vision.", self.vision)):
+            for i, block in enumerate(tower.blocks):
+                params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
+                params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
+        return params
+
     # ---------------------------------------------------------------- tokens
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True, padding_side: str | None = None) -> Tensor:
+        """Text-only token ids. Prompts with images go through ``model.prepare(images=, text=)``."""
+        batch = self.tokenizer(
+            text if isinstance(text, list) else [text], return_tensors="pt", padding=True,
+            add_special_tokens=prepend_bos, **({"padding_side": padding_side} if padding_side else {}),
+        )
+        return batch.input_ids.to(self.device)
 
     def to_string(self, tokens: Tensor) -> str | list[str]:
         if tokens.ndim == 1:
             return self.tokenizer.decode(tokens)
         return self.tokenizer.batch_decode(tokens)
 
-    def to_str_tokens(self, tokens: Tensor) -> list[str]:
+    def to_str_tokens(self, tokens: Tensor) -> list[str] | list[list[str]]:
+        if tokens.ndim > 1:
+            return [self.to_str_tokens(row) for row in tokens]
         return self.tokenizer.convert_ids_to_tokens(tokens.reshape(-1).tolist())
 
     def to_single_token(self, word: str) -> int:

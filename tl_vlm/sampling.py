@@ -1,30 +1,82 @@
-"""Next-token choice for generate, with transformers' own logits warpers."""
+"""Generation settings and next-token choice, resolved exactly as HF's ``generate`` resolves them.
+
+Precedence: the call's arguments, then the checkpoint's ``generation_config``, then HF's global
+defaults (e.g. ``top_k=50`` when sampling). Logits processors and warpers are transformers' own.
+Settings this loop does not implement (beam search, n-gram blocking, ...) are an error, not ignored.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+_SUPPORTED = {
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
+    "top_p", "repetition_penalty", "use_cache",
+}
 
 
-def sample_next_token(
+def resolve_settings(model_config: GenerationConfig, **overrides) -> GenerationConfig:
+    settings = copy.deepcopy(model_config)
+    settings.update(**{k: v for k, v in overrides.items() if v is not None})
+    defaults = GenerationConfig._get_default_generation_params()
+    for key, value in defaults.items():
+        if getattr(settings, key, None) is None:
+            setattr(settings, key, value)
+    changed = sorted(k for k, v in defaults.items() if k not in _SUPPORTED and getattr(settings, k) != v)
+    if changed:
+        raise NotImplementedError(
+            f"generation settings {changed} are not implemented by HookedVLM.generate; reset them "
+            "(e.g. model.generation_config.num_beams = 1) or use the HF model's generate"
+        )
+    return settings
+
+
+def logits_processors(
+    settings: GenerationConfig, prompt_mask: Int[Tensor, "batch pos"], eos: list[int]
+) -> LogitsProcessorList:
+    """HF's processors then warpers, in HF's order, for the settings in use."""
+    processors = LogitsProcessorList()
+    prompt_len = prompt_mask.shape[1]
+    if settings.repetition_penalty != 1.0:
+        # As HF: left padding is not a repetition.
+        padding = (prompt_mask != 0).int().argmax(dim=1)
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty, prompt_ignore_length=padding))
+    if settings.min_length and eos:
+        processors.append(MinLengthLogitsProcessor(settings.min_length, eos))
+    if settings.min_new_tokens and eos:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, settings.min_new_tokens, eos))
+    if settings.do_sample:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def next_token(
     logits: Float[Tensor, "batch d_vocab"],
     ids: Int[Tensor, "batch pos"],
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
+    settings: GenerationConfig,
+    processors: LogitsProcessorList,
     generator: torch.Generator | None,
 ) -> Int[Tensor, " batch"]:
-    if not do_sample:
-        return logits.argmax(-1)
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    probs = warpers(ids, logits).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    scores = processors(ids, logits)
+    if not settings.do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]

@@ -25,7 +25,10 @@ def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: 
     towers = [model.language, model.vision]
     if fold_ln:
         for tower in towers:
-            fold_layer_norms(tower, final=tower is model.language)
+            if tower.cfg.normalization_type.endswith("Pre"):
+                warnings.warn(f"fold_ln skipped on {type(tower).__name__}: its norms are already folded")
+            else:
+                fold_layer_norms(tower, final=tower is model.language)
     if center_writing_weights:
         if model.cfg.normalization_type in ("LN", "LNPre"):
             center_writing(model.language)

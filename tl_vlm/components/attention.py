@@ -41,8 +41,9 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
+        if cfg.positional_embedding_type == "rotary":
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
@@ -77,7 +78,7 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         rotary: tuple[Tensor, Tensor] | None = None,
-        mask: Float[Tensor, "batch 1 q k"] | None = None,
+        mask: Bool[Tensor, "batch 1 q k"] | None = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -94,8 +95,12 @@ class Attention(nn.Module):
         if active(self.hook_attn_scores) or active(self.hook_pattern):
             z = self._explicit(q, k, v, mask, causal)
         else:
+            if self.repeat > 1 and mask is not None:
+                # As HF: SDPA's enable_gqa with a mask falls back to the slow math kernel on CUDA.
+                k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale, enable_gqa=self.repeat > 1
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale,
+                enable_gqa=self.repeat > 1 and mask is None,
             )
         z = run_hook(self.hook_z, z.transpose(1, 2))
 
@@ -110,8 +115,9 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # scaling q is cheaper than scaling scores
         # In place on the fresh scores: with every activation cached, each extra [head, q, k] temporary costs.
+        # Filling (not adding) the dtype's minimum cannot overflow to -inf in fp16.
         if mask is not None:
-            scores += mask
+            scores.masked_fill_(~mask, torch.finfo(q.dtype).min)
         elif causal:
             scores.masked_fill_(causal_block(q.shape[2], k.shape[2], q.device), torch.finfo(q.dtype).min)
         scores = self.hook_attn_scores(scores)

@@ -37,7 +37,17 @@ class TransformerBlock(nn.Module):
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        resid = run_hook(self.hook_resid_pre, resid)
+        return self.from_resid_pre(run_hook(self.hook_resid_pre, resid), rotary, mask, causal, cache)
+
+    def from_resid_pre(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        rotary: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCacheEntry | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The block after its ``hook_resid_pre`` (for towers that read the hooked input themselves)."""
         attn_out = run_hook(self.hook_attn_out, self.attn(self.ln1(resid), rotary, mask, causal, cache))
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
         mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln2(resid)))

@@ -28,7 +28,8 @@ class MLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(d_out)) if bias else None
 
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]; the gate's pre-activation when gated
-        self.hook_pre_linear = HookPoint()  # gated only: the linear (up) branch
+        if gated:
+            self.hook_pre_linear = HookPoint()  # the linear (up) branch
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_out"]:

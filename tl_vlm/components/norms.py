@@ -28,9 +28,11 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         if not (active(self.hook_scale) or active(self.hook_normalized)):
             return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        dtype = x.dtype
+        x = x.float()  # statistics in fp32, as F.layer_norm accumulates them; fp16 squares overflow
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = self.hook_normalized(x / scale)
+        x = self.hook_normalized(x / scale).to(dtype)
         return x if self.w is None else x * self.w + self.b
 
 

@@ -32,6 +32,11 @@ class LlavaNextFamily(LlavaFamily):
         hf_config = cfg.extra["hf_config"]
         n_tiles = [image_size_to_num_patches(size, hf_config.image_grid_pinpoints, cfg.image_size) for size in image_sizes]
         if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(image_sizes):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes gives {len(image_sizes)}; "
+                    "pass both from the same processor call"
+                )
             pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, n_tiles)], dim=0)
         elif pixel_values.dim() != 4:
             raise ValueError(f"LLaVA-NeXT pixel_values must be 4D or 5D, got shape {tuple(pixel_values.shape)}")

@@ -82,8 +82,8 @@ class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
 
     def _mask(
         self, attention_mask: Tensor | None, batch: int, pos: int, past: int, like: Tensor
-    ) -> tuple[Float[Tensor, "batch 1 q k"] | None, bool]:
-        """Additive mask, or (None, causal) when SDPA's built-in causal masking (or none) is exact."""
+    ) -> tuple[Bool[Tensor, "batch 1 q k"] | None, bool]:
+        """Boolean mask (True = may attend), or (None, causal) when SDPA's causal masking (or none) is exact."""
         total, window = past + pos, self.cfg.sliding_window
         padded = attention_mask is not None and not bool(attention_mask.all())
         windowed = window is not None and total > window
@@ -99,5 +99,4 @@ class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
             allowed = allowed & (q - k < window)[None, None]
         if padded:
             allowed = allowed & attention_mask[:, None, None, :].bool()
-        zeros = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
-        return zeros.masked_fill(~allowed, torch.finfo(like.dtype).min), False
+        return allowed, False

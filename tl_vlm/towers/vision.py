@@ -38,14 +38,18 @@ class CLIPVisionTower(StackedWeights, nn.Module):
                 f"{tuple(pixel_values.shape)}; resize with the model's processor (model.prepare)"
             )
         x = run_hook(self.hook_embed, self.embed(pixel_values))
-        pos = run_hook(self.hook_pos_embed, self.embed.W_pos.expand(x.shape[0], -1, -1))
+        pos = self.embed.W_pos
+        if active(self.hook_pos_embed):  # a copy: an in-place hook must not write into W_pos
+            pos = self.hook_pos_embed(pos.expand(x.shape[0], -1, -1).clone())
         resid = self.ln_pre(x + pos)
         stop = max(max(keep), self._last_hooked_block() + 1)
         out = {}
         for i in range(stop):
+            # A feature read at hidden state i sees what block i's hook_resid_pre made of it.
+            resid = run_hook(self.blocks[i].hook_resid_pre, resid)
             if i in keep:
                 out[i] = resid
-            resid = self.blocks[i](resid)
+            resid = self.blocks[i].from_resid_pre(resid)
         if stop in keep:
             out[stop] = resid
         return out
