@@ -8,6 +8,7 @@ one tower object.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn as nn
 from jaxtyping import Float, Int
 from safetensors import safe_open
 from torch import Tensor
@@ -22,13 +24,12 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
 from tl_vlm import weight_processing
-from tl_vlm.components import KVCache, Rotary
+from tl_vlm.components import KVCache
 from tl_vlm.config import VLMConfig
 from tl_vlm.families import family_for, family_named
 from tl_vlm.families.weights import load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.sampling import logits_processors, next_token, resolve_settings
-from tl_vlm.towers import DecoderLM
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -43,12 +44,18 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.generation_config = generation_config or GenerationConfig()
-        language = DecoderLM(cfg.language, Rotary.from_hf_config(cfg.language.extra["hf_config"]))
+        self.family.build(self)
+        self.setup()
+
+    def attach_language(self, language: nn.Module) -> None:
+        """Register the language tower's modules at the top level (HookedTransformer's names)."""
         for name, child in language.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
-        self.family.build_towers(self)
-        self.setup()
+
+    def towers(self) -> dict[str, nn.Module]:
+        """Every transformer tower of this model by name (``language``, ``vision``, ...)."""
+        return self.family.towers(self)
 
     # ---------------------------------------------------------------- loading
 
@@ -170,6 +177,12 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if "input_ids" not in batch:
             raise ValueError("input_ids are required")
         inputs = VLMInputs.from_mapping(batch)
+        unused = sorted(set(inputs.as_kwargs()) - self.family.input_fields)
+        if unused:
+            raise ValueError(
+                f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
+                f"(it takes {sorted(self.family.input_fields)})"
+            )
         if inputs.input_ids.ndim == 1:
             inputs.input_ids = inputs.input_ids[None]
             if inputs.attention_mask is not None and inputs.attention_mask.ndim == 1:
@@ -178,7 +191,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
         """Which language positions hold image features."""
-        return input_ids == self.vlm_cfg.image_token_id
+        return self.family.image_token_mask(self, input_ids)
 
     # ---------------------------------------------------------------- forward
 
@@ -186,72 +199,39 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         self,
         input: VLMInputs | Tensor | Mapping | None = None,
         *,
-        input_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_sizes: Tensor | None = None,
         position_ids: Tensor | None = None,
         return_type: ReturnType = "logits",
         stop_at_layer: int | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         generated_from: int | None = None,
+        **hf_inputs: Tensor,
     ):
         """Logits (or loss) of the language model on text with images merged in.
+
+        Inputs come as a ``VLMInputs``, a mapping (e.g. the HF processor's output), token ids, and/or
+        HF-style keywords (``input_ids=, pixel_values=, attention_mask=, image_sizes=, image_grid_thw=``...).
 
         ``generated_from``: positions from here on are generated text, where an image placeholder id is a
         plain token (as in HF's decode steps). A non-empty ``cache`` already holds the images, so all its
         new positions are generated text.
         """
-        inputs = self._inputs(
-            input, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, image_sizes=image_sizes
-        )
-        device = self.device
-        ids = inputs.input_ids.to(device)
-        mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else None
-        image_mask = self.image_token_mask(ids)
+        inputs = self._inputs(input, **hf_inputs).to(self.device)
         if cache is not None and cache.length > 0:
             generated_from = 0
-        if generated_from is not None:
-            image_mask[:, generated_from:] = False
-        features = self._image_features(inputs, image_mask, device)
-        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
-        out = self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
+        out = self.family.forward(self, inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
             return None
-        loss = _next_token_loss(out, ids, mask, image_mask)
+        image_mask = self.image_token_mask(inputs.input_ids)
+        loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, image_mask)
         return loss if return_type == "loss" else (out, loss)
-
-    def _image_features(self, inputs: VLMInputs, image_mask: Tensor, device) -> Tensor | None:
-        n_placeholders = int(image_mask.sum())
-        token = self.vlm_cfg.image_token_id
-        if inputs.pixel_values is None:
-            if n_placeholders:
-                raise ValueError(
-                    f"input_ids hold {n_placeholders} image placeholder tokens (id {token}) but no pixel_values were "
-                    "given; pass the processor's pixel_values (model.prepare(images=..., text=...)) or drop the placeholders"
-                )
-            return None
-        if not n_placeholders:
-            raise ValueError(
-                f"pixel_values were given but input_ids hold no image placeholder token (id {token}), so the image "
-                "would be ignored; put the image token in the prompt (model.prepare does this)"
-            )
-        image_sizes = inputs.image_sizes.to(device) if inputs.image_sizes is not None else None
-        features = self.family.image_features(self, inputs.pixel_values.to(device), image_sizes)
-        if features.shape[0] != n_placeholders:
-            raise ValueError(
-                f"the images give {features.shape[0]} feature vectors but input_ids hold {n_placeholders} image "
-                "placeholder tokens; build prompt and images together with the model's processor (model.prepare)"
-            )
-        return features
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""
-        for tower in (self.cfg, self.vision.cfg):
-            tower.use_attn_result = use_attn_result
+        for tower in self.towers().values():
+            tower.cfg.use_attn_result = use_attn_result
 
     def run_with_cache(
         self,
@@ -315,8 +295,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         pad = settings.pad_token_id if settings.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         processors = logits_processors(settings, mask, eos_ids)
 
-        # As HF's generate: positions count only real tokens, so left padding does not shift them.
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = self.family.prefill_positions(self, inputs, mask)
         cache = KVCache(self.cfg, batch, prompt_len + n_new, device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
@@ -326,16 +305,16 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             token = token.masked_fill(finished, pad)
             ids = torch.cat([ids, token[:, None]], dim=-1)
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+            positions = torch.cat([positions, self.family.next_positions(self, positions)], dim=-1)
             finished |= torch.isin(token, eos)
             if bool(finished.all()):
                 break
             if cache is not None:
                 logits = self(
-                    input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, -1:], cache=cache, logits_to_keep=1
+                    input_ids=token[:, None], attention_mask=mask, position_ids=positions[..., -1:], cache=cache, logits_to_keep=1
                 )
             else:
-                step = VLMInputs(ids, inputs.pixel_values, mask, inputs.image_sizes)
+                step = dataclasses.replace(inputs, input_ids=ids, attention_mask=mask)
                 logits = self(step, position_ids=positions, logits_to_keep=1, generated_from=prompt_len)
         return ids
 
@@ -364,7 +343,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
     def tl_parameters(self) -> dict[str, Tensor]:
         """Parameters under TL names, with grouped K/V repeated per head (what SVDInterpreter reads)."""
         params = dict(self.named_parameters())
-        for prefix, tower in (("", self.language), ("vision.", self.vision)):
+        for name, tower in self.towers().items():
+            prefix = "" if name == "language" else f"{name}."
             for i, block in enumerate(tower.blocks):
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V

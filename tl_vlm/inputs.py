@@ -16,10 +16,18 @@ _IGNORED_KEYS = {"token_type_ids"}
 
 @dataclass
 class VLMInputs:
+    """What HF processors return for the supported families; each family consumes its own subset."""
+
     input_ids: Int[Tensor, "batch pos"]
     pixel_values: Float[Tensor, "..."] | None = None
     attention_mask: Int[Tensor, "batch pos"] | None = None
-    image_sizes: Int[Tensor, "image 2"] | None = None
+    image_sizes: Int[Tensor, "image 2"] | None = None  # LLaVA-NeXT: (height, width) per image
+    image_grid_thw: Int[Tensor, "image 3"] | None = None  # Qwen-VL: patch grid per image
+    pixel_values_videos: Float[Tensor, "..."] | None = None
+    video_grid_thw: Int[Tensor, "video 3"] | None = None
+    mm_token_type_ids: Int[Tensor, "batch pos"] | None = None
+    qformer_input_ids: Int[Tensor, "batch qpos"] | None = None  # InstructBLIP: instruction for the Q-Former
+    qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
 
     @property
     def shape(self) -> torch.Size:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 
 def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> None:
-    towers = [model.language, model.vision]
+    towers = [model.towers()[name] for name in ("language", "vision")]
     if fold_ln:
         for tower in towers:
             if tower.cfg.normalization_type.endswith("Pre"):

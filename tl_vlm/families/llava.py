@@ -9,7 +9,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.families.base import Family
 from tl_vlm.families.weights import Rule, WeightMap, clip_vision_rules, decoder_lm_rules, linear_rules
+from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import CLIPVisionTower, MLPProjector
 from tl_vlm.towers.projector import ProjectorConfig
 
@@ -78,7 +80,7 @@ def decoder_lm_config(tc, name: str) -> TowerConfig:
     )
 
 
-class LlavaFamily:
+class LlavaFamily(Family):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
 
@@ -149,9 +151,7 @@ class LlavaFamily:
             features = [f[:, 1:] for f in features]
         return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
 
-    def image_features(self, model, pixel_values: Tensor, image_sizes: Tensor | None) -> Tensor:
-        if image_sizes is not None:
-            raise ValueError("image_sizes is only used by LLaVA-NeXT checkpoints; this LLaVA model takes fixed-size images")
+    def image_features(self, model, inputs: VLMInputs) -> Tensor:
         cfg = model.vlm_cfg
-        hidden = model.vision(pixel_values, keep=cfg.feature_layers)
+        hidden = model.vision(inputs.pixel_values, keep=cfg.feature_layers)
         return model.projector(self.select_features(cfg, hidden)).flatten(0, 1)

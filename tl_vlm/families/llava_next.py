@@ -11,11 +11,13 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, i
 
 from tl_vlm.families.llava import LlavaFamily
 from tl_vlm.families.weights import Rule
+from tl_vlm.inputs import VLMInputs
 
 
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
+    input_fields = LlavaFamily.input_fields | {"image_sizes"}
 
     def build_towers(self, model) -> None:
         super().build_towers(model)
@@ -25,7 +27,8 @@ class LlavaNextFamily(LlavaFamily):
     def extra_rules(self) -> list[Rule]:
         return [Rule(r"image_newline", "projector.image_newline")]
 
-    def image_features(self, model, pixel_values: Tensor, image_sizes: Tensor | None) -> Tensor:
+    def image_features(self, model, inputs: VLMInputs) -> Tensor:
+        pixel_values, image_sizes = inputs.pixel_values, inputs.image_sizes
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them with pixel_values)")
         cfg = model.vlm_cfg
