@@ -38,7 +38,7 @@ from transformers import (
     Qwen2Config,
 )
 
-__all__ = ["VARIANTS", "build_tiny_vlm", "sample_images"]
+__all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer", "sample_images"]
 
 VARIANTS = ("llava15", "llava_qwen2", "llava_next_mistral")
 
@@ -90,7 +90,7 @@ _COLOURS = {
 _SHAPES = ("square", "circle", "triangle")
 
 
-def _build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> PreTrainedTokenizerFast:
     # WordPiece over words + single characters: known words are one token, anything else ASCII falls back
     # to characters, so no prompt degenerates into <unk>s. Specials sit at both ends like llava-hf
     # (<unk>/<s>/</s> first, <image>/<pad> appended after the base vocabulary).
@@ -247,7 +247,7 @@ def build_tiny_vlm(path: str | os.PathLike, variant: str = "llava15", seed: int 
     marker.unlink(missing_ok=True)  # a crash mid-build must not leave an old marker behind
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _build(variant, _build_tokenizer())
+        model, processor = _build(variant, build_tokenizer())
     model.save_pretrained(path)
     processor.save_pretrained(path)
     marker.write_text(json.dumps(expected))
