@@ -29,6 +29,7 @@ from tl_vlm.config import VLMConfig
 from tl_vlm.families import family_for, family_named
 from tl_vlm.families.weights import load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.tower_view import TowerView
 from tl_vlm.sampling import logits_processors, next_token, resolve_settings
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
@@ -56,6 +57,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
     def towers(self) -> dict[str, nn.Module]:
         """Every transformer tower of this model by name (``language``, ``vision``, ...)."""
         return self.family.towers(self)
+
+    def tower(self, name: str) -> TowerView:
+        """One tower as a TransformerLens model (tower-relative hook names; runs the whole VLM)."""
+        return TowerView(self, name)
 
     # ---------------------------------------------------------------- loading
 
@@ -320,25 +325,11 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     # ---------------------------------------------------------------- TransformerLens model surface
 
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
-        """Sum of the biases written into the residual stream before ``layer`` (TL's definition)."""
-        bias = self.W_E.new_zeros(self.cfg.d_model)
-        for block in self.blocks[:layer]:
-            if block.attn.b_O is not None:
-                bias = bias + block.attn.b_O
-            if include_mlp_biases and block.mlp.b_out is not None:
-                bias = bias + block.mlp.b_out
-        if mlp_input and layer < self.cfg.n_layers and self.blocks[layer].attn.b_O is not None:
-            bias = bias + self.blocks[layer].attn.b_O
-        return bias
-
     def tokens_to_residual_directions(self, tokens: str | int | Tensor | list[int]) -> Tensor:
-        """Unembedding directions of tokens: ``[d_model]`` for one token, ``[..., d_model]`` otherwise."""
+        """Unembedding directions of tokens (a string must be one token)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        if isinstance(tokens, int) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
-            return self.W_U[:, int(tokens)]
-        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
+        return super().tokens_to_residual_directions(tokens)
 
     def tl_parameters(self) -> dict[str, Tensor]:
         """Parameters under TL names, with grouped K/V repeated per head (what SVDInterpreter reads)."""

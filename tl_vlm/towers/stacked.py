@@ -72,6 +72,20 @@ class StackedWeights:
     def b_out(self) -> Float[Tensor, "layer d_model"]:
         return self._stack(lambda b: b.mlp.b_out if b.mlp.b_out is not None else b.mlp.W_out.new_zeros(self.cfg.d_model))
 
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """Sum of the biases written into the residual stream before ``layer`` (TL's definition)."""
+        bias = self.blocks[0].attn.W_O.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            if block.attn.b_O is not None:
+                bias = bias + block.attn.b_O
+            if include_mlp_biases and block.mlp.b_out is not None:
+                bias = bias + block.mlp.b_out
+        if mlp_input and layer < self.cfg.n_layers and self.blocks[layer].attn.b_O is not None:
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
     @property
     def QK(self) -> FactoredMatrix:
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
@@ -97,3 +111,9 @@ class LanguageWeights:
         """Absent until weight processing creates it; reads as zeros like HookedTransformer's."""
         b_U = self.unembed.b_U
         return b_U if b_U is not None else self.unembed.W_U.new_zeros(self.unembed.W_U.shape[1])
+
+    def tokens_to_residual_directions(self, tokens: int | Tensor | list[int]) -> Tensor:
+        """Unembedding directions of tokens: ``[d_model]`` for one token, ``[..., d_model]`` otherwise."""
+        if isinstance(tokens, int) or (isinstance(tokens, Tensor) and tokens.ndim == 0):
+            return self.W_U[:, int(tokens)]
+        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
