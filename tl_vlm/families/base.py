@@ -68,6 +68,13 @@ class Family:
         """Projected image features in the order of the image placeholder tokens."""
         raise NotImplementedError
 
+    def image_token_cells(
+        self, model: "HookedVLM", inputs: VLMInputs, original_sizes: list[tuple[int, int]] | None
+    ) -> list[dict]:
+        """Per image token, in placeholder order: image, tile, patch, row, col, kind and pixel box
+        (see analysis/spatial.py)."""
+        raise NotImplementedError(f"no spatial index for the {self.name} family yet")
+
     def image_token_mask(self, model: "HookedVLM", input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
         return input_ids == model.vlm_cfg.image_token_id
 

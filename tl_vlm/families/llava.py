@@ -151,7 +151,43 @@ class LlavaFamily(Family):
             features = [f[:, 1:] for f in features]
         return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
 
+    def image_token_cells(self, model, inputs: VLMInputs, original_sizes) -> list[dict]:
+        cfg = model.vlm_cfg
+        keep_cls = cfg.vision_feature_select_strategy == "full"
+        cells = []
+        for image in range(inputs.pixel_values.shape[0]):
+            if original_sizes is None:
+                geometry = lambda x, y: (float(x), float(y))  # noqa: E731  (processed pixels)
+            else:
+                scale, left, top = crop_geometry(model.processor.image_processor, original_sizes[image])
+                geometry = lambda x, y, s=scale, l=left, t=top: ((x + l) / s, (y + t) / s)  # noqa: E731
+            cells += grid_cells(cfg, image, image, geometry, keep_cls)
+        return cells
+
     def image_features(self, model, inputs: VLMInputs) -> Tensor:
         cfg = model.vlm_cfg
         hidden = model.vision(inputs.pixel_values, keep=cfg.feature_layers)
         return model.projector(self.select_features(cfg, hidden)).flatten(0, 1)
+
+
+def crop_geometry(processor, size: tuple[int, int]) -> tuple[float, float, float]:
+    """(scale, left, top) of CLIP-style preprocessing: shortest edge resized, then centre crop.
+    Processed pixel (x, y) comes from original pixel ((x + left) / scale, (y + top) / scale)."""
+    w, h = size
+    short = processor.size.get("shortest_edge") or min(processor.size["height"], processor.size["width"])
+    scale = short / min(w, h)
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else {"height": h * scale, "width": w * scale}
+    return scale, (w * scale - crop["width"]) / 2, (h * scale - crop["height"]) / 2
+
+
+def grid_cells(cfg: VLMConfig, image: int, tile: int, geometry, cls: bool) -> list[dict]:
+    """Cells of one vision-tower row (an image or a tile) in patch order, boxes mapped by ``geometry``."""
+    ps, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
+    cells = [dict(image=image, tile=tile, patch=0, row=-1, col=-1, kind="cls")] if cls else []
+    for r in range(grid):
+        for c in range(grid):
+            x0, y0 = geometry(c * ps, r * ps)
+            x1, y1 = geometry((c + 1) * ps, (r + 1) * ps)
+            cells.append(dict(image=image, tile=tile, patch=1 + r * grid + c, row=r, col=c, kind="patch",
+                              x0=x0, y0=y0, x1=x1, y1=y1))
+    return cells

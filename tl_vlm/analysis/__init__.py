@@ -1,0 +1,1 @@
+"""Analyses built on HookedVLM: spatial index, knockout and ablation, attribution."""
