@@ -125,10 +125,17 @@ class TowerView:
     def __call__(self, input: Any, **kwargs) -> torch.Tensor:
         return self.model(self._unwrap(input), **kwargs)
 
+    def _full_hooks(self, hooks) -> list:
+        return [(full, fn) for name, fn in hooks for full in self._names(name)]
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), **kwargs):
+        """TL's ``hooks`` context manager with tower-relative names."""
+        return self.model.hooks(self._full_hooks(fwd_hooks), self._full_hooks(bwd_hooks), **kwargs)
+
     def run_with_hooks(self, input: Any, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
-        fwd = [(full, fn) for name, fn in fwd_hooks for full in self._names(name)]
-        bwd = [(full, fn) for name, fn in bwd_hooks for full in self._names(name)]
-        return self.model.run_with_hooks(self._unwrap(input), *args, fwd_hooks=fwd, bwd_hooks=bwd, **kwargs)
+        return self.model.run_with_hooks(
+            self._unwrap(input), *args, fwd_hooks=self._full_hooks(fwd_hooks), bwd_hooks=self._full_hooks(bwd_hooks), **kwargs
+        )
 
     def run_with_cache(self, input: Any, *args, names_filter=None, **kwargs) -> tuple[Any, ActivationCache]:
         """Run the whole VLM; the cache holds this tower's activations under tower-relative names."""
