@@ -1,0 +1,43 @@
+"""Image-token ablation and logit-lens read-outs."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import PROMPTS
+from tl_vlm.analysis.ablation import ablate_image_tokens, mean_image_embedding
+from tl_vlm.analysis.logit_lens import language_logit_lens, vision_logit_lens
+from tl_vlm.zoo.tiny import sample_images
+
+
+def test_zero_and_mean_ablation(llava15):
+    model = llava15.model
+    inputs = model.prepare(images=sample_images(1, seed=3), text=PROMPTS[0])
+    image = model.image_token_mask(inputs.input_ids)
+    with torch.no_grad():
+        clean = model(inputs)
+        zeroed = ablate_image_tokens(model, inputs, "zero")
+        _, cache = model.run_with_cache(inputs, names_filter="hook_embed")
+        manual = model.run_with_hooks(inputs, fwd_hooks=[("hook_embed", lambda e, hook: e.masked_fill(image[..., None], 0.0))])
+        assert torch.equal(zeroed, manual)
+        assert not torch.allclose(zeroed, clean)
+        references = [model.prepare(images=sample_images(1, seed=s), text=PROMPTS[0]) for s in (10, 11, 12)]
+        mean = mean_image_embedding(model, references)
+        assert mean.shape == (int(image.sum()), model.cfg.d_model)
+        one_ref = ablate_image_tokens(model, inputs, "mean", mean=mean_image_embedding(model, references[:1]))
+        assert torch.allclose(one_ref, model(references[0]), atol=1e-5), "mean over one reference = that reference's image"
+
+
+def test_logit_lens_last_layer_is_the_output(pair):
+    model = pair.model
+    inputs = pair.batch()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(inputs)
+    lens = language_logit_lens(model, cache)
+    assert lens.shape[0] == model.cfg.n_layers + 1
+    assert torch.allclose(lens[-1], logits.softmax(-1), atol=1e-5)
+    paper = language_logit_lens(model, cache, normed=False, top_k=50)
+    assert torch.allclose(paper.sum(-1), torch.ones(()), atol=1e-5) and ((paper > 0).sum(-1) <= 50).all()
+    if len(model.vlm_cfg.feature_layers) == 1:
+        vision = vision_logit_lens(model, cache)
+        assert vision.shape[0] == model.vision.cfg.n_layers and vision.shape[-1] == model.cfg.d_vocab

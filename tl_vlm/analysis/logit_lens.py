@@ -1,0 +1,45 @@
+"""Logit lens read-outs of image positions, for the language and the vision tower.
+
+Language tower: the residual stream entering each layer (and the final one) at image positions,
+through ``ln_final`` and ``W_U`` (``normed=True``), or straight through ``W_U`` keeping the top-k logits
+renormalised (Jiang et al.'s variant, ``normed=False``).
+
+Vision tower (documented choice of path): the vision residual stream after each layer, selected as
+the family selects its feature layer (CLS dropped for "default"), through the projector, then
+``ln_final`` and ``W_U``. The language blocks are skipped, as a logit lens skips later layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+
+def language_logit_lens(
+    model, cache: ActivationCache, normed: bool = True, top_k: int | None = None
+) -> Float[Tensor, "layer batch pos d_vocab"]:
+    """Probabilities at every position for each layer's input and the final stream (layer n)."""
+    n = model.cfg.n_layers
+    stack = torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [cache[f"blocks.{n - 1}.hook_resid_post"]])
+    logits = (model.ln_final(stack) if normed else stack) @ model.W_U
+    if top_k is not None:
+        values, indices = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    return logits.softmax(-1)
+
+
+def vision_logit_lens(model, cache: ActivationCache) -> Float[Tensor, "layer image patch d_vocab"]:
+    """Probabilities of each vision patch after each vision layer, read through projector + unembedding.
+    Needs a cache with ``vision.blocks.*.hook_resid_post`` (LLaVA-style single-layer projector input)."""
+    cfg = model.vlm_cfg
+    if len(cfg.feature_layers) != 1:
+        raise NotImplementedError("vision lens for projectors that read several vision layers at once")
+    probs = []
+    with torch.no_grad():
+        for layer in range(model.vision.cfg.n_layers):
+            hidden = cache[f"vision.blocks.{layer}.hook_resid_post"]
+            features = model.family.select_features(cfg, {cfg.feature_layers[0]: hidden})
+            probs.append((model.ln_final(model.projector(features)) @ model.W_U).softmax(-1))
+    return torch.stack(probs)
