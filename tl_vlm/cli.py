@@ -15,9 +15,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="tl_vlm_demo", help="folder for report.json and report.md")
     demo.add_argument("--device", default=None)
 
-    hooks = sub.add_parser("hooks", help="list a model's hook names with their towers")
+    hooks = sub.add_parser("hooks", help="list a model's hook names (with --shapes: their shapes on a sample input)")
     hooks.add_argument("model")
     hooks.add_argument("--filter", default=None, help="regular expression on hook names")
+    hooks.add_argument("--shapes", action="store_true", help="run a generated image and prompt and print each shape")
+
+    extract = sub.add_parser("extract", help="extract hook activations to a VLM-Lens-compatible SQLite store")
+    extract.add_argument("config", help="YAML config (VLM-Lens keys plus batch_size, float16, dtype, device)")
+    extract.add_argument("--output-db", dest="output_db")
+    extract.add_argument("--batch-size", dest="batch_size", type=int)
+    extract.add_argument("--pooling", dest="pooling_method")
+    extract.add_argument("--modules", nargs="+", help="regular expressions or globs over hook names")
+    extract.add_argument("--device")
+    extract.add_argument("--float16", action="store_true", default=None, help="store tensors as float16")
+
+    merge = sub.add_parser("merge", help="merge shard stores into one without duplicates")
+    merge.add_argument("target")
+    merge.add_argument("sources", nargs="+")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -25,16 +39,40 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.model, args.out, args.device)
     elif args.command == "hooks":
-        import re
+        _hooks(args.model, args.filter, args.shapes)
+    elif args.command == "extract":
+        from tl_vlm.store import ExtractConfig, extract
 
-        from tl_vlm import HookedVLM
+        overrides = {k: getattr(args, k) for k in ("output_db", "batch_size", "pooling_method", "modules", "device", "float16")}
+        counts = extract(ExtractConfig.from_yaml(args.config, **overrides))
+        print(f"extracted {counts['done']} samples, {counts['skipped']} already stored, {counts['failed']} failed (see errors table)")
+        return 1 if counts["failed"] else 0
+    elif args.command == "merge":
+        from tl_vlm.store import merge
 
-        model = HookedVLM.from_pretrained(args.model)
-        pattern = re.compile(args.filter) if args.filter else None
-        for name in model.hook_dict:
-            if pattern is None or pattern.search(name):
-                print(name)
+        print(f"merged {merge(args.target, args.sources)} tensor rows into {args.target}")
     return 0
+
+
+def _hooks(model_name: str, name_filter: str | None, shapes: bool) -> None:
+    import re
+
+    from tl_vlm import HookedVLM
+
+    model = HookedVLM.from_pretrained(model_name)
+    pattern = re.compile(name_filter) if name_filter else None
+    names = [n for n in model.hook_dict if pattern is None or pattern.search(n)]
+    if not shapes:
+        print("\n".join(names))
+        return
+    from tl_vlm.store.extract import format_prompt
+    from tl_vlm.zoo.tiny import sample_images
+
+    inputs = model.prepare(images=sample_images(1), text=format_prompt(model.processor, "Describe the image."))
+    model.set_use_attn_result(True)
+    _, cache = model.run_with_cache(inputs, names_filter=names)
+    for name in names:
+        print(f"{name:50s} {tuple(cache[name].shape) if name in cache else 'not run on this input'}")
 
 
 if __name__ == "__main__":

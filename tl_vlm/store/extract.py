@@ -1,0 +1,215 @@
+"""``tl-vlm extract``: batched, resumable, optionally data-parallel extraction of hook activations to SQLite.
+
+One transaction per batch writes the tensors rows and marks the batch's samples done, so a run killed
+at any point leaves only whole batches behind and a rerun of the same config continues where it
+stopped. Under ``torchrun`` each rank extracts its share of the samples into ``<db>.rank<r>`` and rank
+0 merges the shards into ``<db>`` at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+import re
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tl_vlm.store.config import ExtractConfig
+from tl_vlm.store.dataset import Sample, samples
+from tl_vlm.store.io import to_blob
+from tl_vlm.store.merge import merge
+from tl_vlm.store.pooling import pool
+from tl_vlm.store.schema import connect
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MULTI_POSITION = ("hook_attn_scores", "hook_pattern")  # [batch, head, q, k]: stored whole, never pooled
+
+
+def select_hooks(names: list[str], patterns: list[str]) -> list[str]:
+    """Hook names fully matching any pattern, as a regular expression or a glob."""
+    chosen = []
+    for pattern in patterns:
+        regex = re.compile(pattern)
+        hits = [n for n in names if regex.fullmatch(n) or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
+            raise ValueError(f"hook pattern {pattern!r} matches no hook; close names: {close} (list them with tl-vlm hooks MODEL)")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def format_prompt(processor, prompt: str) -> str:
+    """The prompt with the model's image placeholder, through its chat template when it has one."""
+    token = getattr(processor, "image_token", None)
+    if token and token in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if token is None:
+        raise ValueError("the processor has neither an image token nor a chat template; put the placeholder in the prompt")
+    return f"{token}\n{prompt}"
+
+
+def extract(config: ExtractConfig, progress: bool = True) -> dict:
+    """Run (or resume) an extraction; returns counts of samples done, skipped and failed."""
+    from tl_vlm import HookedVLM, __version__
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    model = HookedVLM.from_pretrained(
+        config.model_path, device=device, revision=config.revision, **_load_kwargs(config)
+    )
+    hooks = select_hooks(list(model.hook_dict), config.modules)
+    if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
+        raise ValueError(f"attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
+
+    run_id = config.run_id()
+    db = Path(config.output_db)
+    out = db.with_name(f"{db.name}.rank{rank}") if world > 1 else db
+    done = _done(db, run_id) | (_done(out, run_id) if out != db else set())
+    todo = [s for i, s in enumerate(samples(config)) if i % world == rank and s.key not in done]
+    conn = connect(out)
+    with conn:
+        conn.execute(
+            "INSERT OR IGNORE INTO runs (run_id, model, revision, config_hash, tl_vlm_version, dtype, pooling, hooks, config) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (run_id, config.model_path, config.revision, run_id, __version__, config.dtype, config.pooling_method,
+             json.dumps(hooks), json.dumps(asdict(config), default=str)),
+        )
+    counts = {"done": 0, "skipped": len(done), "failed": 0}
+    architecture = config.architecture or model.vlm_cfg.family
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"extract{f' rank {rank}' if world > 1 else ''}")
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start : start + config.batch_size]
+            loaded = _load_images(conn, run_id, batch, counts)
+            if loaded:
+                rows = _extract_batch(model, hooks, config, loaded)
+                _write(conn, run_id, config, architecture, loaded, rows)
+                counts["done"] += len(loaded)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        conn.close()
+    if world > 1:
+        _merge_ranks(db, world, rank)
+    return counts
+
+
+_LOAD_KEYS = {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "trust_remote_code"}
+
+
+def _load_kwargs(config: ExtractConfig) -> dict:
+    """VLM-Lens's ``model`` kwargs mapped onto HookedVLM.from_pretrained; anything else is an error."""
+    kwargs = config.model_kwargs()
+    dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None) or config.dtype
+    unknown = set(kwargs) - _LOAD_KEYS
+    if unknown:
+        raise ValueError(f"model kwargs {sorted(unknown)} are not supported; use {sorted(_LOAD_KEYS | {'torch_dtype'})}")
+    if str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return {**kwargs, "dtype": DTYPES[str(dtype).removeprefix("torch.")]}
+
+
+def _done(db: Path, run_id: str) -> set[str]:
+    if not db.exists():
+        return set()
+    conn = connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT sample_key FROM samples_done WHERE run_id = ?", (run_id,))}
+    finally:
+        conn.close()
+
+
+def _load_images(conn: sqlite3.Connection, run_id: str, batch: list[Sample], counts: dict) -> list[tuple[Sample, object]]:
+    loaded = []
+    for sample in batch:
+        try:
+            loaded.append((sample, sample.load_image()))
+        except Exception as err:  # any unreadable image is recorded, never fatal
+            counts["failed"] += 1
+            with conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO errors (run_id, sample_key, image_path, reason) VALUES (?,?,?,?)",
+                    (run_id, sample.key, sample.image_path, f"{type(err).__name__}: {err}"),
+                )
+    return loaded
+
+
+def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
+    """Per sample, (hook, pooled activation) pairs."""
+    texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
+    inputs = model.prepare(images=[image for _, image in loaded], text=texts)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks)
+    batch = inputs.input_ids.shape[0]
+    real = inputs.attention_mask.bool() if inputs.attention_mask is not None else torch.ones_like(inputs.input_ids, dtype=torch.bool)
+    image = model.image_token_mask(inputs.input_ids)
+    language = set(model.tower("language").hook_dict)
+    per_sample: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(batch)]
+    for hook in hooks:
+        act = cache[hook]
+        rows = _sample_rows(act.shape[0], batch, hook)
+        for b, selection in enumerate(rows):
+            if hook in language:
+                one = act[b]
+                if hook.endswith(_MULTI_POSITION):
+                    pooled = one[None]
+                else:
+                    pooled = pool(one, config.pooling_method, image[b], real[b])
+            else:
+                one = act[selection]
+                if hook.endswith(_MULTI_POSITION):
+                    pooled = one
+                else:
+                    pooled = torch.cat([pool(r, config.pooling_method, None, None) for r in one])
+            per_sample[b].append((hook, pooled.half() if config.float16 else pooled))
+    return per_sample
+
+
+def _sample_rows(n_rows: int, batch: int, hook: str) -> list[slice]:
+    """Which rows of a vision-side activation belong to each sample (one image per sample)."""
+    if n_rows % batch:
+        raise ValueError(f"{hook}: {n_rows} rows for {batch} samples; images of different tile counts, use batch_size 1")
+    per = n_rows // batch
+    return [slice(b * per, (b + 1) * per) for b in range(batch)]
+
+
+def _write(conn, run_id, config, architecture, loaded, rows) -> None:
+    with conn:  # one transaction: the batch's tensors and its done marks land together or not at all
+        for (sample, _), hooks in zip(loaded, rows):
+            for hook, tensor in hooks:
+                cursor = conn.execute(
+                    "INSERT INTO tensors (name, architecture, image_path, image_id, prompt, label, layer, pooling_method, "
+                    "tensor_dim, tensor) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (config.model_path, architecture, sample.image_path, sample.image_id, sample.prompt, sample.label,
+                     hook, config.pooling_method, int(tensor.shape[-1]), to_blob(tensor)),
+                )
+                conn.execute("INSERT INTO tensor_samples VALUES (?,?,?)", (cursor.lastrowid, run_id, sample.key))
+            conn.execute("INSERT INTO samples_done VALUES (?,?)", (run_id, sample.key))
+            conn.execute("DELETE FROM errors WHERE run_id = ? AND sample_key = ?", (run_id, sample.key))
+
+
+def _merge_ranks(db: Path, world: int, rank: int) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.barrier()
+    if rank == 0:
+        shards = [db.with_name(f"{db.name}.rank{r}") for r in range(world)]
+        merge(db, [s for s in shards if s.exists()])
+        for shard in shards:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{shard}{suffix}").unlink(missing_ok=True)
+    dist.barrier()
+    dist.destroy_process_group()
