@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     extract.add_argument("--device")
     extract.add_argument("--float16", action="store_true", default=None, help="store tensors as float16")
 
+    verify = sub.add_parser("verify", help="check a converted checkpoint against HF, tower by tower and layer by layer")
+    verify.add_argument("model")
+    verify.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    verify.add_argument("--device", default=None)
+    verify.add_argument("--max-new-tokens", type=int, default=8)
+    verify.add_argument("--out", default=None, help="folder for verify.json and verify.md")
+    verify.add_argument("--no-fp32-reference", action="store_true", help="skip the fp32 HF run in fp16/bf16")
+
     merge = sub.add_parser("merge", help="merge shard stores into one without duplicates")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
@@ -47,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         counts = extract(ExtractConfig.from_yaml(args.config, **overrides))
         print(f"extracted {counts['done']} samples, {counts['skipped']} already stored, {counts['failed']} failed (see errors table)")
         return 1 if counts["failed"] else 0
+    elif args.command == "verify":
+        from tl_vlm.verify import verify
+
+        report = verify(args.model, dtype=args.dtype, device=args.device, max_new_tokens=args.max_new_tokens,
+                        reference_fp32=not args.no_fp32_reference)
+        print(report.table())
+        if args.out:
+            report.write(args.out)
+        return 0 if report.passed else 1
     elif args.command == "merge":
         from tl_vlm.store import merge
 

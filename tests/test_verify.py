@@ -1,0 +1,47 @@
+"""verify passes on a correct conversion and fails, naming tower and layer, on a perturbed weight."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from tl_vlm import HookedVLM
+from tl_vlm.cli import main
+from tl_vlm.verify import verify
+
+
+def test_verify_passes_then_names_the_broken_layer(pair):
+    report = verify(str(pair.path))
+    assert report.passed, report.table()
+    assert {d.tower for d in report.layers} == {"language", "vision"} and report.generation_agreement == 1.0
+
+    model = HookedVLM.from_pretrained(pair.path)
+    mlp = model.blocks[1].mlp
+    perturbed = mlp.W_out.detach().clone()
+    perturbed[0, 0] += 0.5
+    mlp.W_out = nn.Parameter(perturbed)
+    broken = verify(model)
+    assert not broken.passed
+    assert any(f.startswith("language layer 1") for f in broken.failures), broken.failures
+    assert not any(f.startswith("language layer 0") for f in broken.failures)
+
+    vision = HookedVLM.from_pretrained(pair.path)
+    attn = vision.vision.blocks[0].attn
+    attn.W_Q = nn.Parameter(attn.W_Q.detach() * 1.5)
+    assert any(f.startswith("vision layer 0") for f in verify(vision).failures)
+
+
+def test_verify_with_processing_and_lower_precision(llava15):
+    report = verify(str(llava15.path), fold_ln=True, center_unembed=True)
+    assert report.passed and report.compared == "probabilities", report.table()
+    half = verify(str(llava15.path), dtype="bf16")
+    assert "HF in dtype vs HF fp32, logits max|d|" in half.dtype_noise
+    assert half.passed, half.table()
+
+
+def test_verify_cli_exit_status(llava15, tmp_path):
+    assert main(["verify", str(llava15.path), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "verify.json").read_text())
+    assert data["passed"] and (tmp_path / "verify.md").exists()
