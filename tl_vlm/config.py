@@ -28,6 +28,7 @@ class TowerConfig:
     attn_out_bias: bool = False  # bias on W_O
     mlp_bias: bool = False
     attention_dir: str = "causal"  # or "bidirectional"
+    use_attn_scale: bool = True  # scores scaled by d_head**-0.5 (False: T5)
     positional_embedding_type: str = "rotary"  # "rotary" or "standard" (learned)
     rotary_base: float = 10000.0
     rotary_dim: Optional[int] = None

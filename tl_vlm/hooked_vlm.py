@@ -45,6 +45,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.generation_config = generation_config or GenerationConfig()
+        self.name_or_path = ""  # where the weights came from (set by the loaders; verify reloads HF from it)
         self.family.build(self)
         self.setup()
 
@@ -87,6 +88,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
         model = cls._convert(hf_config, _iter_safetensors(path), device, dtype, processor, generation_config)
+        model.name_or_path = str(model_name)
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
         return model
 
@@ -114,6 +116,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             processor,
             getattr(hf_model, "generation_config", None),
         )
+        model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
         return model
 
@@ -289,6 +292,9 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )
+        tokens = self.family.generate(self, inputs.to(self.device), settings, use_past_kv_cache, generator)
+        if tokens is not None:
+            return tokens
         device = self.device
         ids = inputs.input_ids.to(device)
         batch, prompt_len = ids.shape
@@ -301,7 +307,9 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         processors = logits_processors(settings, mask, eos_ids)
 
         positions = self.family.prefill_positions(self, inputs, mask)
-        cache = KVCache(self.cfg, batch, prompt_len + n_new, device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
+        n_cached = positions.shape[-1] + n_new
+        cache = KVCache(self.cfg, batch, n_cached, device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -380,14 +388,14 @@ def _next_token_loss(
     target_log_probs = log_probs.gather(-1, ids[:, 1:, None])[..., 0]
     valid = ~image_mask[:, 1:]
     if mask is not None:
-        valid &= mask[:, 1:].bool() & mask[:, :-1].bool()
+        valid &= mask[:, 1:].bool()  # as HF with pad labels set to -100, and TL's lm_cross_entropy_loss
     return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
 
 
 def _load_processor(path: Path, trust_remote_code: bool):
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a video processor needing torchvision
         warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
         return None
 

@@ -25,9 +25,12 @@ class VLMInputs:
     image_grid_thw: Int[Tensor, "image 3"] | None = None  # Qwen-VL: patch grid per image
     pixel_values_videos: Float[Tensor, "..."] | None = None
     video_grid_thw: Int[Tensor, "video 3"] | None = None
+    second_per_grid_ts: Float[Tensor, " video"] | None = None  # Qwen2.5-VL: seconds per temporal patch
     mm_token_type_ids: Int[Tensor, "batch pos"] | None = None
     qformer_input_ids: Int[Tensor, "batch qpos"] | None = None  # InstructBLIP: instruction for the Q-Former
     qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
+    decoder_input_ids: Int[Tensor, "batch dec_pos"] | None = None  # encoder-decoder LMs (Flan-T5)
+    decoder_attention_mask: Int[Tensor, "batch dec_pos"] | None = None
 
     @property
     def shape(self) -> torch.Size:

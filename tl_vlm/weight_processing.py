@@ -22,6 +22,10 @@ from torch import Tensor
 
 
 def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> None:
+    if "language" not in model.towers():  # encoder-decoder language models list "encoder" and "decoder"
+        if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+            raise NotImplementedError("weight processing of encoder-decoder language models (T5) is not implemented yet")
+        return
     towers = [model.towers()[name] for name in ("language", "vision")]
     if fold_ln:
         for tower in towers:
@@ -90,6 +94,8 @@ def fold_layer_norms(tower, final: bool) -> None:
 def center_writing(tower) -> None:
     embed = tower.embed
     _replace(embed, "W_E", embed.W_E - embed.W_E.mean(-1, keepdim=True))
+    if hasattr(tower, "pos_embed"):  # learned positions (OPT) write into the stream too
+        _replace(tower.pos_embed, "W_pos", tower.pos_embed.W_pos - tower.pos_embed.W_pos.mean(-1, keepdim=True))
     for block in tower.blocks:
         attn, mlp = block.attn, block.mlp
         _replace(attn, "W_O", attn.W_O - attn.W_O.mean(-1, keepdim=True))

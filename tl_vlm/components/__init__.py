@@ -2,7 +2,7 @@
 
 from tl_vlm.components.attention import Attention
 from tl_vlm.components.block import TransformerBlock
-from tl_vlm.components.embeddings import Embed, PatchEmbed, Unembed
+from tl_vlm.components.embeddings import Embed, PatchEmbed, PosEmbed, Unembed
 from tl_vlm.components.kv_cache import KVCache
 from tl_vlm.components.mlp import MLP
 from tl_vlm.components.norms import LayerNorm, RMSNorm, make_norm
@@ -15,6 +15,7 @@ __all__ = [
     "LayerNorm",
     "MLP",
     "PatchEmbed",
+    "PosEmbed",
     "RMSNorm",
     "Rotary",
     "TransformerBlock",

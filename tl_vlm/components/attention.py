@@ -35,7 +35,7 @@ class Attention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self._b_V = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
-        self.scale = dh**-0.5
+        self.scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
         self.repeat = h // kv
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
@@ -78,10 +78,11 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         rotary: tuple[Tensor, Tensor] | None = None,
-        mask: Bool[Tensor, "batch 1 q k"] | None = None,
+        mask: Bool[Tensor, "batch 1 q k"] | Float[Tensor, "batch head q k"] | None = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``mask``: boolean (True = may attend) or an additive float bias (T5's relative positions)."""
         q = run_hook(self.hook_q, self._project(x, self.W_Q, self.b_Q))
         k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
         v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
@@ -91,7 +92,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
+        return self._output(self._attend(q, k, v, mask, causal))
 
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend) or an additive float bias."""
         if active(self.hook_attn_scores) or active(self.hook_pattern):
             z = self._explicit(q, k, v, mask, causal)
         else:
@@ -102,8 +108,9 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale,
                 enable_gqa=self.repeat > 1 and mask is None,
             )
-        z = run_hook(self.hook_z, z.transpose(1, 2))
+        return run_hook(self.hook_z, z.transpose(1, 2))
 
+    def _output(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
         if active(self.hook_result) or self.cfg.use_attn_result:
             result = run_hook(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
             out = result.sum(2)
@@ -116,12 +123,18 @@ class Attention(nn.Module):
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # scaling q is cheaper than scaling scores
         # In place on the fresh scores: with every activation cached, each extra [head, q, k] temporary costs.
         # Filling (not adding) the dtype's minimum cannot overflow to -inf in fp16.
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores.masked_fill_(~mask, torch.finfo(q.dtype).min)
+        elif mask is not None:
+            scores += mask
         elif causal:
             scores.masked_fill_(causal_block(q.shape[2], k.shape[2], q.device), torch.finfo(q.dtype).min)
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if mask is not None and mask.dtype == torch.bool:
+            # A query that may see nothing (left padding) attends nowhere, as in SDPA, not uniformly.
+            pattern = pattern * mask.any(-1, keepdim=True)
+        pattern = self.hook_pattern(pattern)
         return torch.matmul(pattern, v)
 
 

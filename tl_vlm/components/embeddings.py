@@ -31,18 +31,30 @@ class Unembed(nn.Module):
         return F.linear(x, self.W_U.T, self.b_U)
 
 
+class PosEmbed(nn.Module):
+    """Learned absolute positions (OPT, the Q-Former's text), TL's ``pos_embed.W_pos``."""
+
+    def __init__(self, n_ctx: int, d_model: int):
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model))
+
+    def forward(self, position_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(position_ids, self.W_pos)
+
+
 class PatchEmbed(nn.Module):
     """Conv patchifier with a class token (CLIP-style ViT); positions are added by the tower."""
 
-    def __init__(self, d_model: int, patch_size: int, num_channels: int, n_positions: int):
+    def __init__(self, d_model: int, patch_size: int, num_channels: int, n_positions: int, bias: bool = False):
         super().__init__()
         self.patch_size = patch_size
         self.W_patch = nn.Parameter(torch.empty(d_model, num_channels, patch_size, patch_size))
+        self.b_patch = nn.Parameter(torch.zeros(d_model)) if bias else None  # BLIP-2's ViT has one, CLIP's not
         self.class_embedding = nn.Parameter(torch.empty(d_model))
         self.W_pos = nn.Parameter(torch.empty(n_positions, d_model))
 
     def forward(self, pixel_values: Float[Tensor, "image channel height width"]) -> Float[Tensor, "image pos d_model"]:
-        patches = F.conv2d(pixel_values.to(self.W_patch.dtype), self.W_patch, stride=self.patch_size)
+        patches = F.conv2d(pixel_values.to(self.W_patch.dtype), self.W_patch, self.b_patch, stride=self.patch_size)
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1)

@@ -60,6 +60,10 @@ class Family:
         """Every transformer tower by name; each has ``cfg`` and ``blocks``."""
         return {"language": model.language, "vision": model.vision}
 
+    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
+        """The HF modules whose outputs equal each tower's ``blocks.{i}.hook_resid_post`` (for verify)."""
+        return {"language": list(hf_model.model.language_model.layers), "vision": list(hf_model.model.vision_tower.encoder.layers)}
+
     # ------------------------------------------------------------------ running
 
     def image_features(
@@ -119,6 +123,14 @@ class Family:
                 "placeholder tokens; build prompt and images together with the model's processor (model.prepare)"
             )
         return features
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self, model: "HookedVLM", inputs: VLMInputs, settings, use_past_kv_cache: bool, generator: torch.Generator | None
+    ) -> Int[Tensor, "batch pos"] | None:
+        """Tokens for families that generate differently (encoder-decoder LMs); None: HookedVLM's decoder-only loop."""
+        return None
 
     # ------------------------------------------------------------------ generation positions
 

@@ -26,8 +26,10 @@ def identity(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Rule:
+    """``target`` may be a tuple for a fused HF tensor (e.g. qkv); ``transform`` then returns one view per target."""
+
     pattern: str
-    target: str
+    target: str | tuple[str, ...]
     transform: Transform = identity
 
 
@@ -36,11 +38,13 @@ class WeightMap:
         self.rules = [(re.compile(r.pattern), r.target, r.transform) for r in rules]
         self.ignore = [re.compile(p) for p in ignore]
 
-    def match(self, key: str) -> tuple[str, Transform] | None:
-        """TL name and layout transform for an HF key; None for keys the model does not use."""
+    def match(self, key: str) -> tuple[str | tuple[str, ...], Transform] | None:
+        """TL name(s) and layout transform for an HF key; None for keys the model does not use."""
         for pattern, target, transform in self.rules:
             match = pattern.fullmatch(key)
             if match:
+                if isinstance(target, tuple):
+                    return tuple(match.expand(t) for t in target), transform
                 return match.expand(target), transform
         if any(p.fullmatch(key) for p in self.ignore):
             return None
@@ -146,6 +150,8 @@ def load_weights(
             continue
         name, transform = matched
         source = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
-        set_parameter(root, name, transform(source))
-        loaded.add(name)
+        names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
+        for one, value in zip(names, values, strict=True):
+            set_parameter(root, one, value)
+            loaded.add(one)
     return loaded

@@ -1,4 +1,5 @@
-"""Decoder-only language tower (Llama, Vicuna, Mistral, Qwen2) under HookedTransformer's names.
+"""Decoder-only language tower (Llama, Vicuna, Mistral, Qwen2 with rotary positions; OPT with learned
+positions, ``hook_pos_embed``) under HookedTransformer's names.
 
 ``hook_embed`` holds the merged input embedding: token embeddings at text positions and projected
 image features at image positions. ``hook_text_embed`` and ``hook_image_embed`` split it (each is
@@ -13,24 +14,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components import Embed, KVCache, Rotary, TransformerBlock, Unembed, make_norm
+from tl_vlm.components import Embed, KVCache, PosEmbed, Rotary, TransformerBlock, Unembed, make_norm
 from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.config import TowerConfig
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 
-class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
-    def __init__(self, cfg: TowerConfig, rotary: Rotary):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
-        self.hook_text_embed = HookPoint()  # [batch, pos, d_model]
-        self.hook_image_embed = HookPoint()
-        self.hook_embed = HookPoint()
-        self.rotary = rotary
-        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
-        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+class MergedEmbeds:
+    """``embed_inputs`` for language towers with ``embed`` and ``hook_text_embed|image_embed|embed``: token
+    embeddings with the image features written at the image positions."""
 
     def embed_inputs(
         self,
@@ -56,6 +48,23 @@ class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
             embeds = text.masked_scatter(mask, features)
         return run_hook(self.hook_embed, embeds)
 
+
+class DecoderLM(MergedEmbeds, LanguageWeights, StackedWeights, nn.Module):
+    def __init__(self, cfg: TowerConfig, rotary: Rotary | None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_text_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_image_embed = HookPoint()
+        self.hook_embed = HookPoint()
+        if cfg.positional_embedding_type == "standard":
+            self.pos_embed = PosEmbed(cfg.n_ctx, cfg.d_model)
+            self.hook_pos_embed = HookPoint()
+        self.rotary = rotary
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+
     def forward(
         self,
         embeds: Float[Tensor, "batch pos d_model"],
@@ -69,11 +78,17 @@ class DecoderLM(LanguageWeights, StackedWeights, nn.Module):
         entering block ``stop_at_layer``."""
         batch, pos = embeds.shape[:2]
         past = cache.length if cache is not None else 0
-        if position_ids is None:
+        learned = self.rotary is None
+        if position_ids is None and learned and attention_mask is not None:
+            # As HF's OPT: positions count real tokens, so left padding does not shift them (pads read row 0).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        elif position_ids is None:
             position_ids = torch.arange(past, past + pos, device=embeds.device).expand(batch, -1)
-        rotary = self.rotary(position_ids, embeds.dtype)
+        rotary = None if learned else self.rotary(position_ids, embeds.dtype)
         mask, causal = self._mask(attention_mask, batch, pos, past, embeds)
         resid = embeds
+        if learned:
+            resid = embeds + run_hook(self.hook_pos_embed, self.pos_embed(position_ids))
         for i, block in enumerate(self.blocks[:stop_at_layer]):
             resid = block(resid, rotary, mask, causal, cache[i] if cache is not None else None)
         if stop_at_layer is not None:

@@ -1,6 +1,8 @@
-"""CLIP-style ViT vision tower: patch + class embedding, learned positions, pre-LN, pre-norm blocks.
+"""CLIP-style ViT vision tower: patch + class embedding, learned positions, pre-norm blocks.
 
-Hidden state ``j`` is the input of block ``j`` (``j = 0`` is the output of ``ln_pre``), as in HF's
+CLIP normalises the embeddings (``ln_pre``); BLIP-2's EVA ViT does not, has a patch-conv bias and
+normalises the last hidden state instead (``ln_post``, applied by the family that reads it).
+Hidden state ``j`` is the input of block ``j`` (``j = 0`` is the embedding, after ``ln_pre``), as in HF's
 ``hidden_states``. Blocks after the deepest feature layer the VLM reads run only when one of their
 hooks is attached: they cannot change the output, and skipping them is free speed.
 """
@@ -19,14 +21,25 @@ from tl_vlm.towers.stacked import StackedWeights
 
 
 class CLIPVisionTower(StackedWeights, nn.Module):
-    def __init__(self, cfg: TowerConfig, image_size: int, patch_size: int, num_channels: int):
+    def __init__(
+        self,
+        cfg: TowerConfig,
+        image_size: int,
+        patch_size: int,
+        num_channels: int,
+        ln_pre: bool = True,
+        ln_post: bool = False,
+        patch_bias: bool = False,
+    ):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
-        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, (image_size // patch_size) ** 2 + 1)
+        n_positions = (image_size // patch_size) ** 2 + 1
+        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, n_positions, bias=patch_bias)
         self.hook_embed = HookPoint()  # [image, 1 + patch, d_model]: class token then patches
         self.hook_pos_embed = HookPoint()
-        self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps)
+        self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps) if ln_pre else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.ln_post = make_norm("LN", cfg.d_model, cfg.eps) if ln_post else None
 
     def forward(
         self, pixel_values: Float[Tensor, "image channel height width"], keep: list[int]
@@ -41,7 +54,7 @@ class CLIPVisionTower(StackedWeights, nn.Module):
         pos = self.embed.W_pos
         if active(self.hook_pos_embed):  # a copy: an in-place hook must not write into W_pos
             pos = self.hook_pos_embed(pos.expand(x.shape[0], -1, -1).clone())
-        resid = self.ln_pre(x + pos)
+        resid = x + pos if self.ln_pre is None else self.ln_pre(x + pos)
         stop = max(max(keep), self._last_hooked_block() + 1)
         out = {}
         for i in range(stop):

@@ -1,0 +1,388 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT -> PatchMerger -> Qwen2 language model with M-RoPE.
+
+Images and videos are cut into patches by the processor (``pixel_values`` rows, ``image_grid_thw``), run
+through one vision tower call (layout in ``towers/qwen_vision.py``: one row per image, then per video),
+merged 2x2 into language tokens by the projector and scattered at the ``<|image_pad|>`` /
+``<|video_pad|>`` placeholders. Language positions are 3D (temporal, height, width) as computed by HF's
+``get_rope_index``, which this family calls; generation continues them as HF's ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from types import SimpleNamespace
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+from tl_vlm.components import KVCache, layout
+from tl_vlm.components.axial_rotary import AxialRotary
+from tl_vlm.components.mrope import MultimodalRotary
+from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.families.base import Family
+from tl_vlm.families.weights import Rule, WeightMap, decoder_lm_rules, linear_rules
+from tl_vlm.inputs import VLMInputs
+from tl_vlm.towers import DecoderLM
+from tl_vlm.towers.patch_merger import PatchMerger
+from tl_vlm.towers.qwen_vision import PatchGeometry, QwenVisionTower
+
+
+def qwen_language_config(hf_config) -> TowerConfig:
+    """The Qwen2 LM of a Qwen-VL checkpoint: GQA, q/k/v biases, RMSNorm, gated SiLU MLP, M-RoPE."""
+    tc = hf_config.text_config
+    if getattr(tc, "use_sliding_window", False):
+        raise NotImplementedError("Qwen2-VL per-layer sliding-window attention is not supported yet")
+    return TowerConfig(
+        n_layers=tc.num_hidden_layers,
+        d_model=tc.hidden_size,
+        n_heads=tc.num_attention_heads,
+        d_head=tc.hidden_size // tc.num_attention_heads,  # HF's Qwen2-VL attention ignores config.head_dim
+        n_key_value_heads=tc.num_key_value_heads,
+        d_mlp=tc.intermediate_size,
+        act_fn=tc.hidden_act,
+        normalization_type="RMS",
+        eps=tc.rms_norm_eps,
+        d_vocab=tc.vocab_size,
+        n_ctx=tc.max_position_embeddings,
+        gated_mlp=True,
+        attn_bias=True,
+        final_rms=True,
+        original_architecture=tc.model_type,
+        model_name=getattr(hf_config, "_name_or_path", ""),
+        extra={
+            "hf_config": tc, "attn_biases": ("q", "k", "v"), "tie_word_embeddings": bool(hf_config.tie_word_embeddings)
+        },
+    )
+
+
+def placeholder_runs(mask: Bool[Tensor, "batch pos"]) -> list[int]:
+    """Lengths of the runs of consecutive placeholders, batch row by batch row."""
+    flat = torch.nn.functional.pad(mask.int(), (1, 1)).flatten()  # a zero between rows ends every run
+    edges = torch.diff(flat)
+    return ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
+
+
+class Qwen2VLFamily(Family):
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    input_fields = frozenset(
+        {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+         "mm_token_type_ids"}
+    )
+    hf_model = Qwen2VLModel  # whose get_rope_index gives the 3D positions
+    norm = "LN"
+
+    # ------------------------------------------------------------------ conversion
+
+    def vision_tower_config(self, vc) -> TowerConfig:
+        d = vc.embed_dim
+        return TowerConfig(
+            n_layers=vc.depth, d_model=d, n_heads=vc.num_heads, d_head=d // vc.num_heads, d_mlp=int(d * vc.mlp_ratio),
+            act_fn=vc.hidden_act, normalization_type=self.norm, eps=1e-6, attn_bias=True, attn_out_bias=True,
+            mlp_bias=True, attention_dir="bidirectional", original_architecture=type(vc).__name__,
+        )
+
+    def geometry(self, vc) -> PatchGeometry:
+        return PatchGeometry(vc.patch_size, vc.temporal_patch_size, vc.in_channels, vc.spatial_merge_size)
+
+    def projector_width(self, vc) -> int:
+        return vc.hidden_size
+
+    def vlm_config(self, hf_config) -> VLMConfig:
+        vc = hf_config.vision_config
+        return VLMConfig(
+            architecture=hf_config.architectures[0] if hf_config.architectures else self.architectures[0],
+            family=self.name,
+            language=qwen_language_config(hf_config),
+            vision=self.vision_tower_config(vc),
+            image_token_id=hf_config.image_token_id,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            patch_size=vc.patch_size,
+            num_channels=vc.in_channels,
+            extra={
+                "hf_config": hf_config,
+                "video_token_id": hf_config.video_token_id,
+                "geometry": self.geometry(vc),
+                "projector_width": self.projector_width(vc),
+            },
+        )
+
+    def build_language(self, cfg: VLMConfig) -> DecoderLM:
+        return DecoderLM(cfg.language, MultimodalRotary.from_hf_config(cfg.language.extra["hf_config"]))
+
+    def build_towers(self, model) -> None:
+        cfg = model.vlm_cfg
+        geometry = cfg.extra["geometry"]
+        rotary = AxialRotary.from_hf_config(cfg.extra["hf_config"].vision_config, cfg.vision.d_head)
+        model.vision = QwenVisionTower(cfg.vision, geometry, rotary)
+        model.projector = PatchMerger(cfg.vision.d_model, cfg.extra["projector_width"], geometry.merge_size, self.norm)
+
+    def normalize_key(self, key: str) -> str:
+        # One layout: visual.*, language_model.*, lm_head.*. In memory (transformers 5) both towers sit under
+        # model.*; saved files and older hub checkpoints have visual.* and the LM as model.*.
+        key = re.sub(r"^model\.(?=visual\.|language_model\.)", "", key)
+        return re.sub(r"^model\.", "language_model.", key)
+
+    def mlp_rules(self, hf: str, tl: str) -> list[Rule]:
+        return [
+            *linear_rules(rf"{hf}\.fc1", rf"{tl}.W_in", rf"{tl}.b_in"),
+            *linear_rules(rf"{hf}\.fc2", rf"{tl}.W_out", rf"{tl}.b_out"),
+        ]
+
+    def weight_map(self, cfg: VLMConfig) -> WeightMap:
+        dh = cfg.vision.d_head
+        layer, block = r"visual\.blocks\.(\d+)", r"vision.blocks.\1"
+        return WeightMap(
+            [
+                Rule(r"visual\.patch_embed\.proj\.weight", "vision.embed.W_patch"),
+                # HF fuses q, k, v into one [3 * d, d] projection; each becomes a TL-layout view of its third.
+                Rule(
+                    rf"{layer}\.attn\.qkv\.weight",
+                    (rf"{block}.attn.W_Q", rf"{block}.attn._W_K", rf"{block}.attn._W_V"),
+                    lambda t: tuple(layout.heads_in(part, dh) for part in t.chunk(3)),
+                ),
+                Rule(
+                    rf"{layer}\.attn\.qkv\.bias",
+                    (rf"{block}.attn.b_Q", rf"{block}.attn._b_K", rf"{block}.attn._b_V"),
+                    lambda t: tuple(layout.bias_heads(part, dh) for part in t.chunk(3)),
+                ),
+                Rule(rf"{layer}\.attn\.proj\.weight", rf"{block}.attn.W_O", lambda t: layout.heads_out(t, dh)),
+                Rule(rf"{layer}\.attn\.proj\.bias", rf"{block}.attn.b_O"),
+                *_norm_rules(rf"{layer}\.norm1", rf"{block}.ln1"),
+                *_norm_rules(rf"{layer}\.norm2", rf"{block}.ln2"),
+                *self.mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp"),
+                *_norm_rules(r"visual\.merger\.ln_q", "projector.ln"),
+                *linear_rules(r"visual\.merger\.mlp\.0", "projector.mlp.W_in", "projector.mlp.b_in"),
+                *linear_rules(r"visual\.merger\.mlp\.2", "projector.mlp.W_out", "projector.mlp.b_out"),
+                *decoder_lm_rules(r"language_model", cfg.language.d_head, ("q", "k", "v"), mlp_bias=False),
+            ],
+            ignore=[r".*inv_freq"],
+        )
+
+    def hf_layers(self, hf_model) -> dict[str, list]:
+        # HF's vision blocks output one packed sequence (Qwen2.5-VL: in window order), not [image, patch, d];
+        # tests/test_qwen2_vl.py unpacks them to compare every vision block.
+        return {"language": list(hf_model.model.language_model.layers)}
+
+    # ------------------------------------------------------------------ running
+
+    def image_token_mask(self, model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """Positions holding visual features: image and video placeholders."""
+        cfg = model.vlm_cfg
+        return (input_ids == cfg.image_token_id) | (input_ids == cfg.extra["video_token_id"])
+
+    def image_features(self, model, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
+        return self._encode(model, inputs.pixel_values, inputs.image_grid_thw)
+
+    def _encode(self, model, pixel_values: Tensor, grid_thw: Tensor) -> Float[Tensor, "tokens d_model"]:
+        """One vision + projector run over all visual inputs; tokens in row order, padding dropped."""
+        hidden, patches = model.vision(pixel_values, grid_thw)
+        merged = model.projector(hidden)
+        return merged[patches.valid[:, :: model.vlm_cfg.extra["geometry"].merge_size ** 2]]
+
+    def forward(
+        self,
+        model,
+        inputs: VLMInputs,
+        position_ids: Tensor | None,
+        cache: KVCache | None,
+        stop_at_layer: int | None,
+        logits_to_keep: int,
+        generated_from: int | None,
+    ) -> Tensor:
+        ids = inputs.input_ids
+        image_mask = ids == model.vlm_cfg.image_token_id
+        video_mask = ids == model.vlm_cfg.extra["video_token_id"]
+        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
+            image_mask[:, generated_from:] = False
+            video_mask[:, generated_from:] = False
+        visual = image_mask | video_mask
+        features = self._visual_features(model, inputs, image_mask, video_mask)
+        embeds = model.language.embed_inputs(ids, features, visual if features is not None else None)
+        if position_ids is None and (inputs.image_grid_thw is not None or inputs.video_grid_thw is not None):
+            if cache is not None and cache.length:
+                raise ValueError(
+                    "a cached step of a Qwen-VL model needs position_ids (its 3D positions continue the prompt's); "
+                    "model.generate passes them"
+                )
+            position_ids = self.rope_index(model, inputs, inputs.attention_mask)
+        # Text only, HF counts positions from the cache length (DecoderLM's default); M-RoPE then equals RoPE.
+        return model.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+
+    def _visual_features(
+        self, model, inputs: VLMInputs, image_mask: Tensor, video_mask: Tensor
+    ) -> Float[Tensor, "n_visual_tokens d_model"] | None:
+        """Image and video features in the order of their placeholders (images and videos interleaved)."""
+        merge = model.vlm_cfg.extra["geometry"].merge_size
+        image = _checked(inputs.pixel_values, inputs.image_grid_thw, image_mask, "image", merge)
+        video = _checked(inputs.pixel_values_videos, inputs.video_grid_thw, video_mask, "video", merge)
+        present = [pair for pair in (image, video) if pair is not None]
+        if not present:
+            return None
+        # One vision run for all images and videos, so every hook fires once per forward pass.
+        features = self._encode(model, torch.cat([p for p, _ in present]), torch.cat([g for _, g in present]))
+        if len(present) == 1:
+            return features
+        n_image = int(image_mask.sum())
+        is_image = image_mask[image_mask | video_mask]
+        merged = features.new_empty(is_image.shape[0], features.shape[-1])
+        merged[is_image], merged[~is_image] = features[:n_image], features[n_image:]
+        return merged
+
+    def rope_index(self, model, inputs: VLMInputs, mask: Tensor | None) -> Int[Tensor, "3 batch pos"]:
+        """3D positions from HF's own ``get_rope_index`` (images, videos, text, left padding)."""
+        cfg = model.vlm_cfg
+        ids = inputs.input_ids
+        types = inputs.mm_token_type_ids
+        if types is None:  # what the processor returns: 1 at image, 2 at video placeholders
+            types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.extra["video_token_id"]).int()
+        shim = SimpleNamespace(config=cfg.extra["hf_config"])
+        shim.get_vision_position_ids = functools.partial(self.hf_model.get_vision_position_ids, shim)
+        positions, _ = self.hf_model.get_rope_index(
+            shim, ids, mm_token_type_ids=types.to(ids.device), image_grid_thw=inputs.image_grid_thw,
+            video_grid_thw=inputs.video_grid_thw, attention_mask=mask, **self.rope_kwargs(inputs),
+        )
+        return positions
+
+    def rope_kwargs(self, inputs: VLMInputs) -> dict:
+        return {}
+
+    def prefill_positions(self, model, inputs: VLMInputs, mask: Tensor) -> Tensor:
+        if inputs.image_grid_thw is None and inputs.video_grid_thw is None:
+            return super().prefill_positions(model, inputs, mask)
+        # Decode steps then continue each axis by one per token (HF's generate), from positions[..., -1:].
+        return self.rope_index(model, inputs, mask)
+
+    # ------------------------------------------------------------------ analysis
+
+    def image_token_cells(self, model, inputs: VLMInputs, original_sizes) -> list[dict]:
+        """Per visual placeholder, in order: source (``kind`` "patch" for images, "video" for videos) and its
+        index ``image``, vision-tower row ``tile`` (images, then videos), first ``patch`` of its merge block in
+        that row, temporal patch ``t``, (``row``, ``col``) in the merged grid (patch rows ``merge * row`` ..) and
+        pixel box ``x0, y0, x1, y1`` in the resized image, or in the original image when ``original_sizes``
+        (width, height per image) are given. Video boxes are in resized frame pixels."""
+        cfg = model.vlm_cfg
+        g: PatchGeometry = cfg.extra["geometry"]
+        ids = inputs.input_ids
+        grids = {
+            "patch": inputs.image_grid_thw.tolist() if inputs.image_grid_thw is not None else [],
+            "video": inputs.video_grid_thw.tolist() if inputs.video_grid_thw is not None else [],
+        }
+        queues = {}
+        for kind, kind_grids in grids.items():
+            first_row = 0 if kind == "patch" else len(grids["patch"])
+            sizes = original_sizes if kind == "patch" else None
+            queues[kind] = iter(
+                [cell for i, grid in enumerate(kind_grids) for cell in _cells(g, kind, i, first_row + i, grid, sizes)]
+            )
+        visual = ids[self.image_token_mask(model, ids)].tolist()
+        return [next(queues["patch" if token == cfg.image_token_id else "video"]) for token in visual]
+
+
+class Qwen25VLFamily(Qwen2VLFamily):
+    name = "qwen2_5_vl"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    input_fields = Qwen2VLFamily.input_fields | {"second_per_grid_ts"}
+    hf_model = Qwen2_5_VLModel
+    norm = "RMS"
+
+    def vision_tower_config(self, vc) -> TowerConfig:
+        d = vc.hidden_size
+        return TowerConfig(
+            n_layers=vc.depth, d_model=d, n_heads=vc.num_heads, d_head=d // vc.num_heads, d_mlp=vc.intermediate_size,
+            act_fn=vc.hidden_act, normalization_type=self.norm, eps=1e-6, gated_mlp=True, attn_bias=True,
+            attn_out_bias=True, mlp_bias=True, attention_dir="bidirectional", original_architecture=type(vc).__name__,
+        )
+
+    def geometry(self, vc) -> PatchGeometry:
+        return PatchGeometry(
+            vc.patch_size, vc.temporal_patch_size, vc.in_channels, vc.spatial_merge_size,
+            window_size=vc.window_size, full_attention_blocks=tuple(vc.fullatt_block_indexes),
+        )
+
+    def projector_width(self, vc) -> int:
+        return vc.out_hidden_size
+
+    def mlp_rules(self, hf: str, tl: str) -> list[Rule]:
+        return [
+            *linear_rules(rf"{hf}\.gate_proj", rf"{tl}.W_gate", rf"{tl}.b_gate"),
+            *linear_rules(rf"{hf}\.up_proj", rf"{tl}.W_in", rf"{tl}.b_in"),
+            *linear_rules(rf"{hf}\.down_proj", rf"{tl}.W_out", rf"{tl}.b_out"),
+        ]
+
+    def rope_kwargs(self, inputs: VLMInputs) -> dict:
+        return {"second_per_grid_ts": inputs.second_per_grid_ts}
+
+
+def _norm_rules(hf: str, tl: str) -> list[Rule]:
+    # LayerNorm has a bias, RMSNorm none; a rule for a key the checkpoint lacks never fires.
+    return [Rule(rf"{hf}\.weight", f"{tl}.w"), Rule(rf"{hf}\.bias", f"{tl}.b")]
+
+
+def _checked(
+    pixels: Tensor | None, grid: Tensor | None, mask: Bool[Tensor, "batch pos"], kind: str, merge: int
+) -> tuple[Tensor, Tensor] | None:
+    """(pixels, grid) of one modality after checking them against each other and the placeholders."""
+    pixel_name, grid_name, placeholder = (
+        ("pixel_values", "image_grid_thw", "<|image_pad|>") if kind == "image"
+        else ("pixel_values_videos", "video_grid_thw", "<|video_pad|>")
+    )
+    n_placeholders = int(mask.sum())
+    if pixels is None:
+        if n_placeholders:
+            raise ValueError(
+                f"input_ids hold {n_placeholders} {kind} placeholder tokens ({placeholder}) but no {pixel_name} were "
+                f"given; pass the processor's {pixel_name} and {grid_name}, or drop the placeholders"
+            )
+        if grid is not None:
+            raise ValueError(f"{grid_name} was given without {pixel_name}; pass both from the same processor call")
+        return None
+    if grid is None:
+        raise ValueError(f"{pixel_name} needs {grid_name}, the (t, h, w) patch grid of each {kind} (from the processor)")
+    if not n_placeholders:
+        raise ValueError(
+            f"{pixel_name} were given but input_ids hold no {placeholder} token, so the {kind} would be ignored; "
+            f"build prompt and {kind}s together with the processor"
+        )
+    if grid.ndim != 2 or grid.shape[1] != 3 or bool((grid[:, 1:] % merge).any()) or bool((grid <= 0).any()):
+        raise ValueError(
+            f"{grid_name} must be [n_{kind}s, 3] rows of positive (t, h, w) with h and w multiples of the merge size "
+            f"{merge}, got {grid.tolist()}"
+        )
+    patches = grid.prod(-1)
+    if pixels.shape[0] != int(patches.sum()):
+        raise ValueError(
+            f"{grid_name} {grid.tolist()} implies {int(patches.sum())} patches (t*h*w per {kind}) but {pixel_name} "
+            f"holds {pixels.shape[0]} rows; pass {pixel_name} and {grid_name} from the same processor call"
+        )
+    tokens = (patches // merge**2).tolist()
+    runs = placeholder_runs(mask)
+    if runs != tokens:
+        raise ValueError(
+            f"the {placeholder} placeholders form runs of {runs} tokens but {grid_name} gives {tokens} tokens per "
+            f"{kind} (t*h*w / {merge}**2); expand each {kind}'s placeholder with the processor so the counts match"
+        )
+    return pixels, grid.to(pixels.device)
+
+
+def _cells(g: PatchGeometry, kind: str, index: int, row: int, grid: list[int], original_sizes) -> list[dict]:
+    t, h, w = grid
+    m, side = g.merge_size, g.merge_size * g.patch_size
+    sx = sy = 1.0
+    if original_sizes is not None:
+        width, height = original_sizes[index]
+        sx, sy = width / (w * g.patch_size), height / (h * g.patch_size)
+    cells = []
+    for token in range(t * (h // m) * (w // m)):
+        frame, rest = divmod(token, (h // m) * (w // m))
+        r, c = divmod(rest, w // m)
+        cells.append(dict(
+            image=index, tile=row, patch=token * m * m, t=frame, row=r, col=c, kind=kind,
+            x0=c * side * sx, y0=r * side * sy, x1=(c + 1) * side * sx, y1=(r + 1) * side * sy,
+        ))
+    return cells

@@ -1,0 +1,150 @@
+"""Qwen2-VL / Qwen2.5-VL vision tower: dynamic resolution, 2D rotary, per-frame and window attention.
+
+HF runs every image (and video) of a batch as one packed sequence of patches and cuts attention at
+image and frame boundaries. Here each visual input is one row of an ``[image, patch, ...]`` layout, padded
+to the longest input, so every hook has TransformerLens' shapes with the image first:
+
+- Rows: the images in ``image_grid_thw`` order, then the videos in ``video_grid_thw`` order.
+- Patches within a row: the processor's order (the order of the ``pixel_values`` rows), i.e. temporal
+  patch ``t`` major, then 2x2 merge blocks in raster order over the grid, then the 4 patches of a block
+  in raster order. Consecutive groups of ``merge_size**2`` patches form one language token.
+- Padding: rows shorter than the longest are padded at the end; ``PatchLayout.valid`` marks real patches.
+  Padded patches only attend to each other and never reach real patches or the language model.
+- Attention: a patch attends to the patches of its own temporal patch (HF: one sequence per frame).
+  In Qwen2.5-VL's windowed blocks (all but ``fullatt_block_indexes``) it attends to its own window only.
+  Patterns stay in the processor's patch order, so ``hook_pattern`` is ``[image, head, patch, patch]``
+  with exact zeros outside a patch's frame (and window); ``PatchLayout.window`` gives each patch's window,
+  e.g. ``pattern[..., order, :][..., order]`` with ``order = layout.window[i].argsort(stable=True)`` shows
+  the block-diagonal window structure in HF's window order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+from tl_vlm.components import TransformerBlock
+from tl_vlm.components.axial_rotary import AxialRotary
+from tl_vlm.components.hooks import run_hook
+from tl_vlm.config import TowerConfig
+from tl_vlm.towers.stacked import StackedWeights
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    merge_size: int
+    window_size: int | None = None  # pixels; None: every block sees the whole frame (Qwen2-VL)
+    full_attention_blocks: tuple[int, ...] = ()
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass
+class PatchLayout:
+    """Where the patches of each visual input sit in the padded ``[image, patch]`` layout."""
+
+    lengths: list[int]  # real patches per row: t * h * w
+    valid: Bool[Tensor, "image patch"]
+    positions: Int[Tensor, "image patch 2"]  # (row, col) in the patch grid; rotary positions
+    frame: Int[Tensor, "image patch"]  # temporal patch index; -1 at padding
+    window: Int[Tensor, "image patch"] | None  # window index within the row; -1 at padding; None without windows
+
+
+class VideoPatchEmbed(nn.Module):
+    """Conv3d patchifier (kernel = stride = temporal x spatial patch) applied to pre-cut patch rows."""
+
+    def __init__(self, d_model: int, geometry: PatchGeometry):
+        super().__init__()
+        g = geometry
+        kernel = (g.temporal_patch_size, g.patch_size, g.patch_size)
+        self.W_patch = nn.Parameter(torch.empty(d_model, g.in_channels, *kernel))
+
+    def forward(self, patches: Float[Tensor, "patches patch_dim"]) -> Float[Tensor, "patches d_model"]:
+        # One conv window per row: the conv is exactly a linear map of the flattened row.
+        return F.linear(patches.to(self.W_patch.dtype), self.W_patch.reshape(self.W_patch.shape[0], -1))
+
+
+class QwenVisionTower(StackedWeights, nn.Module):
+    def __init__(self, cfg: TowerConfig, geometry: PatchGeometry, rotary: AxialRotary):
+        super().__init__()
+        self.cfg, self.geometry = cfg, geometry
+        self.embed = VideoPatchEmbed(cfg.d_model, geometry)
+        self.hook_embed = HookPoint()  # [image, patch, d_model]
+        self.rotary = rotary
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+
+    def layout(self, grid_thw: Int[Tensor, "image 3"]) -> PatchLayout:
+        g = self.geometry
+        lengths = grid_thw.prod(-1).tolist()
+        n, longest = len(lengths), max(lengths)
+        device = grid_thw.device
+        valid = torch.zeros(n, longest, dtype=torch.bool, device=device)
+        positions = torch.zeros(n, longest, 2, dtype=torch.long, device=device)
+        frame = torch.full((n, longest), -1, dtype=torch.long, device=device)
+        window = frame.clone() if g.window_size is not None else None
+        for i, (grid, length) in enumerate(zip(grid_thw, lengths)):
+            t, h, w = grid.tolist()
+            valid[i, :length] = True
+            positions[i, :length] = get_vision_position_ids(grid[None], g.merge_size)
+            frame[i, :length] = torch.arange(t, device=device).repeat_interleave(h * w)
+            if window is not None:
+                window[i, :length] = self._windows(grid, length)
+        return PatchLayout(lengths, valid, positions, frame, window)
+
+    def _windows(self, grid: Int[Tensor, " 3"], length: int) -> Int[Tensor, " patch"]:
+        """Window of each patch, from HF's own window partition (a permutation of merge blocks)."""
+        g = self.geometry
+        unit = g.merge_size**2
+        order, bounds = get_vision_window_index(grid[None], g.merge_size, g.window_size, g.patch_size)
+        # Patch j of HF's window order is patch `natural[j]` of the processor's order.
+        natural = (order[:, None] * unit + torch.arange(unit)).flatten().to(grid.device)
+        patches = torch.arange(length, device=grid.device)
+        in_window_order = torch.searchsorted(bounds[1:].to(grid.device), patches, right=True)
+        window = torch.empty(length, dtype=torch.long, device=grid.device)
+        window[natural] = in_window_order
+        return window
+
+    def forward(
+        self, pixel_values: Float[Tensor, "patches patch_dim"], grid_thw: Int[Tensor, "image 3"]
+    ) -> tuple[Float[Tensor, "image patch d_model"], PatchLayout]:
+        """Final hidden states of every visual input, padded to the longest, and their layout."""
+        g = self.geometry
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != g.patch_dim:
+            raise ValueError(
+                f"Qwen vision pixel_values must be [patches, {g.patch_dim}] (channel x temporal x patch x patch), got "
+                f"{tuple(pixel_values.shape)}; use the model's image processor"
+            )
+        layout = self.layout(grid_thw)
+        if pixel_values.shape[0] != sum(layout.lengths):
+            raise ValueError(
+                f"grid_thw {grid_thw.tolist()} implies {sum(layout.lengths)} patches but pixel_values holds "
+                f"{pixel_values.shape[0]} rows"
+            )
+        packed = self.embed(pixel_values)
+        x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True))
+        rotary = self.rotary(layout.positions, x.dtype)
+        frame_mask = segment_mask(layout.frame)
+        window_mask = segment_mask(layout.window) if layout.window is not None else frame_mask
+        for i, block in enumerate(self.blocks):
+            full = layout.window is None or i in g.full_attention_blocks
+            x = block(x, rotary, frame_mask if full else window_mask)
+        return x, layout
+
+
+def segment_mask(segment: Int[Tensor, "image patch"]) -> Bool[Tensor, "image 1 patch patch"] | None:
+    """True where query and key share a segment; None when every row is one segment (SDPA runs unmasked)."""
+    if bool((segment == segment[:, :1]).all()):
+        return None
+    return (segment[:, :, None] == segment[:, None, :])[:, None]
