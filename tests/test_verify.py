@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,16 @@ def test_verify_cli_exit_status(llava15, tmp_path):
     assert main(["verify", str(llava15.path), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "verify.json").read_text())
     assert data["passed"] and (tmp_path / "verify.md").exists()
+
+
+@pytest.mark.parametrize("variant", ["blip2_opt", "instructblip_flan_t5"])
+def test_verify_blip2_names_the_qformer_layer(tmp_path_factory, variant):
+    from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+
+    path = build_tiny_blip2(tmp_path_factory.mktemp(variant), variant)
+    assert verify(str(path)).passed
+    model = HookedVLM.from_pretrained(path)
+    block = model.qformer.blocks[1]
+    block.mlp.W_out = nn.Parameter(block.mlp.W_out.detach() * 1.5)
+    failures = verify(model).failures
+    assert any(f.startswith("qformer layer 1") for f in failures) and not any(f.startswith("qformer layer 0") for f in failures)

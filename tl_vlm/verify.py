@@ -109,18 +109,23 @@ def verify(
     images = images if images is not None else sample_images(len(prompts or DEFAULT_PROMPTS), seed=0)
     texts = [format_prompt(processor, p) for p in (prompts or DEFAULT_PROMPTS)]
     inputs = ours.prepare(images=images, text=texts)
+    if "decoder" in ours.towers():  # encoder-decoder LMs: score the first decoder step, as generate starts
+        start = hf.generation_config.decoder_start_token_id
+        inputs.decoder_input_ids = torch.full((inputs.shape[0], 1), start, dtype=torch.long, device=inputs.device)
     real = inputs.attention_mask.bool()
 
     hf_logits, hf_layers = _hf_run(ours, hf, inputs)
     with torch.no_grad():
-        logits, cache = ours.run_with_cache(inputs, names_filter=lambda n: n.endswith("hook_resid_post"))
+        logits, cache = ours.run_with_cache(inputs, names_filter=lambda n: n.endswith("resid_post"))
     layers, failures = [], []
     if not processing.get("center_writing_weights"):
         for tower, outputs in hf_layers.items():
             prefix = "" if tower == "language" else f"{tower}."
             for i, ref in enumerate(outputs):
-                got = cache[f"{prefix}blocks.{i}.hook_resid_post"]
-                mask = real if tower == "language" else None
+                # Post-LN blocks (Q-Former) output their normalized stream, as TL's BertBlock names it.
+                post_ln = f"{prefix}blocks.{i}.hook_normalized_resid_post"
+                got = cache[post_ln if post_ln in cache.cache_dict else f"{prefix}blocks.{i}.hook_resid_post"]
+                mask = real if tower in ("language", "encoder") else None
                 diff = ((got.float() - ref.float()).abs())[mask] if mask is not None else (got.float() - ref.float()).abs()
                 scale = (ref.float().abs()[mask] if mask is not None else ref.float().abs()).max().clamp(min=1e-6)
                 layers.append(LayerDiff(tower, i, diff.max().item(), diff.mean().item(), (diff.max() / scale).item()))
@@ -129,9 +134,10 @@ def verify(
 
     compared = "probabilities" if processed else "logits"
     a, b = (logits.float().softmax(-1), hf_logits.float().softmax(-1)) if processed else (logits.float(), hf_logits.float())
-    logits_max = (a - b).abs()[real].max().item()
-    kl = _kl(hf_logits, logits)[real]
-    top1 = (logits.argmax(-1) == hf_logits.argmax(-1))[real].float().mean().item()
+    out_mask = real if logits.shape[:2] == real.shape else torch.ones(logits.shape[:2], dtype=torch.bool)
+    logits_max = (a - b).abs()[out_mask].max().item()
+    kl = _kl(hf_logits, logits)[out_mask]
+    top1 = (logits.argmax(-1) == hf_logits.argmax(-1))[out_mask].float().mean().item()
     ours_tokens = ours.generate(inputs, max_new_tokens=max_new_tokens)
     with torch.no_grad():
         hf_tokens = hf.generate(**inputs.as_kwargs(), max_new_tokens=max_new_tokens, do_sample=False)
@@ -152,10 +158,10 @@ def verify(
         with torch.no_grad():
             ref = hf32(**inputs.as_kwargs()).logits.float()
         del hf32
-        noise["HF in dtype vs HF fp32, logits max|d|"] = (hf_logits.float() - ref).abs()[real].max().item()
-        noise["tl_vlm in dtype vs HF fp32, logits max|d|"] = (logits.float() - ref).abs()[real].max().item()
-        noise["HF in dtype vs HF fp32, mean KL"] = _kl(ref, hf_logits)[real].mean().item()
-        noise["tl_vlm in dtype vs HF fp32, mean KL"] = _kl(ref, logits)[real].mean().item()
+        noise["HF in dtype vs HF fp32, logits max|d|"] = (hf_logits.float() - ref).abs()[out_mask].max().item()
+        noise["tl_vlm in dtype vs HF fp32, logits max|d|"] = (logits.float() - ref).abs()[out_mask].max().item()
+        noise["HF in dtype vs HF fp32, mean KL"] = _kl(ref, hf_logits)[out_mask].mean().item()
+        noise["tl_vlm in dtype vs HF fp32, mean KL"] = _kl(ref, logits)[out_mask].mean().item()
     return Report(name, str(dtype).removeprefix("torch."), layers, logits_max, compared, kl.mean().item(), kl.max().item(),
                   top1, generation, noise, tol, failures)
 

@@ -343,6 +343,14 @@ class Blip2Family(Family):
         )
         model.projector = LinearProjector(qcfg.d_model, cfg.language.d_model)
 
+    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
+        lm = hf_model.language_model
+        layers = {"vision": list(hf_model.vision_model.encoder.layers), "qformer": list(hf_model.qformer.encoder.layer)}
+        if hasattr(lm, "encoder"):  # Flan-T5
+            return {**layers, "encoder": list(lm.encoder.block), "decoder": list(lm.decoder.block)}
+        inner = lm.model
+        return {**layers, "language": list(inner.decoder.layers if hasattr(inner, "decoder") else inner.layers)}
+
     def towers(self, model) -> dict[str, nn.Module]:
         if _encoder_decoder(model.vlm_cfg):
             language = {"encoder": model.encoder, "decoder": model.decoder}

@@ -46,6 +46,8 @@ def select_hooks(names: list[str], patterns: list[str]) -> list[str]:
 
 def format_prompt(processor, prompt: str) -> str:
     """The prompt with the model's image placeholder, through its chat template when it has one."""
+    if getattr(processor, "num_query_tokens", None) is not None:
+        return prompt  # BLIP-2 / InstructBLIP processors insert the query placeholders themselves
     token = getattr(processor, "image_token", None)
     if token and token in prompt:
         return prompt
