@@ -41,3 +41,24 @@ def test_logit_lens_last_layer_is_the_output(pair):
     if len(model.vlm_cfg.feature_layers) == 1:
         vision = vision_logit_lens(model, cache)
         assert vision.shape[0] == model.vision.cfg.n_layers and vision.shape[-1] == model.cfg.d_vocab
+
+
+def test_text_to_image_knockout_makes_output_independent_of_the_image(pair):
+    from tl_vlm.analysis.knockout import attention_knockout, knockout_text_to_image
+
+    model = pair.model
+    sizes = [(60, 30)] if pair.variant == "llava_next_mistral" else None
+    a, b = (model.prepare(images=sample_images(1, seed=s, sizes=sizes), text=PROMPTS[0]) for s in (30, 31))
+    with torch.no_grad():
+        assert not torch.allclose(model(a)[0, -1], model(b)[0, -1])
+        knocked_a, knocked_b = knockout_text_to_image(model, a), knockout_text_to_image(model, b)
+        assert torch.allclose(knocked_a[0, -1], knocked_b[0, -1], atol=1e-5)
+        # The same knockout on the explicit attention path (patterns cached) agrees with the SDPA path.
+        image = model.image_token_mask(a.input_ids)
+        with attention_knockout(model, range(model.cfg.n_layers), ~image, image):
+            explicit, cache = model.run_with_cache(a, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert torch.allclose(explicit, knocked_a, atol=1e-4)
+    pattern = cache["blocks.0.attn.hook_pattern"][0]
+    text_q, image_k = (~image[0]).nonzero()[:, 0], image[0].nonzero()[:, 0]
+    assert pattern[:, text_q][:, :, image_k].abs().max() == 0
+    assert all(block.attn.knockout is None for block in model.blocks), "the knockout ends with the context"

@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self._b_V = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
+        self.knockout: Bool[Tensor, "batch 1 q k"] | None = None  # set by analysis.knockout.attention_knockout
         self.scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
         self.repeat = h // kv
 
@@ -98,6 +99,8 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
     ) -> Float[Tensor, "batch pos head d_head"]:
         """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend) or an additive float bias."""
+        if self.knockout is not None:
+            mask, causal = self._knocked_out(mask, causal, q.shape[2], k.shape[2], q)
         if active(self.hook_attn_scores) or active(self.hook_pattern):
             z = self._explicit(q, k, v, mask, causal)
         else:
@@ -109,6 +112,16 @@ class Attention(nn.Module):
                 enable_gqa=self.repeat > 1 and mask is None,
             )
         return run_hook(self.hook_z, z.transpose(1, 2))
+
+    def _knocked_out(self, mask: Tensor | None, causal: bool, q_len: int, k_len: int, like: Tensor) -> tuple[Tensor, bool]:
+        """The mask with ``self.knockout`` (True = blocked, [batch|1, 1, q, k] over the whole sequence) applied;
+        still a mask, so SDPA stays usable."""
+        blocked = self.knockout[..., k_len - q_len : k_len, :k_len].to(like.device)
+        if mask is not None and mask.dtype != torch.bool:
+            return mask.masked_fill(blocked, torch.finfo(like.dtype).min), False
+        if mask is None:
+            mask = ~causal_block(q_len, k_len, like.device) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=like.device)
+        return mask & ~blocked, False
 
     def _output(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
         if active(self.hook_result) or self.cfg.use_attn_result:
