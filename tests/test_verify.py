@@ -59,3 +59,24 @@ def test_verify_blip2_names_the_qformer_layer(tmp_path_factory, variant):
     block.mlp.W_out = nn.Parameter(block.mlp.W_out.detach() * 1.5)
     failures = verify(model).failures
     assert any(f.startswith("qformer layer 1") for f in failures) and not any(f.startswith("qformer layer 0") for f in failures)
+
+
+def test_qwen_prepare_verify_and_demo_without_torchvision(tmp_path_factory):
+    """HF's Qwen-VL processor needs torchvision for videos; images still go through model.prepare."""
+    import warnings
+
+    from tl_vlm.store.extract import format_prompt
+    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+
+    path = build_tiny_qwen_vl(tmp_path_factory.mktemp("qwen"), "qwen2_vl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = verify(str(path))
+        assert report.passed and report.generation_agreement == 1.0, report.table()
+        model = HookedVLM.from_pretrained(path)
+        inputs = model.prepare(images=sample_images(2, sizes=[(40, 28), (28, 56)]),
+                               text=[format_prompt(model.processor, "What colour?")] * 2)
+        assert inputs.image_grid_thw.shape == (2, 3) and int(model.image_token_mask(inputs.input_ids).sum(1)[0]) > 0
+        out = tmp_path_factory.mktemp("demo")
+        assert main(["demo", str(path), "--out", str(out)]) == 0

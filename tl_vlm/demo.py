@@ -18,7 +18,7 @@ import torch
 
 from tl_vlm import HookedVLM, VLMInputs
 
-QUESTION = "USER: <image>\nWhat is the colour of the shape? ASSISTANT:"
+QUESTION = "What is the colour of the shape?"
 
 
 def run_demo(model_name: str | None, out_dir: str, device: str | None) -> dict:
@@ -32,9 +32,14 @@ def run_demo(model_name: str | None, out_dir: str, device: str | None) -> dict:
     model = HookedVLM.from_pretrained(model_name, device=device)
     report: dict = {"model": model_name, "architecture": model.vlm_cfg.architecture}
 
+    if "decoder" in model.towers():
+        raise NotImplementedError("the demo runs decoder-only language models; use tl_vlm.verify for Flan-T5 checkpoints")
+    from tl_vlm.store.extract import format_prompt
+
+    prompt = format_prompt(model.processor, QUESTION)
     clean_image, corrupt_image = sample_images(2, seed=7)
-    clean = model.prepare(images=clean_image, text=QUESTION)
-    corrupt = model.prepare(images=corrupt_image, text=QUESTION)
+    clean = model.prepare(images=clean_image, text=prompt)
+    corrupt = model.prepare(images=corrupt_image, text=prompt)
     report["fidelity"] = _fidelity(model, model_name, clean)
     print(f"fidelity vs HF: max |logit diff| {report['fidelity']['logits_max_abs_diff']:.2e}, "
           f"worst layer {report['fidelity']['worst_hidden_max_abs_diff']:.2e}")
@@ -73,16 +78,13 @@ def run_demo(model_name: str | None, out_dir: str, device: str | None) -> dict:
 def _fidelity(model: HookedVLM, model_name: str, inputs: VLMInputs) -> dict:
     from transformers import AutoModelForImageTextToText
 
+    from tl_vlm.verify import _hf_run
+
     hf = AutoModelForImageTextToText.from_pretrained(model_name).to(model.device).eval()
-    layers, handles = [], []
-    for layer in hf.model.language_model.layers:
-        handles.append(layer.register_forward_hook(lambda m, i, o: layers.append(o[0] if isinstance(o, tuple) else o)))
+    hf_logits, hf_layers = _hf_run(model, hf, inputs)
     with torch.no_grad():
-        hf_logits = hf(**inputs.as_kwargs()).logits
         logits, cache = model.run_with_cache(inputs, names_filter=lambda n: n.endswith("hook_resid_post"))
-    for handle in handles:
-        handle.remove()
-    diffs = [(cache[f"blocks.{i}.hook_resid_post"] - h).abs().max().item() for i, h in enumerate(layers)]
+    diffs = [(cache[f"blocks.{i}.hook_resid_post"] - h).abs().max().item() for i, h in enumerate(hf_layers["language"])]
     return {"logits_max_abs_diff": (logits - hf_logits).abs().max().item(), "hidden_max_abs_diff": diffs,
             "worst_hidden_max_abs_diff": max(diffs)}
 

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
-from transformers import AutoConfig, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
 from tl_vlm.components import KVCache
@@ -83,7 +83,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
         path = _resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor = _load_processor(path, trust_remote_code) if load_processor else None
+        processor = _load_processor(family_for(hf_config), path, trust_remote_code) if load_processor else None
         generation_config = (
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
@@ -392,9 +392,9 @@ def _next_token_loss(
     return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
 
 
-def _load_processor(path: Path, trust_remote_code: bool):
+def _load_processor(family, path: Path, trust_remote_code: bool):
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return family.load_processor(path, trust_remote_code)
     except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a video processor needing torchvision
         warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
         return None

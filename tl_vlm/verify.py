@@ -87,9 +87,10 @@ def verify(
     tolerances: dict | None = None,
     **processing,
 ) -> Report:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from tl_vlm import HookedVLM
+    from tl_vlm.families import family_for
     from tl_vlm.store.extract import format_prompt
     from tl_vlm.zoo.tiny import sample_images
 
@@ -98,7 +99,7 @@ def verify(
     name = ours.name_or_path if ours is not None else str(model_or_name)
     device = device or (str(ours.device) if ours is not None else "cpu")
     hf = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(name)
+    processor = ours.processor if ours is not None else family_for(hf.config).load_processor(name, False)
     if ours is None:
         ours = HookedVLM.from_hf_model(hf, processor, **processing)
     elif processing:

@@ -45,6 +45,11 @@ class Family:
 
     # ------------------------------------------------------------------ structure
 
+    def load_processor(self, path, trust_remote_code: bool):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
     def build(self, model: "HookedVLM") -> None:
         model.attach_language(self.build_language(model.vlm_cfg))
         self.build_towers(model)

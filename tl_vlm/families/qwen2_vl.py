@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -77,6 +78,17 @@ class Qwen2VLFamily(Family):
     norm = "LN"
 
     # ------------------------------------------------------------------ conversion
+
+    def load_processor(self, path, trust_remote_code: bool):
+        try:
+            return super().load_processor(path, trust_remote_code)
+        except ImportError:  # HF's video processor needs torchvision; images work without it
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            from tl_vlm.families.qwen_processor import QwenImageTextProcessor
+
+            warnings.warn("HF's Qwen-VL processor needs torchvision (for videos); using tl_vlm's image-only processor")
+            return QwenImageTextProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
     def vision_tower_config(self, vc) -> TowerConfig:
         d = vc.embed_dim
