@@ -343,6 +343,12 @@ class Blip2Family(Family):
         )
         model.projector = LinearProjector(qcfg.d_model, cfg.language.d_model)
 
+    def image_token_cells(self, model, inputs: VLMInputs, original_sizes) -> list[dict]:
+        """Query outputs are not patches: each placeholder is query ``patch`` of its image, with no pixel box;
+        what each query reads from the patches is ``query_patch_attention``."""
+        n_query, n_images = model.qformer.n_query, inputs.pixel_values.shape[0]
+        return [dict(image=i, tile=i, patch=q, row=-1, col=-1, kind="query") for i in range(n_images) for q in range(n_query)]
+
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         lm = hf_model.language_model
         layers = {"vision": list(hf_model.vision_model.encoder.layers), "qformer": list(hf_model.qformer.encoder.layer)}
