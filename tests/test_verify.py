@@ -80,3 +80,7 @@ def test_qwen_prepare_verify_and_demo_without_torchvision(tmp_path_factory):
         assert inputs.image_grid_thw.shape == (2, 3) and int(model.image_token_mask(inputs.input_ids).sum(1)[0]) > 0
         out = tmp_path_factory.mktemp("demo")
         assert main(["demo", str(path), "--out", str(out)]) == 0
+        block = model.blocks[1]
+        block.mlp.W_out = nn.Parameter(block.mlp.W_out.detach() * 1.5)
+        failures = verify(model).failures
+    assert any(f.startswith("language layer 1") for f in failures) and not any(f.startswith("language layer 0") for f in failures)
