@@ -9,6 +9,10 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from tl_vlm import HookedVLM
 from tl_vlm.zoo.tiny import VARIANTS, build_tiny_vlm, sample_images
 
+# Tiny models gain nothing from threads, and under contention on 2 cores OpenMP's spin-waiting made a
+# forward ~200x slower; one thread keeps the suite's time independent of what else the machine runs.
+torch.set_num_threads(1)
+
 PROMPTS = [
     "USER: <image>\nWhat is the colour? ASSISTANT:",
     "USER: <image>\nDescribe the shape in the image please. ASSISTANT:",

@@ -12,22 +12,42 @@ the family selects its feature layer (CLS dropped for "default"), through the pr
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
+
+
+def lens_hook_names(model) -> list[str]:
+    """The streams a language logit lens reads: each layer's input, then the final stream (layer n)."""
+    n = model.cfg.n_layers
+    return [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+
+
+def image_positions(model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """Language positions holding image features (BLIP-2: the query outputs) in a decoder-only language model."""
+    if "language" not in model.towers():
+        raise NotImplementedError("image positions of an encoder-decoder language model are encoder positions")
+    if getattr(model, "qformer", None) is not None and model.vlm_cfg.image_token_id is None:
+        raise NotImplementedError("legacy BLIP-2 configs (queries prepended, no image_token_index); use a current config")
+    return model.image_token_mask(input_ids)
+
+
+def lens_probs(
+    model, resid: Float[Tensor, "... d_model"], normed: bool = True, top_k: int | None = None
+) -> Float[Tensor, "... d_vocab"]:
+    """Vocabulary distribution of residual-stream vectors: through ``ln_final`` (normed) or not, top-k renormalised."""
+    logits = (model.ln_final(resid) if normed else resid) @ model.W_U
+    if top_k is not None:
+        values, indices = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    return logits.softmax(-1)
 
 
 def language_logit_lens(
     model, cache: ActivationCache, normed: bool = True, top_k: int | None = None
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
     """Probabilities at every position for each layer's input and the final stream (layer n)."""
-    n = model.cfg.n_layers
-    stack = torch.stack([cache[f"blocks.{l}.hook_resid_pre"] for l in range(n)] + [cache[f"blocks.{n - 1}.hook_resid_post"]])
-    logits = (model.ln_final(stack) if normed else stack) @ model.W_U
-    if top_k is not None:
-        values, indices = logits.topk(top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-    return logits.softmax(-1)
+    return lens_probs(model, torch.stack([cache[name] for name in lens_hook_names(model)]), normed, top_k)
 
 
 def vision_logit_lens(model, cache: ActivationCache) -> Float[Tensor, "layer image patch d_vocab"]:
