@@ -1,7 +1,9 @@
 """Load cost: wall time and peak RSS of HookedVLM.from_pretrained vs HF from_pretrained on a saved checkpoint.
 
 Each load runs in a fresh subprocess; peak RSS is measured above the process's RSS after imports.
-Usage: python benchmarks/load_memory.py [--shape design]   (design: ~40M params, ~160 MB fp32)
+Usage: python benchmarks/load_memory.py --family llava|blip2|qwen2_vl [--shape design] [--repeats 3]
+(design checkpoints, fp32: LLaVA ~190 MB, BLIP-2 ~190 MB, Qwen2-VL ~390 MB)
+Writes benchmarks/results/load_memory_<family>_<shape>.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import llava_model, write_report
+from common import FAMILIES, SHAPES, save_checkpoint, write_report
 
 CHILD = r"""
 import json, resource, sys, time, torch
 import transformers, tl_vlm
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 from tl_vlm import HookedVLM
 torch.set_num_threads(2)
 def rss_mb():
@@ -27,7 +29,7 @@ def rss_mb():
 base = rss_mb()
 start = time.perf_counter()
 if sys.argv[1] == "hf":
-    model = LlavaForConditionalGeneration.from_pretrained(sys.argv[2])
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[2])
 else:
     model = HookedVLM.from_pretrained(sys.argv[2], load_processor=False)
 wall = time.perf_counter() - start
@@ -44,11 +46,12 @@ def measure(kind: str, path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="design")
+    parser.add_argument("--family", default="llava", choices=FAMILIES)
+    parser.add_argument("--shape", default="design", choices=SHAPES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        llava_model(args.shape).save_pretrained(tmp)
+        save_checkpoint(args.family, args.shape, Path(tmp))
         rows = []
         for kind in ("hf", "tl_vlm") * args.repeats:
             rows.append({"loader": kind, **measure(kind, Path(tmp))})
@@ -63,7 +66,8 @@ def main() -> None:
         })
     summary[1]["peak_ratio_to_hf"] = summary[1]["peak_rss_mb"] / summary[0]["peak_rss_mb"]
     summary[0]["peak_ratio_to_hf"] = 1.0
-    write_report(f"load_memory_{args.shape}", summary, {"shape": args.shape, "runs": rows}, Path(__file__).parent / "results")
+    meta = {"family": args.family, "shape": args.shape, "runs": rows}
+    write_report(f"load_memory_{args.family}_{args.shape}", summary, meta)
 
 
 if __name__ == "__main__":
