@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from safetensors import safe_open
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
@@ -236,6 +237,19 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, image_mask)
         return loss if return_type == "loss" else (out, loss)
 
+    def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:
+        cache: dict[str, Tensor] = {}
+        chosen = [hook for name, hook in self.hook_dict.items() if wanted(name)]
+        previous = [hook.__dict__.get("cache_into") for hook in chosen]
+        for hook in chosen:
+            hook.cache_into = cache
+        try:
+            out = self(*model_args, **kwargs)
+        finally:
+            for hook, before in zip(chosen, previous):
+                hook.cache_into = before
+        return out, cache
+
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""
         for tower in self.towers().values():
@@ -247,16 +261,30 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         names_filter=None,
         return_cache_object: bool = True,
         remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        device=None,
+        pos_slice=None,
         **kwargs,
     ):
         """TL's run_with_cache returning an ActivationCache. As in HookedTransformer, caching everything
         leaves out ``hook_result`` (it is ``head`` times the residual stream) unless ``use_attn_result`` is
-        set; name it in ``names_filter`` to get it anyway."""
+        set; name it in ``names_filter`` to get it anyway.
+
+        Plain forward caching stores activations straight from the hook points (components/hooks.py);
+        gradients, another device or a position slice go through TL's own caching hooks."""
         if names_filter is None and not self.cfg.use_attn_result:
             names_filter = _not_result
-        out, cache = super().run_with_cache(
-            *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs
-        )
+        if incl_bwd or device is not None or pos_slice is not None:
+            out, cache = super().run_with_cache(
+                *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, incl_bwd=incl_bwd,
+                device=device, pos_slice=pos_slice, **kwargs,
+            )
+        else:
+            for hook_cleanup in ("reset_hooks_end", "clear_contexts"):  # no hooks are registered on this path
+                kwargs.pop(hook_cleanup, None)
+            out, cache = self._run_caching(model_args, _name_predicate(names_filter), kwargs)
+            if remove_batch_dim:
+                cache = {name: drop_batch_dim(t) for name, t in cache.items()}
         if return_cache_object:
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
@@ -374,6 +402,18 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
         return ids[0]
+
+
+def _name_predicate(names_filter) -> Callable[[str], bool]:
+    """TL's names_filter forms (None, a name, a list of names, a predicate) as a predicate."""
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    names = set(names_filter)
+    return lambda name: name in names
 
 
 def _not_result(name: str) -> bool:

@@ -142,12 +142,12 @@ class Attention(nn.Module):
             scores += mask
         elif causal:
             scores.masked_fill_(causal_block(q.shape[2], k.shape[2], q.device), torch.finfo(q.dtype).min)
-        scores = self.hook_attn_scores(scores)
+        scores = run_hook(self.hook_attn_scores, scores)
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if mask is not None and mask.dtype == torch.bool:
             # A query that may see nothing (left padding) attends nowhere, as in SDPA, not uniformly.
             pattern = pattern * mask.any(-1, keepdim=True)
-        pattern = self.hook_pattern(pattern)
+        pattern = run_hook(self.hook_pattern, pattern)
         return torch.matmul(pattern, v)
 
 

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components.hooks import active
+from tl_vlm.components.hooks import active, run_hook
 
 
 class LayerNorm(nn.Module):
@@ -31,8 +31,8 @@ class LayerNorm(nn.Module):
         dtype = x.dtype
         x = x.float()  # statistics in fp32, as F.layer_norm accumulates them; fp16 squares overflow
         x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = self.hook_normalized(x / scale).to(dtype)
+        scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = run_hook(self.hook_normalized, x / scale).to(dtype)
         return x if self.w is None else x * self.w + self.b
 
 
@@ -48,8 +48,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()  # HF computes the statistic in fp32 whatever the model dtype
         if active(self.hook_scale) or active(self.hook_normalized):
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            x = self.hook_normalized(x / scale)
+            scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            x = run_hook(self.hook_normalized, x / scale)
         else:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         x = x.to(dtype)

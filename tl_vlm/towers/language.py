@@ -33,16 +33,16 @@ class MergedEmbeds:
         if image_features is None:
             text = self.embed(input_ids)
             if active(self.hook_text_embed):
-                text = self.hook_text_embed(text)
+                text = run_hook(self.hook_text_embed, text)
             if active(self.hook_image_embed):
-                text = text + self.hook_image_embed(torch.zeros_like(text))
+                text = text + run_hook(self.hook_image_embed, torch.zeros_like(text))
             return run_hook(self.hook_embed, text)
         mask = image_mask[..., None]
         text = self.embed(input_ids.masked_fill(image_mask, 0))
         features = image_features.to(text.dtype)
         if active(self.hook_text_embed) or active(self.hook_image_embed):
-            text = self.hook_text_embed(text.masked_fill(mask, 0.0))
-            image = self.hook_image_embed(torch.zeros_like(text).masked_scatter(mask, features))
+            text = run_hook(self.hook_text_embed, text.masked_fill(mask, 0.0))
+            image = run_hook(self.hook_image_embed, torch.zeros_like(text).masked_scatter(mask, features))
             embeds = text + image
         else:
             embeds = text.masked_scatter(mask, features)

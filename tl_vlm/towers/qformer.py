@@ -51,7 +51,7 @@ class QFormer(StackedWeights, nn.Module):
         batch = image.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)
         if active(self.hook_query_embed):  # a copy: an in-place hook must not write into the parameter
-            queries = self.hook_query_embed(queries.clone())
+            queries = run_hook(self.hook_query_embed, queries.clone())
         x, mask = queries, None
         if input_ids is not None:
             if not self.text_input:
@@ -65,7 +65,7 @@ class QFormer(StackedWeights, nn.Module):
             text = run_hook(self.hook_text_embed, self.embed(input_ids))
             pos = self.pos_embed(positions)
             if active(self.hook_pos_embed):
-                pos = self.hook_pos_embed(pos.clone())
+                pos = run_hook(self.hook_pos_embed, pos.clone())
             x = torch.cat([queries, text + pos], dim=1)
             if attention_mask is not None and not bool(attention_mask.all()):
                 keep = torch.cat([attention_mask.new_ones(batch, self.n_query), attention_mask], dim=1).bool()

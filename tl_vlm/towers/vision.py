@@ -53,7 +53,7 @@ class CLIPVisionTower(StackedWeights, nn.Module):
         x = run_hook(self.hook_embed, self.embed(pixel_values))
         pos = self.embed.W_pos
         if active(self.hook_pos_embed):  # a copy: an in-place hook must not write into W_pos
-            pos = self.hook_pos_embed(pos.expand(x.shape[0], -1, -1).clone())
+            pos = run_hook(self.hook_pos_embed, pos.expand(x.shape[0], -1, -1).clone())
         resid = x + pos if self.ln_pre is None else self.ln_pre(x + pos)
         stop = max(max(keep), self._last_hooked_block() + 1)
         out = {}
