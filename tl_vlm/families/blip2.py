@@ -28,7 +28,7 @@ from tl_vlm.components import KVCache, layout
 from tl_vlm.sampling import logits_processors, next_token
 from tl_vlm.config import TowerConfig, VLMConfig
 from tl_vlm.families.base import Family
-from tl_vlm.families.llava import decoder_lm_config
+from tl_vlm.families.llava import decoder_lm_config, vit_config
 from tl_vlm.families.weights import Rule, WeightMap, decoder_lm_rules, linear_rules
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import CLIPVisionTower, DecoderLM, LinearProjector, QFormer
@@ -36,23 +36,7 @@ from tl_vlm.towers.t5 import T5LM
 
 
 def blip_vision_config(vc) -> TowerConfig:
-    return TowerConfig(
-        n_layers=vc.num_hidden_layers,
-        d_model=vc.hidden_size,
-        n_heads=vc.num_attention_heads,
-        d_head=vc.hidden_size // vc.num_attention_heads,
-        d_mlp=vc.intermediate_size,
-        act_fn=vc.hidden_act,
-        normalization_type="LN",
-        eps=vc.layer_norm_eps,
-        n_ctx=(vc.image_size // vc.patch_size) ** 2 + 1,
-        attn_bias=vc.qkv_bias,
-        attn_out_bias=True,
-        mlp_bias=True,
-        attention_dir="bidirectional",
-        positional_embedding_type="standard",
-        original_architecture=type(vc).__name__.removesuffix("Config") + "Model",
-    )
+    return vit_config(vc, attn_bias=vc.qkv_bias, original_architecture=type(vc).__name__.removesuffix("Config") + "Model")
 
 
 def qformer_config(qc) -> TowerConfig:

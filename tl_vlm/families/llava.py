@@ -28,6 +28,11 @@ def clip_vision_config(vc) -> TowerConfig:
         raise NotImplementedError(
             f"vision tower {vc.model_type!r} is not supported yet; tl_vlm converts CLIP vision towers for LLaVA"
         )
+    return vit_config(vc, attn_bias=True, original_architecture="CLIPVisionModel")
+
+
+def vit_config(vc, attn_bias: bool, original_architecture: str) -> TowerConfig:
+    """A class-token ViT with learned positions and pre-norm LayerNorm blocks (CLIP, BLIP-2's EVA)."""
     return TowerConfig(
         n_layers=vc.num_hidden_layers,
         d_model=vc.hidden_size,
@@ -38,12 +43,12 @@ def clip_vision_config(vc) -> TowerConfig:
         normalization_type="LN",
         eps=vc.layer_norm_eps,
         n_ctx=(vc.image_size // vc.patch_size) ** 2 + 1,
-        attn_bias=True,
+        attn_bias=attn_bias,
         attn_out_bias=True,
         mlp_bias=True,
         attention_dir="bidirectional",
         positional_embedding_type="standard",
-        original_architecture="CLIPVisionModel",
+        original_architecture=original_architecture,
     )
 
 
