@@ -152,7 +152,7 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
     texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
     inputs = model.prepare(images=[image for _, image in loaded], text=texts)
     with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks)
+        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks, stop_at_layer=_stop_layer(model, hooks))
     batch = inputs.input_ids.shape[0]
     real = inputs.attention_mask.bool() if inputs.attention_mask is not None else torch.ones_like(inputs.input_ids, dtype=torch.bool)
     image = model.image_token_mask(inputs.input_ids)
@@ -176,6 +176,23 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
                     pooled = torch.cat([pool(r, config.pooling_method, None, None) for r in one])
             per_sample[b].append((hook, pooled.half() if config.float16 else pooled))
     return per_sample
+
+
+def _stop_layer(model, hooks: list[str]) -> int | None:
+    """Run the language tower only as deep as the hooks need: the unembedding alone was a quarter of the
+    compute at vocab 32k, and VLM-Lens's loop always pays for it."""
+    if "language" not in model.towers():
+        return None
+    language, deepest = model.tower("language"), -1
+    for hook in hooks:
+        name = language.relative_name(hook)
+        if name is None:
+            continue
+        block = re.match(r"blocks\.(\d+)\.", name)
+        if block is None and not name.startswith(("hook_", "pos_embed")):
+            return None  # ln_final and beyond
+        deepest = max(deepest, int(block.group(1)) if block else -1)
+    return deepest + 1
 
 
 def _sample_rows(n_rows: int, batch: int, hook: str) -> list[slice]:
