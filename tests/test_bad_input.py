@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import AutoConfig, LlamaConfig, LlavaConfig
 
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.families import family_for

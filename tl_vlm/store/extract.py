@@ -72,7 +72,7 @@ def extract(config: ExtractConfig, progress: bool = True) -> dict:
     )
     hooks = select_hooks(list(model.hook_dict), config.modules)
     if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
-        raise ValueError(f"attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
+        raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
 
     run_id = config.run_id()
     db = Path(config.output_db)

@@ -8,7 +8,6 @@ bias, tied embeddings, vision feature layer/strategy, anyres tiling) at toy size
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import random
@@ -38,11 +37,12 @@ from transformers import (
     Qwen2Config,
 )
 
+from tl_vlm.zoo.build_cache import cached_build
+
 __all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer", "sample_images"]
 
 VARIANTS = ("llava15", "llava_qwen2", "llava_next_mistral")
 
-MARKER_FILE = "tl_vlm_tiny.json"
 # Bump whenever the built artefacts change, so stale cached builds are rebuilt.
 _FORMAT_VERSION = 1
 
@@ -237,21 +237,13 @@ def build_tiny_vlm(path: str | os.PathLike, variant: str = "llava15", seed: int 
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    path = pathlib.Path(path)
-    marker = path / MARKER_FILE
-    expected = {"variant": variant, "seed": seed, "format": _FORMAT_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == expected:
-        return path
 
-    path.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # a crash mid-build must not leave an old marker behind
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    def build(target: pathlib.Path) -> None:
         model, processor = _build(variant, build_tokenizer())
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    marker.write_text(json.dumps(expected))
-    return path
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+
+    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
 
 
 def sample_images(

@@ -11,7 +11,6 @@ a Q-Former tokenizer) and the HF processor, so ``from_pretrained(path)`` loads i
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -35,13 +34,13 @@ from transformers import (
 )
 
 from tl_vlm.zoo.tiny import IMAGE_SIZE, IMAGE_TOKEN, PATCH_SIZE, build_tokenizer
+from tl_vlm.zoo.build_cache import cached_build
 
 __all__ = ["NUM_QUERY_TOKENS", "VARIANTS", "build_tiny_blip2"]
 
 VARIANTS = ("blip2_opt", "blip2_flan_t5", "instructblip_vicuna", "instructblip_flan_t5")
 NUM_QUERY_TOKENS = 8
 
-MARKER_FILE = "tl_vlm_tiny.json"
 _FORMAT_VERSION = 2
 _INIT_RANGE = 0.08
 # As in zoo/tiny.py: HF initialises norms/biases to 1/0, which would hide a dropped norm weight or bias.
@@ -165,18 +164,10 @@ def build_tiny_blip2(path: str | os.PathLike, variant: str = "blip2_opt", seed: 
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    path = pathlib.Path(path)
-    marker = path / MARKER_FILE
-    expected = {"variant": variant, "seed": seed, "format": _FORMAT_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == expected:
-        return path
 
-    path.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    def build(target: pathlib.Path) -> None:
         model, processor = _build(variant, _tokenizer(), _tokenizer())
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    marker.write_text(json.dumps(expected))
-    return path
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+
+    return cached_build(path, variant, seed, _FORMAT_VERSION, build)

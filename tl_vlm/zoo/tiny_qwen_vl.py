@@ -17,7 +17,6 @@ layout with ``temporal_patch_size`` consecutive frames per row.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import string
@@ -35,11 +34,12 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from tl_vlm.zoo.build_cache import cached_build
+
 __all__ = ["VARIANTS", "build_qwen_tokenizer", "build_tiny_qwen_vl", "image_processor"]
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 
-MARKER_FILE = "tl_vlm_tiny.json"
 _FORMAT_VERSION = 1
 
 PATCH_SIZE = 4
@@ -197,19 +197,11 @@ def build_tiny_qwen_vl(path: str | os.PathLike, variant: str = "qwen2_vl", seed:
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    path = pathlib.Path(path)
-    marker = path / MARKER_FILE
-    expected = {"variant": variant, "seed": seed, "format": _FORMAT_VERSION}
-    if marker.is_file() and json.loads(marker.read_text()) == expected:
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    tok = build_qwen_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _build(variant, tok)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    image_processor().save_pretrained(path)
-    marker.write_text(json.dumps(expected))
-    return path
+
+    def build(target: pathlib.Path) -> None:
+        tok = build_qwen_tokenizer()
+        _build(variant, tok).save_pretrained(target)
+        tok.save_pretrained(target)
+        image_processor().save_pretrained(target)
+
+    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
