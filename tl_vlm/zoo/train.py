@@ -63,8 +63,9 @@ def train_toy_llava(out: str | pathlib.Path, steps: int = 1500, batch_size: int 
         config = LlavaForConditionalGeneration.config_class.from_pretrained(base)
         processor = AutoProcessor.from_pretrained(base)
     # Shapes need more pixels and a wider vision tower than the equivalence fixture has.
-    vc = config.vision_config
-    vc.image_size, vc.hidden_size, vc.intermediate_size = IMAGE_SIZE, 64, 256
+    vc, tc = config.vision_config, config.text_config
+    vc.image_size, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = IMAGE_SIZE, 64, 256, 4
+    tc.hidden_size, tc.intermediate_size = 128, 256
     processor.image_processor.size = {"shortest_edge": IMAGE_SIZE}
     processor.image_processor.crop_size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     model = LlavaForConditionalGeneration(config)
