@@ -52,15 +52,20 @@ def vit_config(vc, attn_bias: bool, original_architecture: str) -> TowerConfig:
     )
 
 
-def decoder_lm_config(tc, name: str) -> TowerConfig:
-    if tc.model_type not in _LM_BIASES:
+def decoder_lm_config(
+    tc, name: str, attn_biases: tuple[str, ...] | None = None, head_dim: int | None = None, tie: bool | None = None
+) -> TowerConfig:
+    """HF Llama-style decoder config -> TowerConfig. Families whose text config has its own model type
+    (Qwen-VL's) pass the biases, head size and tying HF actually uses."""
+    if attn_biases is None and tc.model_type not in _LM_BIASES:
         raise NotImplementedError(
             f"language model {tc.model_type!r} is not supported yet; supported: {sorted(_LM_BIASES)}"
         )
     if getattr(tc, "use_sliding_window", False):
         raise NotImplementedError("Qwen2 per-layer sliding-window attention is not supported yet")
-    attn_bias, mlp_bias = _LM_BIASES[tc.model_type](tc)
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    attn_bias, mlp_bias = (attn_biases, False) if attn_biases is not None else _LM_BIASES[tc.model_type](tc)
+    head_dim = head_dim or getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    tie = bool(tc.tie_word_embeddings) if tie is None else tie
     return TowerConfig(
         n_layers=tc.num_hidden_layers,
         d_model=tc.hidden_size,
@@ -81,7 +86,7 @@ def decoder_lm_config(tc, name: str) -> TowerConfig:
         final_rms=True,
         original_architecture=tc.model_type,
         model_name=name,
-        extra={"hf_config": tc, "attn_biases": attn_bias, "tie_word_embeddings": bool(tc.tie_word_embeddings)},
+        extra={"hf_config": tc, "attn_biases": attn_bias, "tie_word_embeddings": tie},
     )
 
 

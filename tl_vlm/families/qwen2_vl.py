@@ -25,6 +25,7 @@ from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import MultimodalRotary
 from tl_vlm.config import TowerConfig, VLMConfig
 from tl_vlm.families.base import Family
+from tl_vlm.families.llava import decoder_lm_config
 from tl_vlm.families.weights import Rule, WeightMap, decoder_lm_rules, linear_rules
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import DecoderLM
@@ -35,28 +36,12 @@ from tl_vlm.towers.qwen_vision import PatchGeometry, QwenVisionTower
 def qwen_language_config(hf_config) -> TowerConfig:
     """The Qwen2 LM of a Qwen-VL checkpoint: GQA, q/k/v biases, RMSNorm, gated SiLU MLP, M-RoPE."""
     tc = hf_config.text_config
-    if getattr(tc, "use_sliding_window", False):
-        raise NotImplementedError("Qwen2-VL per-layer sliding-window attention is not supported yet")
-    return TowerConfig(
-        n_layers=tc.num_hidden_layers,
-        d_model=tc.hidden_size,
-        n_heads=tc.num_attention_heads,
-        d_head=tc.hidden_size // tc.num_attention_heads,  # HF's Qwen2-VL attention ignores config.head_dim
-        n_key_value_heads=tc.num_key_value_heads,
-        d_mlp=tc.intermediate_size,
-        act_fn=tc.hidden_act,
-        normalization_type="RMS",
-        eps=tc.rms_norm_eps,
-        d_vocab=tc.vocab_size,
-        n_ctx=tc.max_position_embeddings,
-        gated_mlp=True,
-        attn_bias=True,
-        final_rms=True,
-        original_architecture=tc.model_type,
-        model_name=getattr(hf_config, "_name_or_path", ""),
-        extra={
-            "hf_config": tc, "attn_biases": ("q", "k", "v"), "tie_word_embeddings": bool(hf_config.tie_word_embeddings)
-        },
+    return decoder_lm_config(
+        tc,
+        getattr(hf_config, "_name_or_path", ""),
+        attn_biases=("q", "k", "v"),
+        head_dim=tc.hidden_size // tc.num_attention_heads,  # HF's Qwen2-VL attention ignores config.head_dim
+        tie=bool(hf_config.tie_word_embeddings),
     )
 
 
