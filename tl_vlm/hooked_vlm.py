@@ -387,9 +387,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         )
         return batch.input_ids.to(self.device)
 
-    def to_string(self, tokens: Tensor) -> str | list[str]:
-        if tokens.ndim == 1:
-            return self.tokenizer.decode(tokens)
+    def to_string(self, tokens: Tensor | int) -> str | list[str]:
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim <= 1:
+            return self.tokenizer.decode(tokens.reshape(-1))
         return self.tokenizer.batch_decode(tokens)
 
     def to_str_tokens(self, tokens: Tensor) -> list[str] | list[list[str]]:
@@ -441,9 +442,14 @@ def _load_processor(family, path: Path, trust_remote_code: bool):
 
 
 def _resolve_checkpoint(model_name: str | os.PathLike, revision: str | None) -> Path:
+    from tl_vlm.zoo.toys import toy_checkpoint
+
     path = Path(model_name)
     if path.is_dir():
         return path
+    toy = toy_checkpoint(model_name)
+    if toy is not None:
+        return toy
     from huggingface_hub import snapshot_download
 
     # Same loader either way: fetch the config, processor files and safetensors, never pickles.

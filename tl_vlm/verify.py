@@ -93,10 +93,12 @@ def verify(
     from tl_vlm.families import family_for
     from tl_vlm.store.extract import format_prompt
     from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.zoo.toys import toy_checkpoint
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     ours = model_or_name if isinstance(model_or_name, HookedVLM) else None
     name = ours.name_or_path if ours is not None else str(model_or_name)
+    name = str(toy_checkpoint(name) or name)  # HF's loader does not know the shipped toys' names
     device = device or (str(ours.device) if ours is not None else "cpu")
     hf = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
     processor = ours.processor if ours is not None else family_for(hf.config).load_processor(name, False)

@@ -90,12 +90,12 @@ _COLOURS = {
 _SHAPES = ("square", "circle", "triangle")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     # WordPiece over words + single characters: known words are one token, anything else ASCII falls back
     # to characters, so no prompt degenerates into <unk>s. Specials sit at both ends like llava-hf
     # (<unk>/<s>/</s> first, <image>/<pad> appended after the base vocabulary).
     chars = string.ascii_letters + string.digits + "_"
-    tokens = ["<unk>", "<s>", "</s>", *_WORDS, *chars, *("##" + c for c in chars)]
+    tokens = ["<unk>", "<s>", "</s>", *_WORDS, *extra_words, *chars, *("##" + c for c in chars)]
     tokens += [*string.punctuation, "\n", IMAGE_TOKEN, "<pad>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -146,10 +147,10 @@ def _build(
     return model.to(torch.float32).eval(), processor
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     # The tiny vocabulary of zoo/tiny.py without its ``image_token`` attribute: as with the real BLIP-2
     # tokenizers, the processor registers ``<image>`` itself (HF's processors expect an AddedToken there).
-    base = build_tokenizer()
+    base = build_tokenizer(extra_words)
     return PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", add_bos_token=True, padding_side="left",

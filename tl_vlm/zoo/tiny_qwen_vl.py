@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pathlib
 import string
+from collections.abc import Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -86,10 +87,10 @@ _CHAT_TEMPLATE = (
 )
 
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+def build_qwen_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Word-level tokenizer with character fallback and Qwen's special tokens (no BOS, as Qwen)."""
     chars = string.ascii_letters + string.digits + "_"
-    tokens = ["<unk>", *_WORDS, *chars, *("##" + c for c in chars), *string.punctuation, "\n"]
+    tokens = ["<unk>", *_WORDS, *extra_words, *chars, *("##" + c for c in chars), *string.punctuation, "\n"]
     tokens += list(SPECIAL_TOKENS.values())
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
