@@ -7,7 +7,8 @@ import json
 from tl_vlm.cli import main
 
 
-def test_demo_writes_report(tmp_path, checkpoints):
+def test_demo_runs_on_a_checkpoint_folder(tmp_path, checkpoints):
+    """Any checkpoint folder, here a random-init one (the default toy is in tests/test_demo.py)."""
     out = tmp_path / "demo"
     assert main(["demo", str(checkpoints["llava15"]), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -22,6 +23,7 @@ def test_demo_writes_report(tmp_path, checkpoints):
     )
     assert any(abs(r["logit_change"]) > 1e-4 for r in report["vision_head_ablation"])
     assert (out / "report.md").read_text().startswith("# tl_vlm demo")
+    assert (out / "report.html").exists() and all((out / name).exists() for name in report["figures"].values())
 
 
 def test_hooks_command_lists_names(checkpoints, capsys):

@@ -10,10 +10,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-vlm", description="TransformerLens for vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="load a model, answer a question about an image, patch, ablate, report")
-    demo.add_argument("model", nargs="?", default=None, help="checkpoint dir or hub id (default: the tiny LLaVA fixture)")
-    demo.add_argument("--out", default="tl_vlm_demo", help="folder for report.json and report.md")
+    demo = sub.add_parser("demo", help="check a model against HF, answer a question about a generated scene, "
+                                       "patch, localise with the logit lens, ablate, write an HTML report")
+    demo.add_argument("model", nargs="?", default="tl-vlm/toy-llava",
+                      help="checkpoint dir or hub id (default: the trained toy LLaVA shipped with the package)")
+    demo.add_argument("--out", default="tl_vlm_demo", help="folder for report.html, report.json, report.md and PNGs")
     demo.add_argument("--device", default=None)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
 
     hooks = sub.add_parser("hooks", help="list a model's hook names (with --shapes: their shapes on a sample input)")
     hooks.add_argument("model")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from tl_vlm.demo import run_demo
 
-        run_demo(args.model, args.out, args.device)
+        run_demo(args.model, args.out, args.device, seed=args.seed)
     elif args.command == "hooks":
         _hooks(args.model, args.filter, args.shapes)
     elif args.command == "extract":
