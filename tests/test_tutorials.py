@@ -6,10 +6,15 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("[0-9]*.py"))
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs(path):
-    runpy.run_path(str(path), run_name="__main__")
+    threads = torch.get_num_threads()
+    # Notebooks switch autograd off globally (as TransformerLens' own do); keep that out of the other tests.
+    with torch.enable_grad():
+        runpy.run_path(str(path), run_name="__main__")
+    torch.set_num_threads(threads)
