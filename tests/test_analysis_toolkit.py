@@ -265,9 +265,9 @@ def test_layer_sweep_finds_the_planted_layer(models, family):
     assert list(sweep["tower"].unique())[-2:] == ["projector", "language"]
     assert (sweep.loc[planted, "accuracy"] == 1.0).all() and (sweep.loc[planted, "selectivity"] >= 0.5).all()
     assert (sweep.loc[~planted, "accuracy"] == 0.5).all(), "identical features before the plant: chance"
-    with torch.no_grad():
-        top = model.to_string(model(batch)[0, -1].argmax()[None])
-    assert answer_accuracy(model, [batch], [top] * (n // 2) + ["</s>"] * (n // 2)) == 0.5
+    reply = model.tokenizer.decode(model.generate(batch, max_new_tokens=3)[0, batch.shape[1]:], skip_special_tokens=True)
+    assert reply.split(), "identical rows, one non-empty greedy reply"
+    assert answer_accuracy(model, [batch], [reply.split()[0]] * (n // 2) + ["zebra"] * (n // 2)) == 0.5
 
 
 def test_store_features_stack_one_layer():

@@ -107,3 +107,5 @@ def test_one_dimensional_inputs_and_folding_twice(llava15):
     with pytest.warns(UserWarning, match="already folded"):
         model.process_weights(fold_ln=True)
     assert len(llava15.model.to_str_tokens(batch.input_ids)) == 2
+    token = batch.input_ids[0, -1]
+    assert llava15.model.to_string(token) == llava15.model.to_string(token[None]) == llava15.model.to_string(int(token))

@@ -181,3 +181,14 @@ def test_torchrun_two_ranks(dataset, checkpoints, tmp_path):
     frame = load(db)
     assert len(frame) == 15 and frame.groupby(["image_id", "layer"]).size().max() == 1
     assert not list(tmp_path.glob("dp.db.rank*"))
+
+
+def test_vlm_lens_dataset_list_and_image_path_column(dataset, checkpoints, tmp_path):
+    frame = pd.read_csv(dataset / "data.csv").rename(columns={"image": "image_path"})
+    frame.to_csv(tmp_path / "vlm_lens.csv", index=False)
+    cfg = ExtractConfig(model_path=str(checkpoints["llava15"]), output_db=str(tmp_path / "a.db"),
+                        modules=["vision.blocks.0.hook_resid_post"], dataset=[{"local_dataset_path": str(tmp_path / "vlm_lens.csv")},
+                          {"image_dataset_path": str(dataset / "images")}])
+    assert cfg.dataset == {"local_dataset_path": str(tmp_path / "vlm_lens.csv"), "image_dataset_path": str(dataset / "images")}
+    assert extract(cfg, progress=False)["done"] == 5
+    assert set(vlm_lens_read(tmp_path / "a.db")["image_path"]) == {str(dataset / "images" / f"{i}.png") for i in range(5)}

@@ -8,6 +8,7 @@ Features come from a live model (``pooled_activations``) or from activation-stor
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -170,12 +171,26 @@ def layer_sweep(
 
 
 def answer_accuracy(model, inputs: Sequence[VLMInputs], answers: Sequence[str]) -> float:
-    """How often the model's next token (greedy, last real position) is the first token of the sample's answer:
-    the number to compare a layer sweep against."""
-    predicted = []
+    """How often the model's greedy answer starts with the sample's answer (word by word, case-insensitive): the
+    number to compare a layer sweep against. Whole words, not first tokens: SentencePiece tokenizers give every
+    number the same first token ("▁"). Batches must be left-padded, as for ``generate``."""
+    answers = list(answers)
+    hits, start = [], 0
     with torch.no_grad():
         for batch in inputs:
-            logits = model(batch)
-            predicted += _pool_language(logits, batch, model, "last").argmax(-1).tolist()
-    targets = [model.tokenizer.encode(answer, add_special_tokens=False)[0] for answer in answers]
-    return float(np.mean([p == t for p, t in zip(predicted, targets)]))
+            mask = batch.attention_mask
+            if mask is not None and not bool(mask[:, -1].all()):
+                raise ValueError("answer_accuracy generates answers: pad the batches on the left (padding_side='left')")
+            expected = [_words(a) for a in answers[start : start + len(batch.input_ids)]]
+            start += len(expected)
+            longest = max(len(model.tokenizer.encode(" ".join(w), add_special_tokens=False)) for w in expected)
+            tokens = model.generate(batch, max_new_tokens=longest + 1)
+            texts = model.tokenizer.batch_decode(tokens[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            hits += [_words(text)[: len(want)] == want for text, want in zip(texts, expected)]
+    if start != len(answers):
+        raise ValueError(f"{len(answers)} answers for {start} samples")
+    return float(np.mean(hits))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())

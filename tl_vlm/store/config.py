@@ -23,7 +23,7 @@ class ExtractConfig:
     forward: dict = field(default_factory=dict)
     prompt: str | None = None
     input_dir: str | None = None
-    dataset: dict | None = None
+    dataset: list[dict] | dict | None = None  # VLM-Lens writes it, like model, as a list of one-key dicts
     pooling_method: str = "none"
     batch_size: int = 8
     float16: bool = False
@@ -36,6 +36,8 @@ class ExtractConfig:
             self.pooling_method = "none"
         if self.pooling_method not in POOLING:
             raise ValueError(f"pooling_method {self.pooling_method!r} is not one of {POOLING}")
+        if isinstance(self.dataset, list):
+            self.dataset = {k: v for item in self.dataset for k, v in item.items()}
         if isinstance(self.modules, str):
             self.modules = [self.modules]
         if not self.modules:

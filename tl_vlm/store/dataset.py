@@ -39,8 +39,10 @@ def samples(config: ExtractConfig) -> Iterator[Sample]:
     table = _load_table(spec)
     image_root = Path(spec.get("image_dataset_path") or ".").resolve()
     for row in table:
+        if "image" not in row and "image_path" in row:  # VLM-Lens's name for a path column
+            row = {**row, "image": row["image_path"]}
         if "id" not in row or "image" not in row:
-            raise ValueError("dataset rows need 'id' and 'image' columns (and 'prompt' unless the config gives one)")
+            raise ValueError("dataset rows need 'id' and 'image' (or 'image_path') columns (and 'prompt' unless the config gives one)")
         prompt = row.get("prompt") or config.prompt
         if prompt is None:
             raise ValueError(f"row {row['id']} has no prompt and the config gives none")
