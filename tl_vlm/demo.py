@@ -322,18 +322,22 @@ def _patch_positions(model, corrupt, clean_cache, metric, notes: list) -> tuple[
     return rows, labels
 
 
+def _patching_series(p: dict, box: str, rest: str, vision_box: str, vision_rest: str) -> list[tuple[str, list[float]]]:
+    """(label, per-layer scores) of each patching experiment that ran; region rows only for patch-based families."""
+    series = [("language resid_pre, all image tokens", p["language_resid_pre_at_image_positions"])]
+    if "language_resid_pre_object_region" in p:
+        series += [(box, p["language_resid_pre_object_region"]), (rest, p["language_resid_pre_rest_of_image"])]
+    series.append(("vision resid_pre, whole image", p["vision_resid_pre"]))
+    if "vision_resid_pre_object_region" in p:
+        series += [(vision_box, p["vision_resid_pre_object_region"]), (vision_rest, p["vision_resid_pre_rest_of_image"])]
+    return series
+
+
 def _print_patching(p: dict, clean_word: str, corrupt_word: str) -> None:
     print(f"activation patching, clean image into the run on the repainted ({corrupt_word}) one; "
           f"1 = '{clean_word}' restored, 0 = corrupted:")
-    rows = [("language resid_pre, all image tokens", p["language_resid_pre_at_image_positions"])]
-    if "language_resid_pre_object_region" in p:
-        rows += [(f"  object box only ({p['object_region_tokens']}/{p['image_tokens']} tokens)",
-                  p["language_resid_pre_object_region"]),
-                 ("  rest of the image", p["language_resid_pre_rest_of_image"])]
-    rows.append(("vision resid_pre, whole image", p["vision_resid_pre"]))
-    if "vision_resid_pre_object_region" in p:
-        rows += [("  object box patches only", p["vision_resid_pre_object_region"]),
-                 ("  rest of the image", p["vision_resid_pre_rest_of_image"])]
+    rows = _patching_series(p, f"  object box only ({p.get('object_region_tokens')}/{p.get('image_tokens')} tokens)",
+                            "  rest of the image", "  object box patches only", "  rest of the image")
     width = max(len(r[0]) for r in rows)
     for label, scores in rows:
         print(f"  {label:<{width}}  " + " ".join(f"L{i} {s:+.2f}" for i, s in enumerate(scores)))
@@ -516,15 +520,8 @@ def _write(report: dict, out: Path) -> None:
 
 
 def _patching_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    p = report["patching"]
-    columns = [("language resid_pre, all image tokens", p["language_resid_pre_at_image_positions"])]
-    if "language_resid_pre_object_region" in p:
-        columns += [("object box tokens", p["language_resid_pre_object_region"]),
-                    ("rest of the image", p["language_resid_pre_rest_of_image"])]
-    columns.append(("vision resid_pre, whole image", p["vision_resid_pre"]))
-    if "vision_resid_pre_object_region" in p:
-        columns += [("vision, object box patches", p["vision_resid_pre_object_region"]),
-                    ("vision, rest of the image", p["vision_resid_pre_rest_of_image"])]
+    columns = _patching_series(report["patching"], "object box tokens", "rest of the image",
+                               "vision, object box patches", "vision, rest of the image")
     n = max(len(c[1]) for c in columns)
     rows = [[str(i)] + [f"{c[1][i]:+.3f}" if i < len(c[1]) else "" for c in columns] for i in range(n)]
     return ["layer"] + [c[0] for c in columns], rows

@@ -38,6 +38,8 @@ from transformers import (
 )
 
 from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.data import COLOURS as _COLOURS
+from tl_vlm.zoo.data import SHAPES as _SHAPES
 
 __all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer", "sample_images"]
 
@@ -77,17 +79,6 @@ _CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
-_COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 60),
-    "blue": (40, 60, 220),
-    "yellow": (240, 220, 40),
-    "purple": (140, 50, 170),
-    "orange": (250, 140, 20),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-_SHAPES = ("square", "circle", "triangle")
 
 
 def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
