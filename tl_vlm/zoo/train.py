@@ -23,13 +23,15 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tl_vlm.store.extract import format_prompt
 from tl_vlm.zoo import data
 
-FAMILIES = ("llava", "blip2", "qwen2_vl")
 PATCH = 8
 
 
@@ -88,29 +90,38 @@ def _qwen2_vl():
     return Qwen2VLForConditionalGeneration(config), QwenImageTextProcessor(tok, image_processor)
 
 
-BUILDERS = {"llava": _llava, "blip2": _blip2, "qwen2_vl": _qwen2_vl}
+def _llava_features(model, pixels) -> torch.Tensor:
+    hidden = model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]  # what the projector reads ("default": no CLS)
+
+
+def _blip2_features(model, pixels) -> torch.Tensor:
+    return model.vision_model(pixels["pixel_values"]).last_hidden_state  # what the Q-Former reads
+
+
+def _qwen2_vl_features(model, pixels) -> torch.Tensor:
+    merged = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
+    return merged.reshape(len(pixels["image_grid_thw"]), -1, merged.shape[-1])  # the merged tokens the LM reads
+
+
+@dataclass(frozen=True)
+class ToyArchitecture:
+    build: Callable[[], tuple]  # -> (HF model, processor)
+    encoder: Callable[[Any], torch.nn.Module]  # the part pretrained in stage 1 and frozen in stage 2
+    features: Callable[[Any, dict], torch.Tensor]  # [image, token, d]: what the language side reads
+
+
+ARCHITECTURES = {
+    "llava": ToyArchitecture(_llava, lambda m: m.model.vision_tower, _llava_features),
+    "blip2": ToyArchitecture(_blip2, lambda m: m.vision_model, _blip2_features),
+    "qwen2_vl": ToyArchitecture(_qwen2_vl, lambda m: m.model.visual, _qwen2_vl_features),
+}
+FAMILIES = tuple(ARCHITECTURES)
 
 
 def _cosine(steps: int):
     warmup = min(200, steps // 10 + 1)
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-
-
-def _encoder(family: str, model) -> torch.nn.Module:
-    return {"llava": lambda: model.model.vision_tower, "blip2": lambda: model.vision_model,
-            "qwen2_vl": lambda: model.model.visual}[family]()
-
-
-def _vision_features(family: str, model, processor, images) -> torch.Tensor:
-    """[image, d]: mean over the features the language side reads, for the pretraining heads."""
-    pixels = processor.image_processor(images, return_tensors="pt")
-    if family == "llava":
-        layer = model.config.vision_feature_layer
-        return model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
-    if family == "blip2":
-        return model.vision_model(pixels["pixel_values"]).last_hidden_state.mean(1)
-    merged = model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
-    return merged.reshape(len(images), -1, merged.shape[-1]).mean(1)
 
 
 _BAR_COLOURS = sorted(c for c in data.COLOURS if c != "white")
@@ -138,9 +149,14 @@ def _target(head: str, ex: data.Example) -> torch.Tensor:
 def pretrain_vision(family: str, model, processor, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
     """Stage 1: encoder + linear heads; returns held-out head accuracy. Half of each batch is single-shape
     scenes (shape, colour, position heads), a quarter multi-shape scenes, a quarter charts."""
-    d = _vision_features(family, model, processor, [data.make_examples(1, seed)[0].image]).shape[-1]
+    toy = ARCHITECTURES[family]
+
+    def pooled(images) -> torch.Tensor:
+        return toy.features(model, processor.image_processor(images, return_tensors="pt")).mean(1)
+
+    d = pooled([data.make_examples(1, seed)[0].image]).shape[-1]
     heads = torch.nn.ModuleDict({h: torch.nn.Linear(d, n) for group in _HEADS.values() for h, n in group.items()})
-    encoder = _encoder(family, model)
+    encoder = toy.encoder(model)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps))
     sizes = {"scene": batch_size // 2, "count": batch_size // 4, "chart": batch_size // 4}
@@ -149,7 +165,7 @@ def pretrain_vision(family: str, model, processor, steps: int, batch_size: int, 
     def losses(groups: dict[str, list[data.Example]]) -> dict[str, tuple[torch.Tensor, float]]:
         out = {}
         for group, exs in groups.items():
-            features = _vision_features(family, model, processor, [ex.image for ex in exs])
+            features = pooled([ex.image for ex in exs])
             for head in _HEADS[group]:
                 logits = heads[head](features)
                 target = torch.stack([_target(head, ex) for ex in exs])
@@ -204,14 +220,14 @@ def accuracy(model, processor, held_out: list[data.Example], batch_size: int = 5
 
 def train_toy(family: str, out: str | pathlib.Path, steps: int = 2500, batch_size: int = 32, lr: float = 2e-3,
               seed: int = 0, n_held_out: int = 600, eval_every: int = 0, vision_steps: int = 1500) -> dict:
-    if family not in BUILDERS:
+    if family not in ARCHITECTURES:
         raise ValueError(f"unknown toy family {family!r}; choose from {FAMILIES}")
     torch.manual_seed(seed)
-    model, processor = BUILDERS[family]()
+    model, processor = ARCHITECTURES[family].build()
     start_time, start_cpu = time.perf_counter(), time.process_time()
     vision_scores = pretrain_vision(family, model, processor, vision_steps, 128, lr, seed) if vision_steps else {}
     print(f"vision pretraining held-out {vision_scores}", flush=True)
-    for name, param in _encoder(family, model).named_parameters():
+    for name, param in ARCHITECTURES[family].encoder(model).named_parameters():
         param.requires_grad_("merger" in name)
     held_out = data.make_examples(n_held_out, seed=seed + 2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
