@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tl_vlm.cli import main
-from tl_vlm.zoo.data import make_examples
+from tl_vlm.zoo.data import BACKGROUND, make_examples
 
 REPORT_KEYS = {"model", "architecture", "notes", "question", "truth", "answer", "correct", "scene", "fidelity",
                "patching", "localization", "vision_head_ablation", "hook_counts", "figures", "seconds"}
@@ -64,10 +64,11 @@ def test_demo_default_toy(tmp_path, capsys):
     # A minimal pair: only the object's pixels differ, so at the vision input only the object's patches matter.
     assert abs(p["vision_resid_pre_object_region"][0] - 1.0) < 1e-4
     assert abs(p["vision_resid_pre_rest_of_image"][0]) < 1e-4
-    peak = report["localization"]["peak"]
-    x0, y0, x1, y1 = report["localization"]["object_box"]
-    overlaps = peak["box"][0] <= x1 and peak["box"][2] > x0 and peak["box"][1] <= y1 and peak["box"][3] > y0
-    assert report["localization"]["hit"] == overlaps
+    # A hit means the peak's patch holds pixels of the drawn shape (not just of its bounding box).
+    x0, y0, x1, y1 = (int(v) for v in report["localization"]["peak"]["box"])
+    scene = make_examples(1, 0, kinds=("colour",))[0].image
+    on_shape = any(scene.getpixel((x, y)) != BACKGROUND for x in range(x0, x1) for y in range(y0, y1))
+    assert report["localization"]["hit"] == on_shape
     last = max(r["layer"] for r in report["vision_head_ablation"])
     assert all(r["logit_change"] == 0.0 for r in report["vision_head_ablation"] if r["layer"] == last), (
         "heads of the last vision layer act after feature layer -2 and cannot matter")

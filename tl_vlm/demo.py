@@ -10,7 +10,7 @@
    object's box (``analysis.spatial``) and at the other image tokens; the vision residual stream per vision layer;
    and every (layer, position) of the language stream (a layer x position map);
 4. logit-lens localisation (``analysis.confidence``): the probability of the answer word at each image token in
-   each language layer; the peak token's pixel box is compared with the object's ground-truth box (hit or miss);
+   each language layer; a hit when the peak token's patch holds pixels of the drawn shape;
 5. zero-ablate each vision head and rank them by their effect on the answer's logit;
 6. write ``report.json``, PNG figures, ``report.md`` and a self-contained ``report.html``.
 
@@ -143,7 +143,7 @@ def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, st
     loc = report["localization"]
     print(f"logit lens: p({clean_ex.answer!r}) at image tokens peaks at {loc['peak']['where']} "
           f"(language layer {loc['peak']['layer']}, p={loc['peak']['p']:.2f}) -> "
-          f"{'HIT' if loc['hit'] else 'MISS'} vs object box {tuple(obj['box'])} (chance {loc['chance']:.0%})")
+          f"{'HIT' if loc['hit'] else 'MISS'} on the shape (box {tuple(obj['box'])}) (chance {loc['chance']:.0%})")
     game = loc["pointing_game"]
     print(f"  pointing game over {game['scenes']} scenes: {game['hits']}/{game['scenes']} hits "
           f"(chance {game['chance']:.0%})")
@@ -365,13 +365,17 @@ def _pointing_game(model, examples, blip2: bool) -> dict:
 
 
 def _localize(model, inputs, image, word: str, box, blip2: bool, heat: bool = True):
-    """Logit-lens p(word) at image tokens; the peak's location vs the object's box. Returns (record, heat, map)."""
+    """Logit-lens p(word) at image tokens; a hit when the peak's patch (BLIP-2: pixel) holds pixels of the drawn
+    shape, not merely its bounding box. Returns (record, heat, map)."""
+    import numpy as np
+
     from tl_vlm.analysis.confidence import confidence_map, localization
     from tl_vlm.analysis.spatial import spatial_index
+    from tl_vlm.zoo.data import BACKGROUND
 
+    shape = torch.from_numpy((np.asarray(image.convert("RGB")) != BACKGROUND).any(-1))  # [y, x] single-shape scenes
     conf = confidence_map(model, inputs, word)[:, 0].cpu()  # [layer (inputs of each block, then final), image token]
     heat = localization(model, inputs, word, [image])[0] if heat or blip2 else None
-    x0, y0, x1, y1 = box
     record: dict = {"word": word, "variant": "Jiang et al.: unembed without the final norm, top-50 renormalised",
                     "layers": conf.shape[0], "max_p": conf.max().item()}
     if blip2:
@@ -379,8 +383,8 @@ def _localize(model, inputs, image, word: str, box, blip2: bool, heat: bool = Tr
         token = int(conf.amax(0).argmax())
         record["peak"] = {"pixel": [x, y], "token": token, "layer": int(conf[:, token].argmax()),
                           "p": conf[:, token].max().item(), "where": f"pixel ({x}, {y}) via query {token}"}
-        record["hit"] = bool(x0 <= x <= x1 and y0 <= y <= y1)
-        record["chance"] = (x1 - x0 + 1) * (y1 - y0 + 1) / (heat.shape[0] * heat.shape[1])
+        record["hit"] = bool(shape[y, x])
+        record["chance"] = shape.float().mean().item()
     else:
         index = spatial_index(model, inputs, [image])
         scores = conf.amax(0).clone()
@@ -388,15 +392,16 @@ def _localize(model, inputs, image, word: str, box, blip2: bool, heat: bool = Tr
         scores[~patch] = -1.0
         token = int(scores.argmax())
         cell = index.iloc[token]
-        overlaps = (index["x0"] <= x1) & (index["x1"] > x0) & (index["y0"] <= y1) & (index["y1"] > y0) & patch.numpy()
+        on_shape = [bool(is_patch) and bool(shape[int(r.y0):int(np.ceil(r.y1)), int(r.x0):int(np.ceil(r.x1))].any())
+                    for is_patch, r in zip(patch.tolist(), index.itertuples())]
         box_px = [float(cell[k]) for k in ("x0", "y0", "x1", "y1")]
         record["peak"] = {"token": token, "position": int(cell["position"]), "row": int(cell["row"]),
                           "col": int(cell["col"]), "box": box_px, "layer": int(conf[:, token].argmax()),
                           "p": conf[:, token].max().item(),
                           "where": f"image token {token} (cell row {int(cell['row'])}, col {int(cell['col'])}, "
                                    f"pixels {tuple(int(v) for v in box_px)})"}
-        record["hit"] = bool(overlaps.iloc[token])
-        record["chance"] = float(overlaps.sum() / patch.sum())
+        record["hit"] = on_shape[token]
+        record["chance"] = sum(on_shape) / int(patch.sum())
     record["object_box"] = list(box)
     record["map"] = [[round(v, 5) for v in row] for row in conf.tolist()]
     return record, heat, conf
@@ -607,8 +612,8 @@ def _html(report: dict, out: Path) -> str:
         "<h2>Logit-lens localisation</h2>",
         f"<p>Peak of p({e(loc['word'])!s}) at {e(loc['peak']['where'])}, language layer {loc['peak']['layer']}, "
         f"p = {loc['peak']['p']:.3f}: <span class='{hit.lower()}'>{hit}</span> "
-        f"against the object's box {e(str(tuple(loc['object_box'])))} (chance {loc['chance']:.0%}). "
-        f"Over {loc['pointing_game']['scenes']} scenes the peak hits the object's box {loc['pointing_game']['hits']} "
+        f"against the shape (box {e(str(tuple(loc['object_box'])))}) (chance {loc['chance']:.0%}). "
+        f"Over {loc['pointing_game']['scenes']} scenes the peak lands on the shape {loc['pointing_game']['hits']} "
         f"times (chance {loc['pointing_game']['chance']:.0%}). Variant: {e(loc['variant'])}.</p>",
         img("localization"), img("confidence_map"),
         "<h2>Vision heads by zero-ablation effect on the answer logit</h2>",
