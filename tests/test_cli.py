@@ -29,3 +29,6 @@ def test_demo_runs_on_a_checkpoint_folder(tmp_path, checkpoints):
 def test_hooks_command_lists_names(checkpoints, capsys):
     assert main(["hooks", str(checkpoints["llava15"]), "--filter", r"^vision\.blocks\.0\.attn\.hook_pattern$"]) == 0
     assert capsys.readouterr().out.split() == ["vision.blocks.0.attn.hook_pattern"]
+    assert main(["hooks", "tl-vlm/toy-qwen2-vl", "--shapes", "--dtype", "bf16", "--filter", r"^blocks\.0\.hook_resid_post$"]) == 0
+    name, shape = capsys.readouterr().out.split(maxsplit=1)
+    assert name == "blocks.0.hook_resid_post" and shape.strip().startswith("(1,") and shape.strip().endswith(", 128)")

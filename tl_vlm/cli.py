@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument("model")
     hooks.add_argument("--filter", default=None, help="regular expression on hook names")
     hooks.add_argument("--shapes", action="store_true", help="run a generated image and prompt and print each shape")
+    hooks.add_argument("--device", default=None)
+    hooks.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype (a 7B model "
+                       "needs 28 GB in fp32)")
 
     extract = sub.add_parser("extract", help="extract hook activations to a VLM-Lens-compatible SQLite store")
     extract.add_argument("config", help="YAML config (VLM-Lens keys plus batch_size, float16, dtype, device)")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.model, args.out, args.device, seed=args.seed)
     elif args.command == "hooks":
-        _hooks(args.model, args.filter, args.shapes)
+        _hooks(args.model, args.filter, args.shapes, args.device, args.dtype)
     elif args.command == "extract":
         from tl_vlm.store import ExtractConfig, extract
 
@@ -74,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _hooks(model_name: str, name_filter: str | None, shapes: bool) -> None:
+def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str | None, dtype: str) -> None:
     import re
 
     from tl_vlm import HookedVLM
+    from tl_vlm.verify import DTYPES
 
-    model = HookedVLM.from_pretrained(model_name)
+    model = HookedVLM.from_pretrained(model_name, device=device, dtype=DTYPES[dtype])
     pattern = re.compile(name_filter) if name_filter else None
     names = [n for n in model.hook_dict if pattern is None or pattern.search(n)]
     if not shapes:
