@@ -193,6 +193,8 @@ def test_project_away_flips_the_planted_component(models, family):
     assert bool((p0 > 1).all()), "the plant gives every image token a positive component"
     assert torch.allclose(p1, -0.5 * p0, atol=1e-4) and bool((p1 <= 0).all())
     assert torch.equal(h0[~image[0]], h1[~image[0]]), "text positions are not edited"
+    with pytest.raises(ValueError, match="later block"):
+        ProjectAway(model, ["dog"], image_layer=model.cfg.n_layers - 1)
 
 
 def test_project_away_removes_the_planted_object_from_generation(models):

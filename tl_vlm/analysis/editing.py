@@ -55,8 +55,11 @@ class ProjectAway:
     """The edit for a list of objects; ``applied(inputs)`` is the context in which runs and ``generate`` see it."""
 
     def __init__(self, model, objects: Sequence[str], text_layer: int = 1, image_layer: int = 2, alpha: float = 1.5):
-        if not 0 <= image_layer < model.cfg.n_layers:
-            raise ValueError(f"image_layer {image_layer} is not a layer of this {model.cfg.n_layers}-layer language model")
+        if not 0 <= image_layer < model.cfg.n_layers - 1:
+            raise ValueError(
+                f"image_layer {image_layer}: the edit needs a later block to read the edited image positions; use a "
+                f"layer from 0 to {model.cfg.n_layers - 2} of this {model.cfg.n_layers}-layer language model"
+            )
         self.model, self.objects, self.alpha = model, list(objects), alpha
         self.hook_name = f"blocks.{image_layer}.hook_resid_post"
         self.directions = torch.stack([text_direction(model, word, text_layer) for word in self.objects])
