@@ -23,7 +23,6 @@ DEVICE = "cpu"  # "cuda" for a real checkpoint
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
 from transformer_lens import patching
 
 from tl_vlm import HookedVLM
@@ -31,7 +30,7 @@ from tl_vlm.analysis.confidence import object_token_ids
 from tl_vlm.analysis.logit_lens import lens_hook_names
 from tl_vlm.analysis.spatial import patch_image_region, region_mask, spatial_index
 from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.data import COLOURS, make_examples
+from tl_vlm.zoo.data import make_examples, recolour
 from tl_vlm.zoo.toys import TOYS
 
 TOY = MODEL in TOYS
@@ -46,7 +45,7 @@ torch.set_grad_enabled(False)
 # %% [markdown]
 # ## A clean / corrupted pair that differs only in the shape's colour
 # We take a colour question from the synthetic data and a second example whose answer is a different colour,
-# and repaint the first scene's shape in that colour. The pair is then minimal: same prompt, same shape, same
+# and redraw the first scene with its shape in that colour (`zoo.data.recolour`). The pair is then minimal: same prompt, same shape, same
 # place, only the colour changes, so whatever patching restores is colour information (two unrelated
 # scenes would also differ in where the shape is).
 
@@ -54,11 +53,7 @@ torch.set_grad_enabled(False)
 examples = make_examples(16, seed=0, kinds=("colour",))
 clean_ex = examples[0]
 corrupt_colour = next(ex.answer for ex in examples if ex.answer != clean_ex.answer)
-pixels = np.array(clean_ex.image)
-shape_pixels = (pixels == COLOURS[clean_ex.answer]).all(-1)
-pixels[shape_pixels] = COLOURS[corrupt_colour]
-corrupt_image = Image.fromarray(pixels)
-assert shape_pixels.sum() > 0
+corrupt_image = recolour(clean_ex, corrupt_colour).image  # the same drawing, the shape in another colour
 
 prompt = format_prompt(model.processor, clean_ex.question + SUFFIX)
 clean = model.prepare(images=clean_ex.image, text=prompt)
