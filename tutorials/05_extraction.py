@@ -71,7 +71,8 @@ tl_vlm_cli(command)
 
 # %% [markdown]
 # ## A dataset on disk
-# VLM-Lens reads a table with one row per sample (`id`, `prompt`, `label`, and the image), images in a folder. We
+# VLM-Lens reads a table with one row per sample (`id`, `prompt`, `label`, and `image_path` or `image`), images in a
+# folder. We
 # draw single shapes, the same number per colour, ask each for its colour, and keep the true colour as the label.
 
 # %%
@@ -86,7 +87,7 @@ assert len(examples) == PER_COLOUR * len(COLOURS)
 rows = []
 for i, ex in enumerate(examples):
     ex.image.save(WORK / "images" / f"{i:04d}.png")
-    rows.append({"id": i, "prompt": ex.question, "image": f"{i:04d}.png", "label": ex.answer})
+    rows.append({"id": i, "prompt": ex.question, "image_path": f"{i:04d}.png", "label": ex.answer})
 table = pd.DataFrame(rows)
 print(table.head(3).to_string(index=False), f"\n... {len(table)} rows")
 
@@ -99,8 +100,8 @@ plt.show()
 
 # %% [markdown]
 # ## The config
-# VLM-Lens's keys: `architecture`, `model_path`, `model` (from_pretrained kwargs, as VLM-Lens's list of one-key
-# mappings), `output_db`, `dataset`, `pooling_method`, `modules` (regular expressions over hook names, here tl_vlm's
+# VLM-Lens's keys: `architecture`, `model_path`, `model` (from_pretrained kwargs) and `dataset` (both as VLM-Lens's
+# lists of one-key mappings; plain mappings work too), `output_db`, `pooling_method`, `modules` (regular expressions over hook names, here tl_vlm's
 # hook names rather than HF module paths). `image_mean` pools language activations over the image-token positions only
 # and vision activations over all patches, so each row is one `[1, d_model]` vector. tl_vlm adds `batch_size` and
 # `device`. `architecture` is only recorded in the rows; tl_vlm reads the real one from the checkpoint.
@@ -112,7 +113,7 @@ config = {
     "model_path": MODEL,
     "model": [{"torch_dtype": DTYPE}],
     "output_db": str(DB),
-    "dataset": {"local_dataset_path": str(WORK / "data.csv"), "image_dataset_path": str(WORK / "images")},
+    "dataset": [{"local_dataset_path": str(WORK / "data.csv")}, {"image_dataset_path": str(WORK / "images")}],
     "pooling_method": "image_mean",
     "modules": HOOKS,
     "batch_size": 16,
