@@ -18,9 +18,9 @@ def test_unsupported_architecture_names_supported_ones():
 
 
 def test_unsupported_vision_tower_is_named():
-    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model"}, text_config=LlamaConfig())
+    config = LlavaConfig(vision_config={"model_type": "pixtral"}, text_config=LlamaConfig())
     config.architectures = ["LlavaForConditionalGeneration"]
-    with pytest.raises(NotImplementedError, match="siglip_vision_model"):
+    with pytest.raises(NotImplementedError, match="pixtral.*clip_vision_model"):
         family_for(config).vlm_config(config)
 
 

@@ -22,10 +22,12 @@ def test_hook_name_contract(pair):
     for i in range(pair.model.vision.cfg.n_layers):
         for hook in BLOCK_HOOKS:
             assert f"vision.blocks.{i}.{hook}" in names
+    siglip = pair.variant == "llava_interleave_siglip"  # SigLIP has no pre-LN
     for hook in ["hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
-                 "vision.hook_embed", "vision.hook_pos_embed", "vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized",
-                 "projector.hook_in", "projector.hook_out", "projector.mlp.hook_pre", "projector.mlp.hook_post"]:
+                 "vision.hook_embed", "vision.hook_pos_embed", "projector.hook_in", "projector.hook_out",
+                 "projector.mlp.hook_pre", "projector.mlp.hook_post"]:
         assert hook in names
+    assert ("vision.ln_pre.hook_scale" in names) != siglip and ("vision.ln_pre.hook_normalized" in names) != siglip
     assert get_act_name("resid_post", 0) in names and get_act_name("pattern", 1) in names
 
 
@@ -46,7 +48,7 @@ def test_activation_shapes(pair):
     assert cache["blocks.0.attn.hook_pattern"].shape == (b, cfg.n_heads, p, p)
     assert cache["blocks.0.attn.hook_result"].shape == (b, p, cfg.n_heads, cfg.d_model)
     n_images = cache["vision.blocks.0.hook_resid_pre"].shape[0]
-    n_patch = (model.vlm_cfg.image_size // model.vlm_cfg.patch_size) ** 2 + 1
+    n_patch = (model.vlm_cfg.image_size // model.vlm_cfg.patch_size) ** 2 + (pair.variant != "llava_interleave_siglip")
     assert cache["vision.blocks.0.hook_resid_pre"].shape == (n_images, n_patch, vcfg.d_model)
     assert cache["vision.blocks.0.attn.hook_pattern"].shape == (n_images, vcfg.n_heads, n_patch, n_patch)
     # The attention result summed over heads plus bias is the attention output.

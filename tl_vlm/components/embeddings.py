@@ -43,18 +43,22 @@ class PosEmbed(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv patchifier with a class token (CLIP-style ViT); positions are added by the tower."""
+    """Conv patchifier, with a class token first (CLIP, BLIP-2) or without (SigLIP); positions are added by the tower."""
 
-    def __init__(self, d_model: int, patch_size: int, num_channels: int, n_positions: int, bias: bool = False):
+    def __init__(
+        self, d_model: int, patch_size: int, num_channels: int, n_positions: int, bias: bool = False, class_token: bool = True
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.W_patch = nn.Parameter(torch.empty(d_model, num_channels, patch_size, patch_size))
-        self.b_patch = nn.Parameter(torch.zeros(d_model)) if bias else None  # BLIP-2's ViT has one, CLIP's not
-        self.class_embedding = nn.Parameter(torch.empty(d_model))
+        self.b_patch = nn.Parameter(torch.zeros(d_model)) if bias else None  # BLIP-2's and SigLIP's ViTs have one
+        self.class_embedding = nn.Parameter(torch.empty(d_model)) if class_token else None
         self.W_pos = nn.Parameter(torch.empty(n_positions, d_model))
 
     def forward(self, pixel_values: Float[Tensor, "image channel height width"]) -> Float[Tensor, "image pos d_model"]:
         patches = F.conv2d(pixel_values.to(self.W_patch.dtype), self.W_patch, self.b_patch, stride=self.patch_size)
         patches = patches.flatten(2).transpose(1, 2)
+        if self.class_embedding is None:
+            return patches
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1)

@@ -1,4 +1,4 @@
-"""LLaVA 1.5 (``LlavaForConditionalGeneration``): CLIP ViT -> MLP projector -> Llama / Mistral / Qwen2 LM."""
+"""LLaVA 1.5 (``LlavaForConditionalGeneration``): CLIP or SigLIP ViT -> MLP projector -> Llama / Mistral / Qwen2 LM."""
 
 from __future__ import annotations
 
@@ -23,16 +23,24 @@ _LM_BIASES = {
 }
 
 
+_VISION_TOWERS = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+
+
 def clip_vision_config(vc) -> TowerConfig:
-    if vc.model_type != "clip_vision_model":
+    if vc.model_type not in _VISION_TOWERS:
         raise NotImplementedError(
-            f"vision tower {vc.model_type!r} is not supported yet; tl_vlm converts CLIP vision towers for LLaVA"
+            f"vision tower {vc.model_type!r} is not supported yet; tl_vlm converts {sorted(_VISION_TOWERS)} for LLaVA"
         )
-    return vit_config(vc, attn_bias=True, original_architecture="CLIPVisionModel")
+    siglip = vc.model_type == "siglip_vision_model"
+    return vit_config(vc, attn_bias=True, original_architecture=_VISION_TOWERS[vc.model_type], class_token=not siglip)
 
 
-def vit_config(vc, attn_bias: bool, original_architecture: str) -> TowerConfig:
-    """A class-token ViT with learned positions and pre-norm LayerNorm blocks (CLIP, BLIP-2's EVA)."""
+def has_class_token(cfg: TowerConfig) -> bool:
+    return cfg.original_architecture != "SiglipVisionModel"
+
+
+def vit_config(vc, attn_bias: bool, original_architecture: str, class_token: bool = True) -> TowerConfig:
+    """A ViT with learned positions and pre-norm LayerNorm blocks (CLIP, SigLIP, BLIP-2's EVA)."""
     return TowerConfig(
         n_layers=vc.num_hidden_layers,
         d_model=vc.hidden_size,
@@ -42,7 +50,7 @@ def vit_config(vc, attn_bias: bool, original_architecture: str) -> TowerConfig:
         act_fn=vc.hidden_act,
         normalization_type="LN",
         eps=vc.layer_norm_eps,
-        n_ctx=(vc.image_size // vc.patch_size) ** 2 + 1,
+        n_ctx=(vc.image_size // vc.patch_size) ** 2 + class_token,
         attn_bias=attn_bias,
         attn_out_bias=True,
         mlp_bias=True,
@@ -117,7 +125,10 @@ class LlavaFamily(Family):
 
     def build_towers(self, model) -> None:
         cfg = model.vlm_cfg
-        model.vision = CLIPVisionTower(cfg.vision, cfg.image_size, cfg.patch_size, cfg.num_channels)
+        clip = has_class_token(cfg.vision)  # else SigLIP: no class token, no ln_pre, a patch bias
+        model.vision = CLIPVisionTower(
+            cfg.vision, cfg.image_size, cfg.patch_size, cfg.num_channels, ln_pre=clip, patch_bias=not clip, class_token=clip
+        )
         d_text = cfg.language.d_model
         model.projector = MLPProjector(
             ProjectorConfig(
@@ -148,8 +159,10 @@ class LlavaFamily(Family):
                 *decoder_lm_rules(r"language_model", lm.d_head, lm.extra["attn_biases"], lm.mlp_bias),
                 *self.extra_rules(),
             ],
-            # LLaVA reads patch features from the residual stream; CLIP's post-LN only serves CLIP's pooled output.
-            ignore=[r"vision_tower\.post_layernorm\.(weight|bias)", r".*\.position_ids", r".*rotary_emb\.inv_freq"],
+            # LLaVA reads patch features from the residual stream; the post-LN (and SigLIP's pooling head) only
+            # serve the vision model's own pooled output.
+            ignore=[r"vision_tower\.post_layernorm\.(weight|bias)", r"vision_tower\.head\..*", r".*\.position_ids",
+                    r".*rotary_emb\.inv_freq"],
         )
 
     def extra_rules(self) -> list[Rule]:
@@ -163,15 +176,19 @@ class LlavaFamily(Family):
 
     def image_token_cells(self, model, inputs: VLMInputs, original_sizes) -> list[dict]:
         cfg = model.vlm_cfg
-        keep_cls = cfg.vision_feature_select_strategy == "full"
+        cls = has_class_token(cfg.vision)
+        keep_cls = cls and cfg.vision_feature_select_strategy == "full"
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
             if original_sizes is None:
                 geometry = lambda x, y: (float(x), float(y))  # noqa: E731  (processed pixels)
             else:
-                scale, left, top = crop_geometry(model.processor.image_processor, original_sizes[image])
-                geometry = lambda x, y, s=scale, l=left, t=top: ((x + l) / s, (y + t) / s)  # noqa: E731
-            cells += grid_cells(cfg, image, image, geometry, keep_cls)
+                sx, sy, left, top = crop_geometry(model.processor.image_processor, original_sizes[image])
+                geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
+            grid = grid_cells(cfg, image, image, geometry, keep_cls, first_patch=int(cls))
+            if not cls and cfg.vision_feature_select_strategy == "default":
+                grid = grid[1:]  # HF's "default" drops the first token whatever it is: here a patch
+            cells += grid
         return cells
 
     def image_features(self, model, inputs: VLMInputs) -> Tensor:
@@ -180,24 +197,28 @@ class LlavaFamily(Family):
         return model.projector(self.select_features(cfg, hidden)).flatten(0, 1)
 
 
-def crop_geometry(processor, size: tuple[int, int]) -> tuple[float, float, float]:
-    """(scale, left, top) of CLIP-style preprocessing: shortest edge resized, then centre crop.
-    Processed pixel (x, y) comes from original pixel ((x + left) / scale, (y + top) / scale)."""
+def crop_geometry(processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(x scale, y scale, left, top) of the preprocessing: CLIP's shortest edge resized then centre crop, or
+    SigLIP's resize to a fixed height x width. Processed pixel (x, y) comes from original pixel
+    ((x + left) / x scale, (y + top) / y scale)."""
     w, h = size
-    short = processor.size.get("shortest_edge") or min(processor.size["height"], processor.size["width"])
-    scale = short / min(w, h)
-    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else {"height": h * scale, "width": w * scale}
-    return scale, (w * scale - crop["width"]) / 2, (h * scale - crop["height"]) / 2
+    if processor.size.get("shortest_edge"):
+        sx = sy = processor.size["shortest_edge"] / min(w, h)
+    else:
+        sx, sy = processor.size["width"] / w, processor.size["height"] / h
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else {"height": h * sy, "width": w * sx}
+    return sx, sy, (w * sx - crop["width"]) / 2, (h * sy - crop["height"]) / 2
 
 
-def grid_cells(cfg: VLMConfig, image: int, tile: int, geometry, cls: bool) -> list[dict]:
-    """Cells of one vision-tower row (an image or a tile) in patch order, boxes mapped by ``geometry``."""
+def grid_cells(cfg: VLMConfig, image: int, tile: int, geometry, cls: bool, first_patch: int = 1) -> list[dict]:
+    """Cells of one vision-tower row (an image or a tile) in patch order, boxes mapped by ``geometry``; patch
+    ``first_patch`` is the top-left one (1 after a class token)."""
     ps, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
     cells = [dict(image=image, tile=tile, patch=0, row=-1, col=-1, kind="cls")] if cls else []
     for r in range(grid):
         for c in range(grid):
             x0, y0 = geometry(c * ps, r * ps)
             x1, y1 = geometry((c + 1) * ps, (r + 1) * ps)
-            cells.append(dict(image=image, tile=tile, patch=1 + r * grid + c, row=r, col=c, kind="patch",
+            cells.append(dict(image=image, tile=tile, patch=first_patch + r * grid + c, row=r, col=c, kind="patch",
                               x0=x0, y0=y0, x1=x1, y1=y1))
     return cells

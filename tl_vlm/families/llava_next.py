@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
-from tl_vlm.families.llava import LlavaFamily
+from tl_vlm.families.llava import LlavaFamily, has_class_token
 from tl_vlm.families.weights import Rule
 from tl_vlm.inputs import VLMInputs
 
@@ -32,8 +32,8 @@ class LlavaNextFamily(LlavaFamily):
         """Runs HF's packing on (tile, patch) indices, so the order is HF's order by construction.
         Boxes: tile 0 is the whole image squashed to one tile; tiles 1.. cut the best-fit canvas."""
         cfg = model.vlm_cfg
-        if cfg.vision_feature_select_strategy != "default":
-            raise NotImplementedError("spatial index for LLaVA-NeXT with the 'full' strategy")
+        if cfg.vision_feature_select_strategy != "default" or not has_class_token(cfg.vision):
+            raise NotImplementedError("spatial index for LLaVA-NeXT with the 'full' strategy or a SigLIP tower")
         hf_config = cfg.extra["hf_config"]
         side, grid = cfg.image_size, cfg.image_size // cfg.patch_size
         cells, first_tile = [], 0

@@ -81,10 +81,12 @@ def linear_rules(hf: str, tl_weight: str, tl_bias: str | None) -> list[Rule]:
 
 
 def clip_vision_rules(hf: str, tl: str, d_head: int) -> list[Rule]:
-    """HF ``CLIPVisionModel`` (under prefix ``hf``) -> ``CLIPVisionTower`` (under ``tl``)."""
+    """HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (under prefix ``hf``) -> ``CLIPVisionTower`` (under ``tl``);
+    rules for parts one of them lacks (class token, ``pre_layrnorm``, patch bias) simply match nothing."""
     layer, block = rf"{hf}\.encoder\.layers\.(\d+)", rf"{tl}.blocks.\1"
     return [
         Rule(rf"{hf}\.embeddings\.patch_embedding\.weight", f"{tl}.embed.W_patch"),
+        Rule(rf"{hf}\.embeddings\.patch_embedding\.bias", f"{tl}.embed.b_patch"),
         Rule(rf"{hf}\.embeddings\.class_embedding", f"{tl}.embed.class_embedding"),
         Rule(rf"{hf}\.embeddings\.position_embedding\.weight", f"{tl}.embed.W_pos"),
         Rule(rf"{hf}\.pre_layrnorm\.weight", f"{tl}.ln_pre.w"),

@@ -1,7 +1,8 @@
-"""CLIP-style ViT vision tower: patch + class embedding, learned positions, pre-norm blocks.
+"""CLIP-style ViT vision tower: patch (+ class) embedding, learned positions, pre-norm blocks.
 
 CLIP normalises the embeddings (``ln_pre``); BLIP-2's EVA ViT does not, has a patch-conv bias and
-normalises the last hidden state instead (``ln_post``, applied by the family that reads it).
+normalises the last hidden state instead (``ln_post``, applied by the family that reads it). SigLIP has
+the patch bias, no class token and no ``ln_pre``; its post-LN and pooling head serve only its own pooled output.
 Hidden state ``j`` is the input of block ``j`` (``j = 0`` is the embedding, after ``ln_pre``), as in HF's
 ``hidden_states``. Blocks after the deepest feature layer the VLM reads run only when one of their
 hooks is attached: they cannot change the output, and skipping them is free speed.
@@ -30,12 +31,13 @@ class CLIPVisionTower(StackedWeights, nn.Module):
         ln_pre: bool = True,
         ln_post: bool = False,
         patch_bias: bool = False,
+        class_token: bool = True,
     ):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
-        n_positions = (image_size // patch_size) ** 2 + 1
-        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, n_positions, bias=patch_bias)
-        self.hook_embed = HookPoint()  # [image, 1 + patch, d_model]: class token then patches
+        n_positions = (image_size // patch_size) ** 2 + class_token
+        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, n_positions, bias=patch_bias, class_token=class_token)
+        self.hook_embed = HookPoint()  # [image, (1 +) patch, d_model]: the class token (if any), then patches
         self.hook_pos_embed = HookPoint()
         self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps) if ln_pre else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])

@@ -35,6 +35,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2Config,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
 )
 
 from tl_vlm.zoo.build_cache import cached_build
@@ -43,7 +45,7 @@ from tl_vlm.zoo.data import SHAPES as _SHAPES
 
 __all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer", "sample_images"]
 
-VARIANTS = ("llava15", "llava_qwen2", "llava_next_mistral")
+VARIANTS = ("llava15", "llava_qwen2", "llava_next_mistral", "llava_interleave_siglip")
 
 # Bump whenever the built artefacts change, so stale cached builds are rebuilt.
 _FORMAT_VERSION = 1
@@ -127,6 +129,21 @@ def _vision_config() -> CLIPVisionConfig:
     )
 
 
+def _siglip_vision_config() -> SiglipVisionConfig:
+    # SigLIP-so400m of llava-interleave / OneVision: no class token, no pre-LN, patch bias, gelu tanh, eps 1e-6.
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        initializer_range=_INIT_RANGE,
+    )
+
+
 def _text_config(variant: str, tok: PreTrainedTokenizerFast) -> PreTrainedConfig:
     common = dict(
         vocab_size=len(tok),
@@ -150,7 +167,7 @@ def _text_config(variant: str, tok: PreTrainedTokenizerFast) -> PreTrainedConfig
             attention_bias=False,
             tie_word_embeddings=False,
         )
-    if variant == "llava_qwen2":  # Qwen2 LM of llava-interleave / OneVision: GQA, qkv bias, tied embeddings
+    if variant in ("llava_qwen2", "llava_interleave_siglip"):  # Qwen2 LM of llava-interleave: GQA, qkv bias, tied
         return Qwen2Config(
             **common,
             num_key_value_heads=2,
@@ -170,21 +187,19 @@ def _text_config(variant: str, tok: PreTrainedTokenizerFast) -> PreTrainedConfig
     )
 
 
-def _num_base_image_tokens(strategy: str) -> int:
-    patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    return patches if strategy == "default" else patches + 1  # "full" keeps the CLS token
-
-
 def _build(variant: str, tok: PreTrainedTokenizerFast) -> tuple[PreTrainedModel, ProcessorMixin]:
     text_config = _text_config(variant, tok)
-    strategy = "full" if variant == "llava_qwen2" else "default"
+    siglip = variant == "llava_interleave_siglip"
+    strategy = "full" if variant in ("llava_qwen2", "llava_interleave_siglip") else "default"
+    class_token = not siglip
     common = dict(
-        vision_config=_vision_config(),
+        vision_config=_siglip_vision_config() if siglip else _vision_config(),
         text_config=text_config,
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=_num_base_image_tokens(strategy),
+        # "full" keeps the class token, "default" drops the first token
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2 + class_token - (strategy == "default"),
         projector_hidden_act="gelu",
-        vision_feature_layer=[-3, -1] if variant == "llava_qwen2" else -2,
+        vision_feature_layer={"llava_qwen2": [-3, -1], "llava_interleave_siglip": -1}.get(variant, -2),
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
@@ -194,7 +209,7 @@ def _build(variant: str, tok: PreTrainedTokenizerFast) -> tuple[PreTrainedModel,
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy=strategy,
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # CLIP's CLS token
+        num_additional_image_tokens=int(class_token),  # CLIP's CLS token
         chat_template=_CHAT_TEMPLATE,
     )
     # torchvision-free (PIL/numpy) image processors; AutoProcessor reloads them by their saved class name.
@@ -208,7 +223,11 @@ def _build(variant: str, tok: PreTrainedTokenizerFast) -> tuple[PreTrainedModel,
         processor = LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
     else:
         model = LlavaForConditionalGeneration(LlavaConfig(**common))
-        processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(**image_kwargs), **processor_kwargs)
+        image_processor = (
+            SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}) if siglip
+            else CLIPImageProcessorPil(**image_kwargs)
+        )
+        processor = LlavaProcessor(image_processor=image_processor, **processor_kwargs)
 
     with torch.no_grad():
         for param in model.parameters():
