@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from tl_vlm import HookedVLM
@@ -83,3 +84,26 @@ def test_qwen_prepare_verify_and_demo_without_torchvision(tmp_path_factory):
         block.mlp.W_out = nn.Parameter(block.mlp.W_out.detach() * 1.5)
         failures = verify(model).failures
     assert any(f.startswith("language layer 1") for f in failures) and not any(f.startswith("language layer 0") for f in failures)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+def test_verify_qwen_vision_blocks_in_hf_packing(tmp_path_factory, variant):
+    """HF packs the vision patches of all images into one sequence (Qwen2.5-VL in window order); verify unpacks."""
+    import warnings
+
+    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+
+    path = build_tiny_qwen_vl(tmp_path_factory.mktemp(variant), variant)
+    images = sample_images(2, sizes=[(40, 28), (28, 56)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = verify(str(path), images=images)
+        assert report.passed, report.table()
+        vision_layers = [d for d in report.layers if d.tower == "vision"]
+        model = HookedVLM.from_pretrained(path)
+        assert len(vision_layers) == model.vision.cfg.n_layers and max(d.max_abs for d in vision_layers) < 1e-4
+        with torch.no_grad():
+            model.vision.blocks[1].mlp.W_out.mul_(1.5)  # this model's own copy of the weights
+        failures = verify(model, images=images).failures
+    assert any(f.startswith("vision layer 1") for f in failures) and not any(f.startswith("vision layer 0") for f in failures)

@@ -124,10 +124,12 @@ def verify(
     if not processing.get("center_writing_weights"):
         for tower, outputs in hf_layers.items():
             prefix = "" if tower == "language" else f"{tower}."
-            for i, ref in enumerate(outputs):
+            refs, select = ours.family.align_hf_outputs(ours, tower, outputs, inputs)
+            for i, ref in enumerate(refs):
                 # Post-LN blocks (Q-Former) output their normalized stream, as TL's BertBlock names it.
                 post_ln = f"{prefix}blocks.{i}.hook_normalized_resid_post"
                 got = cache[post_ln if post_ln in cache.cache_dict else f"{prefix}blocks.{i}.hook_resid_post"]
+                got = got if select is None else got[select]
                 mask = real if tower in ("language", "encoder") else None
                 diff = ((got.float() - ref.float()).abs())[mask] if mask is not None else (got.float() - ref.float()).abs()
                 scale = (ref.float().abs()[mask] if mask is not None else ref.float().abs()).max().clamp(min=1e-6)

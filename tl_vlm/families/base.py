@@ -69,6 +69,13 @@ class Family:
         """The HF modules whose outputs equal each tower's ``blocks.{i}.hook_resid_post`` (for verify)."""
         return {"language": list(hf_model.model.language_model.layers), "vision": list(hf_model.model.vision_tower.encoder.layers)}
 
+    def align_hf_outputs(
+        self, model: "HookedVLM", tower: str, outputs: list[Tensor], inputs: VLMInputs
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """HF's per-block outputs of ``tower`` in call order -> one reference per block, and the boolean index
+        that picks the same elements from tl_vlm's ``blocks.{i}.hook_resid_post`` (None: all of it)."""
+        return outputs, None
+
     # ------------------------------------------------------------------ running
 
     def image_features(

@@ -162,9 +162,31 @@ class Qwen2VLFamily(Family):
         )
 
     def hf_layers(self, hf_model) -> dict[str, list]:
-        # HF's vision blocks output one packed sequence (Qwen2.5-VL: in window order), not [image, patch, d];
-        # tests/test_qwen2_vl.py unpacks them to compare every vision block.
-        return {"language": list(hf_model.model.language_model.layers)}
+        return {"language": list(hf_model.model.language_model.layers), "vision": list(hf_model.model.visual.blocks)}
+
+    def align_hf_outputs(self, model, tower, outputs, inputs):
+        """HF runs the vision blocks once for the images, then once for the videos, each on one packed sequence
+        (Qwen2.5-VL: in window order); tl_vlm has one padded row per image, then per video, in natural order."""
+        if tower != "vision":
+            return outputs, None
+        grids = [g for g in (inputs.image_grid_thw, inputs.video_grid_thw) if g is not None]
+        depth = model.vision.cfg.n_layers
+        blocks = [torch.cat([self._natural_order(model, outputs[r * depth + i], grid) for r, grid in enumerate(grids)])
+                  for i in range(depth)]
+        return blocks, model.vision.layout(torch.cat(grids)).valid
+
+    @staticmethod
+    def _natural_order(model, packed: Tensor, grid: Tensor) -> Tensor:
+        g = model.vision.geometry
+        if g.window_size is None:
+            return packed
+        from transformers.vision_utils import get_vision_window_index
+
+        order, _ = get_vision_window_index(grid, g.merge_size, g.window_size, g.patch_size)
+        units = packed.view(-1, g.merge_size**2, packed.shape[-1])
+        natural = torch.empty_like(units)
+        natural[torch.as_tensor(order, device=units.device)] = units
+        return natural.view_as(packed)
 
     # ------------------------------------------------------------------ running
 
