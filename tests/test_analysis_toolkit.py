@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from tl_vlm import HookedVLM
 from tl_vlm.analysis import flow, geometry, viz
@@ -372,3 +373,5 @@ def test_plots_write_png(models, tmp_path):
                                tmp_path / "rates.png"),
     ]
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths)
+    figure = viz.layer_sweep_plot(sweep, answer_accuracy=0.7)  # no path: the Figure, for a notebook to show
+    assert isinstance(figure, Figure) and figure.axes[0].get_lines()

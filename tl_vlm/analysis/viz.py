@@ -1,5 +1,6 @@
-"""Plots of the analyses, saved as PNG. Uses matplotlib's object API (no pyplot), so no GUI backend or global
-figure state is touched."""
+"""Plots of the analyses. Each saves a PNG and returns its path when given one, else returns the ``Figure``
+(a notebook shows it inline). Uses matplotlib's object API (no pyplot), so no GUI backend or global figure
+state is touched."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path) -> Path:
+def _save(fig: Figure, path) -> Path | Figure:
+    if path is None:
+        return fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 
-def heatmap_over_image(image, heat, path, alpha: float = 0.5, title: str | None = None) -> Path:
+def heatmap_over_image(image, heat, path=None, alpha: float = 0.5, title: str | None = None) -> Path | Figure:
     """A [height, width] map (e.g. ``confidence.localization``) drawn over the image it belongs to."""
     heat = np.asarray(heat, dtype=float)
     fig = Figure(figsize=(4, 4 * image.size[1] / image.size[0]))
@@ -30,8 +33,10 @@ def heatmap_over_image(image, heat, path, alpha: float = 0.5, title: str | None 
     return _save(fig, path)
 
 
-def layer_position_map(values, path, xlabel: str = "image token", ylabel: str = "layer", title: str | None = None) -> Path:
-    """A [layer, position] matrix (e.g. one row of ``confidence.confidence_map``) as a heatmap, layer 0 at the bottom."""
+def layer_position_map(
+    values, path=None, xlabel: str = "image token", ylabel: str = "layer", title: str | None = None
+) -> Path | Figure:
+    """A [layer, position] matrix (e.g. one row of ``confidence.confidence_map``), layer 0 at the bottom."""
     values = np.asarray(values, dtype=float)
     fig = Figure(figsize=(max(4, values.shape[1] / 8), max(3, values.shape[0] / 4)))
     ax = fig.add_subplot()
@@ -43,7 +48,9 @@ def layer_position_map(values, path, xlabel: str = "image token", ylabel: str = 
     return _save(fig, path)
 
 
-def layer_sweep_plot(sweep: pd.DataFrame, path, answer_accuracy: float | None = None, title: str | None = None) -> Path:
+def layer_sweep_plot(
+    sweep: pd.DataFrame, path=None, answer_accuracy: float | None = None, title: str | None = None
+) -> Path | Figure:
     """Probe and control accuracy along the hooks of ``probing.layer_sweep`` (towers in order, boundaries marked),
     with the model's own answer accuracy as a horizontal line."""
     fig = Figure(figsize=(max(5, len(sweep) / 3), 3.5))
@@ -65,7 +72,7 @@ def layer_sweep_plot(sweep: pd.DataFrame, path, answer_accuracy: float | None = 
     return _save(fig, path)
 
 
-def effect_by_layer_plot(effects: pd.DataFrame, path, title: str | None = None) -> Path:
+def effect_by_layer_plot(effects: pd.DataFrame, path=None, title: str | None = None) -> Path | Figure:
     """Mean drop in the answer's probability per knockout window start (``flow.knockout_by_layer``)."""
     mean = effects.groupby("start")["drop"].mean()
     fig = Figure(figsize=(5, 3.5))
@@ -78,7 +85,7 @@ def effect_by_layer_plot(effects: pd.DataFrame, path, title: str | None = None) 
     return _save(fig, path)
 
 
-def region_map_over_image(image, regions: pd.DataFrame, path, title: str | None = None) -> Path:
+def region_map_over_image(image, regions: pd.DataFrame, path=None, title: str | None = None) -> Path | Figure:
     """The drops of ``flow.region_ablation_map`` for one image, painted over it."""
     heat = np.zeros((image.size[1], image.size[0]))
     for row in regions.itertuples():
@@ -86,7 +93,7 @@ def region_map_over_image(image, regions: pd.DataFrame, path, title: str | None 
     return heatmap_over_image(image, heat, path, title=title)
 
 
-def scatter_2d(coords: pd.DataFrame, labels, path, title: str | None = None) -> Path:
+def scatter_2d(coords: pd.DataFrame, labels, path=None, title: str | None = None) -> Path | Figure:
     """The first two columns of ``geometry.pca`` coordinates, one colour per label."""
     labels = np.asarray(labels)
     fig = Figure(figsize=(4.5, 4))
@@ -101,7 +108,7 @@ def scatter_2d(coords: pd.DataFrame, labels, path, title: str | None = None) -> 
     return _save(fig, path)
 
 
-def confidence_histogram(mentions: pd.DataFrame, path, title: str | None = None) -> Path:
+def confidence_histogram(mentions: pd.DataFrame, path=None, title: str | None = None) -> Path | Figure:
     """Internal confidence of real vs hallucinated mentions (``hallucination.score_mentions`` output)."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
@@ -115,7 +122,7 @@ def confidence_histogram(mentions: pd.DataFrame, path, title: str | None = None)
     return _save(fig, path)
 
 
-def mention_rates_plot(report: pd.DataFrame, path, title: str | None = None) -> Path:
+def mention_rates_plot(report: pd.DataFrame, path=None, title: str | None = None) -> Path | Figure:
     """Before / after bars of ``editing.removal_report``."""
     fig = Figure(figsize=(max(4, len(report)), 3.5))
     ax = fig.add_subplot()
