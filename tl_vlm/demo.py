@@ -329,7 +329,8 @@ def _patching_series(p: dict, box: str, rest: str, vision_box: str, vision_rest:
         series += [(box, p["language_resid_pre_object_region"]), (rest, p["language_resid_pre_rest_of_image"])]
     series.append(("vision resid_pre, whole image", p["vision_resid_pre"]))
     if "vision_resid_pre_object_region" in p:
-        series += [(vision_box, p["vision_resid_pre_object_region"]), (vision_rest, p["vision_resid_pre_rest_of_image"])]
+        series += [(vision_box, p["vision_resid_pre_object_region"]),
+                   (vision_rest, p["vision_resid_pre_rest_of_image"])]
     return series
 
 

@@ -43,7 +43,8 @@ def _llava():
     model, processor = tiny._build("llava15", tiny.build_tokenizer(data.VOCABULARY))
     config = model.config
     vc, tc = config.vision_config, config.text_config
-    vc.image_size, vc.patch_size, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = data.IMAGE_SIZE, PATCH, 64, 256, 4
+    vc.image_size, vc.patch_size = data.IMAGE_SIZE, PATCH
+    vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = 64, 256, 4
     tc.hidden_size, tc.intermediate_size = 128, 256
     config.image_seq_length = (data.IMAGE_SIZE // PATCH) ** 2
     processor.patch_size = PATCH
@@ -61,7 +62,8 @@ def _blip2():
     model, processor = tiny_blip2._build("blip2_opt", tok, tok)
     config = model.config
     vc, qc, tc = config.vision_config, config.qformer_config, config.text_config
-    vc.image_size, vc.patch_size, vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = data.IMAGE_SIZE, PATCH, 64, 256, 4
+    vc.image_size, vc.patch_size = data.IMAGE_SIZE, PATCH
+    vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = 64, 256, 4
     qc.hidden_size, qc.intermediate_size, qc.encoder_hidden_size = 64, 128, vc.hidden_size
     tc.hidden_size, tc.ffn_dim, tc.word_embed_proj_dim = 128, 256, 128
     processor.image_processor.size = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
@@ -146,7 +148,9 @@ def _target(head: str, ex: data.Example) -> torch.Tensor:
     return torch.tensor(options.index(ex.objects[0][head]))
 
 
-def pretrain_vision(family: str, model, processor, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, float]:
+def pretrain_vision(
+    family: str, model, processor, steps: int, batch_size: int, lr: float, seed: int
+) -> dict[str, float]:
     """Stage 1: encoder + linear heads; returns held-out head accuracy. Half of each batch is single-shape
     scenes (shape, colour, position heads), a quarter multi-shape scenes, a quarter charts."""
     toy = ARCHITECTURES[family]
@@ -177,7 +181,8 @@ def pretrain_vision(family: str, model, processor, steps: int, batch_size: int, 
 
     encoder.train()
     for step in range(steps):
-        batch = {g: data.make_examples(n, seed + 10 + i, (_GROUP_KIND[g],), start=step * n) for i, (g, n) in enumerate(sizes.items())}
+        batch = {g: data.make_examples(n, seed + 10 + i, (_GROUP_KIND[g],), start=step * n)
+                 for i, (g, n) in enumerate(sizes.items())}
         loss = sum(v[0] for v in losses(batch).values())
         loss.backward()
         optimizer.step()
@@ -209,9 +214,11 @@ def accuracy(model, processor, held_out: list[data.Example], batch_size: int = 5
         for start in range(0, len(held_out), batch_size):
             chunk = held_out[start : start + batch_size]
             prompts = [format_prompt(processor, ex.question) for ex in chunk]
-            inputs = processor(images=[ex.image for ex in chunk], text=prompts, return_tensors="pt", padding=True, padding_side="left")
+            images = [ex.image for ex in chunk]
+            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
             tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            answers = processor.tokenizer.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = tokens[:, inputs["input_ids"].shape[1]:]
+            answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
             for ex, text in zip(chunk, answers):
                 hits.setdefault(ex.kind, []).append(text.strip() == ex.answer)
     model.train()
@@ -256,10 +263,12 @@ def train_toy(family: str, out: str | pathlib.Path, steps: int = 2500, batch_siz
     else:  # tl_vlm's Qwen image-text processor: tokenizer + image processor, as Qwen checkpoints ship them
         processor.tokenizer.save_pretrained(out)
         processor.image_processor.save_pretrained(out)
-    metrics = {"family": family, "held_out_accuracy": scores, "held_out_examples": n_held_out, "held_out_seed": seed + 2,
-               "vision_pretraining_accuracy": vision_scores,
-               "vision_steps": vision_steps, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_minutes": round(minutes, 1), "cpu_minutes": round(cpu_minutes, 1),
-               "threads": torch.get_num_threads()}
+    metrics = {
+        "family": family, "held_out_accuracy": scores, "held_out_examples": n_held_out, "held_out_seed": seed + 2,
+        "vision_pretraining_accuracy": vision_scores, "vision_steps": vision_steps, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
+        "train_minutes": round(minutes, 1), "cpu_minutes": round(cpu_minutes, 1),  # training only, not evaluation
+    }
     (out / "toy_metrics.json").write_text(json.dumps(metrics, indent=1))
     return scores
 
