@@ -300,26 +300,19 @@ def _patch_vision(model, corrupt, clean_cache, metric, at: tuple[torch.Tensor, t
 
 
 def _patch_positions(model, corrupt, clean_cache, metric, notes: list) -> tuple[list | None, list[str]]:
-    """The language stream entering each layer patched at one position at a time: [layer, position]."""
+    """The language stream entering each layer patched at one position at a time: [layer, position], with
+    TransformerLens' own ``get_act_patch_resid_pre`` (the image rides along in the VLMInputs)."""
+    from transformer_lens import patching
+
     labels = model.to_str_tokens(corrupt.input_ids[0])
     n_pos = corrupt.shape[1]
     if model.cfg.n_layers * n_pos > MAX_POSITION_PATCHES:
         notes.append(f"layer x position patching skipped: {model.cfg.n_layers} x {n_pos} forwards is more than "
                      f"{MAX_POSITION_PATCHES}")
         return None, labels
-    rows = []
     with torch.no_grad():
-        for layer in range(model.cfg.n_layers):
-            name = f"blocks.{layer}.hook_resid_pre"
-            row = []
-            for pos in range(n_pos):
-                def patch(resid, hook, name=name, pos=pos):
-                    resid[:, pos] = clean_cache[name][:, pos]
-                    return resid
-
-                row.append(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, patch)])))
-            rows.append(row)
-    return rows, labels
+        grid = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, lambda logits: torch.tensor(metric(logits)))
+    return grid.tolist(), labels
 
 
 def _patching_series(p: dict, box: str, rest: str, vision_box: str, vision_rest: str) -> list[tuple[str, list[float]]]:
