@@ -459,29 +459,25 @@ def _figures(out: Path, clean_ex, corrupt_ex, heat, conf, patching: dict, word: 
                            ylabel="language layer (input; last = final)", title=f"logit lens p({word!r})")
 
     fig = Figure(figsize=(9, 3.5))
-    ax = fig.add_subplot(1, 2, 1)
-    lang = patching["language_resid_pre_at_image_positions"]
-    ax.plot(range(len(lang)), lang, marker="o", label="all image tokens")
-    if "language_resid_pre_object_region" in patching:
-        ax.plot(range(len(lang)), patching["language_resid_pre_object_region"], marker="s", label="object box tokens")
-        ax.plot(range(len(lang)), patching["language_resid_pre_rest_of_image"], marker="x", label="rest of the image")
-    ax.set_xlabel("language layer (resid_pre)")
-    ax.set_ylabel("clean answer restored")
-    ax.set_xticks(range(len(lang)))
-    ax.legend(fontsize="small")
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.axhline(1, color="grey", linewidth=0.6, linestyle=":")
-    ax = fig.add_subplot(1, 2, 2)
-    vis = patching["vision_resid_pre"]
-    ax.plot(range(len(vis)), vis, marker="o", label="whole image")
-    if "vision_resid_pre_object_region" in patching:
-        ax.plot(range(len(vis)), patching["vision_resid_pre_object_region"], marker="s", label="object box patches")
-        ax.plot(range(len(vis)), patching["vision_resid_pre_rest_of_image"], marker="x", label="rest of the image")
-    ax.legend(fontsize="small")
-    ax.set_xlabel("vision layer (resid_pre)")
-    ax.set_xticks(range(len(vis)))
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.axhline(1, color="grey", linewidth=0.6, linestyle=":")
+    panels = {  # x label -> (legend, patching key) per curve; region curves only where region patching ran
+        "language layer (resid_pre)": [("all image tokens", "language_resid_pre_at_image_positions"),
+                                       ("object box tokens", "language_resid_pre_object_region"),
+                                       ("rest of the image", "language_resid_pre_rest_of_image")],
+        "vision layer (resid_pre)": [("whole image", "vision_resid_pre"),
+                                     ("object box patches", "vision_resid_pre_object_region"),
+                                     ("rest of the image", "vision_resid_pre_rest_of_image")],
+    }
+    for i, (xlabel, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for (label, key), marker in zip(curves, "osx"):
+            if key in patching:
+                ax.plot(range(len(patching[key])), patching[key], marker=marker, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_xticks(range(len(patching[curves[0][1]])))
+        ax.legend(fontsize="small")
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.axhline(1, color="grey", linewidth=0.6, linestyle=":")
+    fig.axes[0].set_ylabel("clean answer restored")
     fig.savefig(out / FIGURES["patching_curves"], dpi=120, bbox_inches="tight")
 
     figures = {k: v for k, v in FIGURES.items() if k != "patching_layer_position"}
