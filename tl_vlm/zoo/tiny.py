@@ -113,35 +113,19 @@ def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     )
 
 
+# Toy ViT sizes shared by the CLIP and SigLIP towers: 30px / 6px patches = 5x5 patches.
+_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE, initializer_range=_INIT_RANGE)
+
+
 def _vision_config() -> CLIPVisionConfig:
-    # CLIP ViT-L/14-336 flags (quick_gelu, eps 1e-5) at 30px / 6px patches: 5x5 = 25 patches + CLS.
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=32,
-        initializer_range=_INIT_RANGE,
-    )
+    # CLIP ViT-L/14-336 flags: quick_gelu, eps 1e-5, a class token.
+    return CLIPVisionConfig(**_VIT, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32)
 
 
 def _siglip_vision_config() -> SiglipVisionConfig:
     # SigLIP-so400m of llava-interleave / OneVision: no class token, no pre-LN, patch bias, gelu tanh, eps 1e-6.
-    return SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-        initializer_range=_INIT_RANGE,
-    )
+    return SiglipVisionConfig(**_VIT, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
 
 def _text_config(variant: str, tok: PreTrainedTokenizerFast) -> PreTrainedConfig:
