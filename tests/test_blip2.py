@@ -8,7 +8,12 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoConfig, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    Blip2ForConditionalGeneration,
+    InstructBlipForConditionalGeneration,
+)
 
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.families.blip2 import cross_attention_layers, query_patch_attention, query_positions
@@ -318,3 +323,21 @@ def test_query_count_is_read_from_the_config(checkpoints, opt):
         expected = hf(input_ids=ids, pixel_values=pixels).logits
         assert max_diff(model(VLMInputs(ids, pixels)), expected) <= ATOL
     assert query_positions(model, ids).tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("variant", ["blip2_opt", "instructblip_vicuna"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_hf_dtypes_and_numbers(checkpoints, variant, dtype):
+    """Loaded in float16, HF's BLIP-2 keeps the Q-Former in float32 (``_keep_in_fp32_modules``); tl_vlm does the
+    same, through both loaders, so half-precision runs give HF's numbers rather than merely close ones."""
+    path = checkpoints[variant]
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+    loaded, shared = HookedVLM.from_pretrained(path, dtype=dtype), HookedVLM.from_hf_model(hf)
+    qformer_dtype = hf.qformer.encoder.layer[0].attention.attention.query.weight.dtype
+    assert {p.dtype for p in loaded.qformer.parameters()} == {qformer_dtype}
+    assert loaded.vision.embed.W_patch.dtype == dtype and loaded.projector.W.dtype == dtype
+    inputs = loaded.prepare(images=sample_images(2, seed=1), text=["What colour?", "Which shape?"])
+    with torch.no_grad():
+        reference = hf(**inputs.as_kwargs()).logits.float()
+        for model in (loaded, shared):
+            assert (model(inputs).float() - reference).abs().max().item() <= 1e-4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -113,7 +114,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             hf_model.config,
             iter(hf_model.state_dict().items()),
             device or param.device,
-            dtype or param.dtype,
+            dtype or _dominant_dtype(hf_model),
             processor,
             getattr(hf_model, "generation_config", None),
         )
@@ -130,14 +131,20 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
         model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
-        loaded = load_weights(model, family.weight_map(cfg), tensors, family.normalize_key, device, dtype)
+        fp32 = family.fp32_parameters(cfg, dtype)
+        loaded = load_weights(model, family.weight_map(cfg), tensors, family.normalize_key, device, dtype, fp32)
         if "unembed.W_U" not in loaded and cfg.language.extra["tie_word_embeddings"]:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
             loaded.add("unembed.W_U")
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
-        return model.to(device=device, dtype=dtype).eval()
+        kept = {name: p.data for name, p in model.named_parameters() if name.startswith(fp32)}
+        model = model.to(device=device, dtype=dtype)
+        for name, p in model.named_parameters():
+            if name in kept:
+                p.data = kept[name]  # loaded in float32 above; .to(dtype) must not round them
+        return model.eval()
 
     def process_weights(
         self,
@@ -439,6 +446,15 @@ def _load_processor(family, path: Path, trust_remote_code: bool):
     except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a video processor needing torchvision
         warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
         return None
+
+
+def _dominant_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of most of the weights: a float16 BLIP-2 keeps its Q-Former (its first parameters) in float32."""
+    counts: Counter = Counter()
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0]
 
 
 def _resolve_checkpoint(model_name: str | os.PathLike, revision: str | None) -> Path:

@@ -316,6 +316,11 @@ class Blip2Family(Family):
             return DecoderLM(lm, None)
         return super().build_language(cfg)
 
+    def fp32_parameters(self, cfg: VLMConfig, dtype: torch.dtype) -> tuple[str, ...]:
+        # Loaded in float16, HF's BLIP-2 keeps its Q-Former in float32 (in bfloat16 it does not). InstructBLIP keeps
+        # only its query tokens so and rounds them to float16 on use, which storing them in float16 equals.
+        return ("qformer.",) if dtype == torch.float16 and not self.text_input else ()
+
     def build_towers(self, model) -> None:
         cfg = model.vlm_cfg
         qcfg = cfg.extra["qformer"]
@@ -354,8 +359,9 @@ class Blip2Family(Family):
         """The Q-Former's query outputs: what the language model receives (before the projection)."""
         n = model.vision.cfg.n_layers
         image = model.vision.ln_post(model.vision(inputs.pixel_values, keep=[n])[n])
-        out = model.qformer(image, inputs.qformer_input_ids, inputs.qformer_attention_mask)
-        return out[:, : model.qformer.n_query]
+        qformer_dtype = model.qformer.query_tokens.dtype  # float32 in a half-precision BLIP-2, as in HF
+        out = model.qformer(image.to(qformer_dtype), inputs.qformer_input_ids, inputs.qformer_attention_mask)
+        return out[:, : model.qformer.n_query].to(image.dtype)
 
     def image_features(self, model, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
         return model.projector(self.query_outputs(model, inputs)).flatten(0, 1)

@@ -143,15 +143,19 @@ def load_weights(
     normalize_key: Callable[[str], str],
     device: torch.device | str | None,
     dtype: torch.dtype,
+    fp32_prefixes: tuple[str, ...] = (),
 ) -> set[str]:
-    """Stream ``tensors`` into ``root``; returns the TL names that were set."""
+    """Stream ``tensors`` into ``root``; returns the TL names that were set. Names starting with one of
+    ``fp32_prefixes`` are kept in float32."""
     loaded = set()
     for key, tensor in tensors:
         matched = weight_map.match(normalize_key(key))
         if matched is None:
             continue
         name, transform = matched
-        source = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        first = name[0] if isinstance(name, tuple) else name
+        target = torch.float32 if first.startswith(fp32_prefixes) else dtype
+        source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
         for one, value in zip(names, values, strict=True):
             set_parameter(root, one, value)
