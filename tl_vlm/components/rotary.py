@@ -50,4 +50,7 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rotary(
     x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
 ) -> Float[Tensor, "batch pos head d_head"]:
+    """In cos / sin's precision: float32 tables rotate half-precision q / k in float32 (HF's Qwen vision towers)."""
+    if cos.dtype != x.dtype:
+        return (x.to(cos.dtype) * cos + rotate_half(x.to(cos.dtype)) * sin).to(x.dtype)
     return x * cos + rotate_half(x) * sin

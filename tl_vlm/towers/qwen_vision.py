@@ -72,8 +72,10 @@ class VideoPatchEmbed(nn.Module):
         self.W_patch = nn.Parameter(torch.empty(d_model, g.in_channels, *kernel))
 
     def forward(self, patches: Float[Tensor, "patches patch_dim"]) -> Float[Tensor, "patches d_model"]:
-        # One conv window per row: the conv is exactly a linear map of the flattened row.
-        return F.linear(patches.to(self.W_patch.dtype), self.W_patch.reshape(self.W_patch.shape[0], -1))
+        # One conv window per row, i.e. a linear map of the flattened row; run as HF's conv so that half-precision
+        # results are HF's bit for bit (the two kernels round differently in float16).
+        w = self.W_patch
+        return F.conv3d(patches.to(w.dtype).view(-1, *w.shape[1:]), w, stride=w.shape[2:]).view(-1, w.shape[0])
 
 
 class QwenVisionTower(StackedWeights, nn.Module):
@@ -134,7 +136,7 @@ class QwenVisionTower(StackedWeights, nn.Module):
             )
         packed = self.embed(pixel_values)
         x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True))
-        rotary = self.rotary(layout.positions, x.dtype)
+        rotary = self.rotary(layout.positions)
         frame_mask = segment_mask(layout.frame)
         window_mask = segment_mask(layout.window) if layout.window is not None else frame_mask
         for i, block in enumerate(self.blocks):
