@@ -339,17 +339,20 @@ def test_bad_input_is_a_clear_error(qwen):
         model(input_ids=text_only, pixel_values=inputs.pixel_values, image_grid_thw=grid)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_equals_hf(checkpoints, dtype):
-    """HF rotates vision queries / keys in float32 and patchifies with its conv: so does tl_vlm, and Qwen2-VL's
-    half-precision logits are HF's. Not compared bit for bit: images of different sizes in one batch (padded and
-    masked here, split per image in HF) and Qwen2.5-VL's windows (masked here, split per window in HF) run other
-    attention kernels, whose last bits differ in half precision (fp32 agreement is tested above)."""
+def test_half_precision_equals_hf(checkpoints, variant, dtype):
+    """As HF: vision queries / keys rotated in float32, HF's conv patchifier, and attention run once per image /
+    frame / window (Qwen2.5-VL: in HF's window order) rather than masked over padded rows; half-precision logits
+    are then HF's, for images of different sizes in one batch too."""
     warnings.simplefilter("ignore")
-    variant = "qwen2_vl"
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(checkpoints[variant], dtype=dtype).eval()
+    model_cls = Qwen2VLForConditionalGeneration if variant == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    hf = model_cls.from_pretrained(checkpoints[variant], dtype=dtype).eval()
     ours = HookedVLM.from_pretrained(checkpoints[variant], dtype=dtype)
-    inputs = ours.prepare(images=sample_images(2, seed=1, sizes=[SIZES[0]] * 2),
-                          text=[chat(f"{VISION.format(IMAGE)}What colour?")] * 2)
+    inputs = ours.prepare(images=sample_images(2, seed=1, sizes=SIZES),
+                          text=[chat(f"{VISION.format(IMAGE)}What colour?")] * 2, padding_side="left")
     with torch.no_grad():
-        assert (ours(inputs).float() - hf(**inputs.as_kwargs()).logits.float()).abs().max().item() <= 1e-4
+        reference = hf(**inputs.as_kwargs()).logits.float()
+        for model in (ours, HookedVLM.from_hf_model(hf)):
+            got = model(inputs).float()
+            assert (got - reference)[inputs.attention_mask.bool()].abs().max().item() <= 1e-4

@@ -19,6 +19,7 @@ from tl_vlm.components import layout
 from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.rotary import apply_rotary
+from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
 
 
@@ -98,7 +99,12 @@ class Attention(nn.Module):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
     ) -> Float[Tensor, "batch pos head d_head"]:
-        """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend) or an additive float bias."""
+        """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend), an additive float bias, or
+        ``Segments`` (SDPA per segment unless the pattern is asked for or knocked out)."""
+        if isinstance(mask, Segments):
+            if self.knockout is None and not (active(self.hook_attn_scores) or active(self.hook_pattern)):
+                return run_hook(self.hook_z, mask.attend(q, k, v, self.scale).transpose(1, 2))
+            mask = mask.mask
         if self.knockout is not None:
             mask, causal = self._knocked_out(mask, causal, q.shape[2], k.shape[2], q)
         if active(self.hook_attn_scores) or active(self.hook_pattern):

@@ -32,6 +32,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from tl_vlm.components import TransformerBlock
 from tl_vlm.components.axial_rotary import AxialRotary
+from tl_vlm.components.segments import Segments
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.config import TowerConfig
 from tl_vlm.towers.stacked import StackedWeights
@@ -137,12 +138,37 @@ class QwenVisionTower(StackedWeights, nn.Module):
         packed = self.embed(pixel_values)
         x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True))
         rotary = self.rotary(layout.positions)
-        frame_mask = segment_mask(layout.frame)
-        window_mask = segment_mask(layout.window) if layout.window is not None else frame_mask
+        frames = Segments(self._frame_parts(layout), segment_mask(layout.frame))
+        windows = frames
+        if layout.window is not None:
+            windows = Segments(self._window_parts(grid_thw), segment_mask(layout.window))
         for i, block in enumerate(self.blocks):
             full = layout.window is None or i in g.full_attention_blocks
-            x = block(x, rotary, frame_mask if full else window_mask)
+            x = block(x, rotary, frames if full else windows)
         return x, layout
+
+    @staticmethod
+    def _frame_parts(layout: PatchLayout) -> list[tuple[int, Tensor]]:
+        """Each temporal patch of each row: HF's ``cu_seqlens`` segments."""
+        parts = []
+        for row, length in enumerate(layout.lengths):
+            frame = layout.frame[row, :length]
+            for f in range(int(frame[-1]) + 1):
+                parts.append((row, (frame == f).nonzero().flatten()))
+        return parts
+
+    def _window_parts(self, grid_thw: Int[Tensor, "image 3"]) -> list[tuple[int, Tensor]]:
+        """Each window of each row, its patches in HF's window order: HF's ``cu_window_seqlens`` segments."""
+        g = self.geometry
+        unit = g.merge_size**2
+        parts = []
+        for row, grid in enumerate(grid_thw):
+            order, bounds = get_vision_window_index(grid[None], g.merge_size, g.window_size, g.patch_size)
+            natural = (order[:, None] * unit + torch.arange(unit)).flatten().to(grid.device)
+            for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                if end > start:
+                    parts.append((row, natural[start:end]))
+        return parts
 
 
 def segment_mask(segment: Int[Tensor, "image patch"]) -> Bool[Tensor, "image 1 patch patch"] | None:
