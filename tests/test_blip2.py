@@ -325,18 +325,24 @@ def test_query_count_is_read_from_the_config(checkpoints, opt):
     assert query_positions(model, ids).tolist() == [[0, 1, 2]]
 
 
-@pytest.mark.parametrize("variant", ["blip2_opt", "instructblip_vicuna"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_keeps_hf_dtypes_and_numbers(checkpoints, variant, dtype):
-    """Loaded in float16, HF's BLIP-2 keeps the Q-Former in float32 (``_keep_in_fp32_modules``); tl_vlm does the
-    same, through both loaders, so half-precision runs give HF's numbers rather than merely close ones."""
+    """Loaded in float16, HF keeps BLIP-2's Q-Former and Flan-T5's ``wo`` in float32 (``_keep_in_fp32_modules``,
+    whose "wo" also catches InstructBLIP's Q-Former word embeddings); tl_vlm does the same, through both loaders,
+    so half-precision runs give HF's numbers rather than merely close ones."""
     path = checkpoints[variant]
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
     loaded, shared = HookedVLM.from_pretrained(path, dtype=dtype), HookedVLM.from_hf_model(hf)
-    qformer_dtype = hf.qformer.encoder.layer[0].attention.attention.query.weight.dtype
-    assert {p.dtype for p in loaded.qformer.parameters()} == {qformer_dtype}
+    assert loaded.qformer.blocks[0].attn.W_Q.dtype == hf.qformer.encoder.layer[0].attention.attention.query.weight.dtype
     assert loaded.vision.embed.W_patch.dtype == dtype and loaded.projector.W.dtype == dtype
     inputs = loaded.prepare(images=sample_images(2, seed=1), text=["What colour?", "Which shape?"])
+    if "t5" in variant:
+        wo = hf.language_model.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype
+        assert loaded.encoder.blocks[0].mlp.W_out.dtype == wo == (torch.float32 if dtype == torch.float16 else dtype)
+        decoder_ids = DECODER_IDS.clone()
+        decoder_ids[:, 0] = hf.config.text_config.decoder_start_token_id
+        inputs = dataclasses.replace(inputs, decoder_input_ids=decoder_ids)
     with torch.no_grad():
         reference = hf(**inputs.as_kwargs()).logits.float()
         for model in (loaded, shared):

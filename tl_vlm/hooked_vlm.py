@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -139,7 +140,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
-        kept = {name: p.data for name, p in model.named_parameters() if name.startswith(fp32)}
+        kept = {name: p.data for name, p in model.named_parameters() if fp32 and re.match(fp32, name)}
         model = model.to(device=device, dtype=dtype)
         for name, p in model.named_parameters():
             if name in kept:

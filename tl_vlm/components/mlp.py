@@ -41,4 +41,5 @@ class MLP(nn.Module):
             pre_linear = run_hook(self.hook_pre_linear, F.linear(x, self.W_in.T, self.b_in))
             post = self.act(pre) * pre_linear
         post = run_hook(self.hook_post, post)
-        return F.linear(post, self.W_out.T, self.b_out)
+        # Flan-T5 in float16 keeps W_out in float32 (as HF): the output then leaves in float32.
+        return F.linear(post.to(self.W_out.dtype), self.W_out.T, self.b_out)

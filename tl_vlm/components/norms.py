@@ -52,7 +52,10 @@ class RMSNorm(nn.Module):
             x = run_hook(self.hook_normalized, x / scale)
         else:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = x.to(dtype)
+        # Back to the input dtype; to a half-precision weight's dtype when they differ (T5's float32 residual stream
+        # after a float32 W_out, as HF's T5LayerNorm does).
+        half = self.w is not None and self.w.dtype in (torch.float16, torch.bfloat16)
+        x = x.to(self.w.dtype if half else dtype)
         return x if self.w is None else self.w * x
 
 

@@ -65,9 +65,10 @@ class Family:
         """Every transformer tower by name; each has ``cfg`` and ``blocks``."""
         return {"language": model.language, "vision": model.vision}
 
-    def fp32_parameters(self, cfg: VLMConfig, dtype: torch.dtype) -> tuple[str, ...]:
-        """Name prefixes of parameters HF keeps in float32 when loading in ``dtype`` (``_keep_in_fp32_modules``)."""
-        return ()
+    def fp32_parameters(self, cfg: VLMConfig, dtype: torch.dtype) -> str | None:
+        """A regular expression matching (from the start) the parameters HF keeps in float32 when loading in
+        ``dtype`` (``_keep_in_fp32_modules``); None when there are none."""
+        return None
 
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         """The HF modules whose outputs equal each tower's ``blocks.{i}.hook_resid_post`` (for verify)."""

@@ -316,10 +316,18 @@ class Blip2Family(Family):
             return DecoderLM(lm, None)
         return super().build_language(cfg)
 
-    def fp32_parameters(self, cfg: VLMConfig, dtype: torch.dtype) -> tuple[str, ...]:
-        # Loaded in float16, HF's BLIP-2 keeps its Q-Former in float32 (in bfloat16 it does not). InstructBLIP keeps
-        # only its query tokens so and rounds them to float16 on use, which storing them in float16 equals.
-        return ("qformer.",) if dtype == torch.float16 and not self.text_input else ()
+    def fp32_parameters(self, cfg: VLMConfig, dtype: torch.dtype) -> str | None:
+        # Loaded in float16 (not bfloat16), HF's BLIP-2 keeps its Q-Former in float32, and Flan-T5 its feed-forward
+        # output projections ``wo``. InstructBLIP keeps only its query tokens so and rounds them to float16 on use,
+        # which storing them in float16 equals.
+        if dtype != torch.float16:
+            return None
+        kept = [] if self.text_input else [r"qformer\."]
+        if _encoder_decoder(cfg):
+            kept.append(r"(encoder|decoder)\.blocks\.\d+\.mlp\.W_out$")
+            if self.text_input:  # HF matches T5's "wo" inside "word_embeddings" too: the Q-Former's stay float32
+                kept.append(r"qformer\.embed\.W_E$")
+        return "|".join(kept) or None
 
     def build_towers(self, model) -> None:
         cfg = model.vlm_cfg

@@ -143,10 +143,10 @@ def load_weights(
     normalize_key: Callable[[str], str],
     device: torch.device | str | None,
     dtype: torch.dtype,
-    fp32_prefixes: tuple[str, ...] = (),
+    fp32: str | None = None,
 ) -> set[str]:
-    """Stream ``tensors`` into ``root``; returns the TL names that were set. Names starting with one of
-    ``fp32_prefixes`` are kept in float32."""
+    """Stream ``tensors`` into ``root``; returns the TL names that were set. Names the regular expression
+    ``fp32`` matches (from the start) are kept in float32."""
     loaded = set()
     for key, tensor in tensors:
         matched = weight_map.match(normalize_key(key))
@@ -154,7 +154,7 @@ def load_weights(
             continue
         name, transform = matched
         first = name[0] if isinstance(name, tuple) else name
-        target = torch.float32 if first.startswith(fp32_prefixes) else dtype
+        target = torch.float32 if fp32 and re.match(fp32, first) else dtype
         source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
         for one, value in zip(names, values, strict=True):

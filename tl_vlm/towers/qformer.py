@@ -70,7 +70,7 @@ class QFormer(StackedWeights, nn.Module):
             if attention_mask is not None and not bool(attention_mask.all()):
                 keep = torch.cat([attention_mask.new_ones(batch, self.n_query), attention_mask], dim=1).bool()
                 mask = keep[:, None, None, :]
-        resid = self.ln_embed(x)
+        resid = self.ln_embed(x.to(self.query_tokens.dtype))  # float32 word embeddings (fp32_parameters) round here
         for block in self.blocks:
             resid = block(resid, image, self.n_query, mask)
         return resid
