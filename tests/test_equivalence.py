@@ -130,3 +130,19 @@ def test_generation_defaults_without_generation_config(tmp_path, checkpoints):
     model.generation_config.num_beams = 2
     with pytest.raises(NotImplementedError, match="num_beams"):
         model.generate(model.to_tokens("USER: hi ASSISTANT:"), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_hfs(pair, dtype):
+    """Same kernels, same casts: in half precision the logits are HF's, not merely close (both loaders)."""
+    from transformers import AutoModelForImageTextToText
+
+    from tl_vlm import HookedVLM
+
+    hf = AutoModelForImageTextToText.from_pretrained(pair.path, dtype=dtype).eval()
+    batch = pair.batch()
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        reference = hf(**batch.as_kwargs()).logits.float()
+        for model in (HookedVLM.from_pretrained(pair.path, dtype=dtype), HookedVLM.from_hf_model(hf)):
+            assert max_diff(model(batch).float(), reference, real) <= ATOL
