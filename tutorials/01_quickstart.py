@@ -148,9 +148,10 @@ print(effect.numpy().round(2))
 layer, head = divmod(int(effect.abs().argmax()), vision.n_heads)
 print(f"largest effect: vision L{layer}H{head}, {effect[layer, head]:+.2f}")
 
-read = max(model.vlm_cfg.feature_layers)  # hidden-state index the projector reads (0 = input of block 0)
-print(f"the projector reads hidden state {read}, the output of vision block {read - 1}")
-assert torch.all(effect[read:] == 0), "blocks after the projector's feature layer cannot matter"
+if model.vlm_cfg.family.startswith("llava"):  # LLaVA's projector reads one chosen vision layer
+    read = max(model.vlm_cfg.feature_layers)  # hidden-state index the projector reads (0 = input of block 0)
+    print(f"the projector reads hidden state {read}, the output of vision block {read - 1}")
+    assert torch.all(effect[read:] == 0), "blocks after the projector's feature layer cannot matter"
 
 # %% [markdown]
 # ## Weights in TransformerLens' layout
