@@ -177,16 +177,15 @@ class Qwen2VLFamily(Family):
 
     @staticmethod
     def _natural_order(model, packed: Tensor, grid: Tensor) -> Tensor:
-        g = model.vision.geometry
-        if g.window_size is None:
+        """One run's packed patches from HF's window order back to the processor's order (the layout's windows)."""
+        layout = model.vision.layout(grid)
+        if layout.window_parts is None:
             return packed
-        from transformers.vision_utils import get_vision_window_index
-
-        order, _ = get_vision_window_index(grid, g.merge_size, g.window_size, g.patch_size)
-        units = packed.view(-1, g.merge_size**2, packed.shape[-1])
-        natural = torch.empty_like(units)
-        natural[torch.as_tensor(order, device=units.device)] = units
-        return natural.view_as(packed)
+        offsets = [0, *torch.tensor(layout.lengths).cumsum(0).tolist()]
+        order = torch.cat([idx + offsets[row] for row, idx in layout.window_parts])
+        natural = torch.empty_like(packed)
+        natural[order] = packed
+        return natural
 
     # ------------------------------------------------------------------ running
 

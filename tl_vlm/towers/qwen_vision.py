@@ -61,6 +61,9 @@ class PatchLayout:
     positions: Int[Tensor, "image patch 2"]  # (row, col) in the patch grid; rotary positions
     frame: Int[Tensor, "image patch"]  # temporal patch index; -1 at padding
     window: Int[Tensor, "image patch"] | None  # window index within the row; -1 at padding; None without windows
+    # (row, patch indices) of each attention segment as HF runs them: every frame; every window, in HF's order
+    frame_parts: list[tuple[int, Tensor]]
+    window_parts: list[tuple[int, Tensor]] | None
 
 
 class VideoPatchEmbed(nn.Module):
@@ -97,17 +100,21 @@ class QwenVisionTower(StackedWeights, nn.Module):
         positions = torch.zeros(n, longest, 2, dtype=torch.long, device=device)
         frame = torch.full((n, longest), -1, dtype=torch.long, device=device)
         window = frame.clone() if g.window_size is not None else None
+        frame_parts, window_parts = [], [] if window is not None else None
         for i, (grid, length) in enumerate(zip(grid_thw, lengths)):
             t, h, w = grid.tolist()
             valid[i, :length] = True
             positions[i, :length] = get_vision_position_ids(grid[None], g.merge_size)
             frame[i, :length] = torch.arange(t, device=device).repeat_interleave(h * w)
+            frame_parts += [(i, torch.arange(f * h * w, (f + 1) * h * w, device=device)) for f in range(t)]
             if window is not None:
-                window[i, :length] = self._windows(grid, length)
-        return PatchLayout(lengths, valid, positions, frame, window)
+                window[i, :length], parts = self._windows(grid, length)
+                window_parts += [(i, part) for part in parts]
+        return PatchLayout(lengths, valid, positions, frame, window, frame_parts, window_parts)
 
-    def _windows(self, grid: Int[Tensor, " 3"], length: int) -> Int[Tensor, " patch"]:
-        """Window of each patch, from HF's own window partition (a permutation of merge blocks)."""
+    def _windows(self, grid: Int[Tensor, " 3"], length: int) -> tuple[Int[Tensor, " patch"], list[Tensor]]:
+        """Window of each patch, and each window's patches in HF's order, from HF's own window partition (a
+        permutation of merge blocks)."""
         g = self.geometry
         unit = g.merge_size**2
         order, bounds = get_vision_window_index(grid[None], g.merge_size, g.window_size, g.patch_size)
@@ -117,7 +124,8 @@ class QwenVisionTower(StackedWeights, nn.Module):
         in_window_order = torch.searchsorted(bounds[1:].to(grid.device), patches, right=True)
         window = torch.empty(length, dtype=torch.long, device=grid.device)
         window[natural] = in_window_order
-        return window
+        parts = [natural[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()) if b > a]
+        return window, parts
 
     def forward(
         self, pixel_values: Float[Tensor, "patches patch_dim"], grid_thw: Int[Tensor, "image 3"]
@@ -138,37 +146,12 @@ class QwenVisionTower(StackedWeights, nn.Module):
         packed = self.embed(pixel_values)
         x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True))
         rotary = self.rotary(layout.positions)
-        frames = Segments(self._frame_parts(layout), segment_mask(layout.frame))
-        windows = frames
-        if layout.window is not None:
-            windows = Segments(self._window_parts(grid_thw), segment_mask(layout.window))
+        frames = Segments(layout.frame_parts, segment_mask(layout.frame))
+        windows = frames if layout.window is None else Segments(layout.window_parts, segment_mask(layout.window))
         for i, block in enumerate(self.blocks):
             full = layout.window is None or i in g.full_attention_blocks
             x = block(x, rotary, frames if full else windows)
         return x, layout
-
-    @staticmethod
-    def _frame_parts(layout: PatchLayout) -> list[tuple[int, Tensor]]:
-        """Each temporal patch of each row: HF's ``cu_seqlens`` segments."""
-        parts = []
-        for row, length in enumerate(layout.lengths):
-            frame = layout.frame[row, :length]
-            for f in range(int(frame[-1]) + 1):
-                parts.append((row, (frame == f).nonzero().flatten()))
-        return parts
-
-    def _window_parts(self, grid_thw: Int[Tensor, "image 3"]) -> list[tuple[int, Tensor]]:
-        """Each window of each row, its patches in HF's window order: HF's ``cu_window_seqlens`` segments."""
-        g = self.geometry
-        unit = g.merge_size**2
-        parts = []
-        for row, grid in enumerate(grid_thw):
-            order, bounds = get_vision_window_index(grid[None], g.merge_size, g.window_size, g.patch_size)
-            natural = (order[:, None] * unit + torch.arange(unit)).flatten().to(grid.device)
-            for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                if end > start:
-                    parts.append((row, natural[start:end]))
-        return parts
 
 
 def segment_mask(segment: Int[Tensor, "image patch"]) -> Bool[Tensor, "image 1 patch patch"] | None:
