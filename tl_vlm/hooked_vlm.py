@@ -27,6 +27,7 @@ from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache
 from tl_vlm.config import VLMConfig
 from tl_vlm.families import family_for, family_named
@@ -57,6 +58,11 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         for name, child in language.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model's image tokens are (positions, patches, queries, tiles, video, encoder-decoder)."""
+        return self.family.capabilities(self.vlm_cfg)
 
     def towers(self) -> dict[str, nn.Module]:
         """Every transformer tower of this model by name (``language``, ``vision``, ...)."""

@@ -40,7 +40,7 @@ DTYPE = torch.float32 if DEVICE == "cpu" else torch.float16
 SUFFIX = "" if TOY else " Answer with one word."  # real chat models otherwise answer in sentences
 
 model = HookedVLM.from_pretrained(MODEL, device=DEVICE, dtype=DTYPE)
-assert getattr(model, "qformer", None) is None, (
+assert model.capabilities.spatial_cells, (
     "this tutorial maps image tokens to image patches (LLaVA, LLaVA-NeXT, Qwen-VL); BLIP-2's image tokens are "
     "Q-Former queries: see query_patch_attention in the README, and tutorials 04-05, which run on BLIP-2 too"
 )

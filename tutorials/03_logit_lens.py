@@ -46,7 +46,7 @@ BATCH = 8  # images per forward pass in the statistics below
 LENS = dict(normed=False, top_k=50)
 
 model = HookedVLM.from_pretrained(MODEL, device=DEVICE, dtype=DTYPE)
-assert getattr(model, "qformer", None) is None, (
+assert model.capabilities.spatial_cells, (
     "this tutorial maps image tokens to image patches (LLaVA, LLaVA-NeXT, Qwen-VL); BLIP-2's image tokens are "
     "Q-Former queries: see query_patch_attention in the README, and tutorials 04-05, which run on BLIP-2 too"
 )

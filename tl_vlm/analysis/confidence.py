@@ -73,7 +73,7 @@ def localization(
     """One map per image, in the original image's pixels: each image token's max over sub-tokens and layers,
     painted over its pixel box (max where boxes overlap)."""
     scores = confidence_map(model, inputs, word, normed, top_k).amax(0)  # [batch, image token], placeholder order
-    if getattr(model, "qformer", None) is not None:
+    if model.capabilities.queries:
         return _query_localization(model, inputs, scores, images)
     index = spatial_index(model, inputs, images)
     index["score"] = scores.flatten().cpu().tolist()

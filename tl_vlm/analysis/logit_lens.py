@@ -25,9 +25,9 @@ def lens_hook_names(model) -> list[str]:
 
 def image_positions(model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
     """Language positions holding image features (BLIP-2: the query outputs) in a decoder-only language model."""
-    if "language" not in model.towers():
+    if model.capabilities.encoder_decoder:
         raise NotImplementedError("image positions of an encoder-decoder language model are encoder positions")
-    if getattr(model, "qformer", None) is not None and model.vlm_cfg.image_token_id is None:
+    if not model.capabilities.image_positions:
         raise NotImplementedError("legacy BLIP-2 configs (queries prepended, no image_token_index); use a current config")
     return model.image_token_mask(input_ids)
 

@@ -105,11 +105,11 @@ def _pool_rows(act: Tensor, inputs: VLMInputs, model, hook: str) -> Tensor:
     if act.shape[0] != inputs.input_ids.shape[0]:
         raise ValueError(f"{hook} has {act.shape[0]} rows for {inputs.input_ids.shape[0]} samples; probe one image per sample")
     grid = inputs.image_grid_thw
-    if grid is None or not hasattr(model.vision, "layout"):
+    if grid is None or not model.capabilities.padded_vision_rows:
         return act.mean(1)
     valid = model.vision.layout(grid.to(act.device)).valid  # Qwen-VL rows are padded to the longest image
     if not hook.startswith("vision."):
-        valid = valid[:, :: model.vision.geometry.merge_size**2]
+        valid = valid[:, :: model.capabilities.patches_per_token]
     return (act * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, Rotary
 from tl_vlm.config import VLMConfig
 from tl_vlm.families.weights import WeightMap
@@ -60,6 +61,9 @@ class Family:
     def build_towers(self, model: "HookedVLM") -> None:
         """Attach the non-language towers (``vision``, ``projector``, ...) to the model."""
         raise NotImplementedError
+
+    def capabilities(self, cfg: VLMConfig) -> Capabilities:
+        return Capabilities()
 
     def towers(self, model: "HookedVLM") -> dict[str, nn.Module]:
         """Every transformer tower by name; each has ``cfg`` and ``blocks``."""

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, layout
 from tl_vlm.sampling import logits_processors, next_token
 from tl_vlm.config import TowerConfig, VLMConfig
@@ -328,6 +329,12 @@ class Blip2Family(Family):
             if self.text_input:  # HF matches T5's "wo" inside "word_embeddings" too: the Q-Former's stay float32
                 kept.append(r"qformer\.embed\.W_E$")
         return "|".join(kept) or None
+
+    def capabilities(self, cfg: VLMConfig) -> Capabilities:
+        return Capabilities(
+            image_positions=cfg.image_token_id is not None, spatial_cells=False, patches_per_token=0, queries=True,
+            encoder_decoder=_encoder_decoder(cfg),
+        )
 
     def build_towers(self, model) -> None:
         cfg = model.vlm_cfg

@@ -10,6 +10,7 @@ from torch import Tensor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.families.llava import LlavaFamily, has_class_token
 from tl_vlm.families.weights import Rule
 from tl_vlm.inputs import VLMInputs
@@ -19,6 +20,9 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
     input_fields = LlavaFamily.input_fields | {"image_sizes"}
+
+    def capabilities(self, cfg) -> Capabilities:
+        return Capabilities(tiles=True)
 
     def build_towers(self, model) -> None:
         super().build_towers(model)

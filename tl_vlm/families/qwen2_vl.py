@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, layout
 from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import MultimodalRotary
@@ -108,6 +109,10 @@ class Qwen2VLFamily(Family):
                 "projector_width": self.projector_width(vc),
             },
         )
+
+    def capabilities(self, cfg: VLMConfig) -> Capabilities:
+        merge = cfg.extra["geometry"].merge_size
+        return Capabilities(patches_per_token=merge**2, video=True, padded_vision_rows=True)
 
     def build_language(self, cfg: VLMConfig) -> DecoderLM:
         return DecoderLM(cfg.language, MultimodalRotary.from_hf_config(cfg.language.extra["hf_config"]))
