@@ -39,8 +39,9 @@ from transformers import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tl_vlm.families.qwen_processor import QwenImageTextProcessor
-from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import build_tokenizer, sample_images
+from tl_vlm.prompts import format_prompt
+from tl_vlm.zoo.tiny import build_tokenizer
+from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_qwen_vl import build_qwen_tokenizer
 
 FAMILIES = ("llava", "blip2", "qwen2_vl")

@@ -21,8 +21,8 @@ from transformers import AutoModelForImageTextToText
 from common import FAMILIES, PROMPT, SHAPES, block_modules, save_checkpoint, write_report
 from tl_vlm.families import family_for
 from tl_vlm.store import ExtractConfig, extract
-from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.prompts import format_prompt
+from tl_vlm.zoo.data import sample_images
 
 
 def vlm_lens_style(path: Path, images: list[Path], db: Path, device: str) -> None:

@@ -7,7 +7,8 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from tl_vlm import HookedVLM
-from tl_vlm.zoo.tiny import VARIANTS, build_tiny_vlm, sample_images
+from tl_vlm.zoo.tiny import VARIANTS, build_tiny_vlm
+from tl_vlm.zoo.data import sample_images
 
 # Tiny models gain nothing from threads, and under contention on 2 cores OpenMP's spin-waiting made a
 # forward ~200x slower; one thread keeps the suite's time independent of what else the machine runs.

@@ -7,7 +7,7 @@ import torch
 from conftest import PROMPTS
 from tl_vlm.analysis.ablation import ablate_image_tokens, mean_image_embedding
 from tl_vlm.analysis.logit_lens import language_logit_lens, vision_logit_lens
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 
 
 def test_zero_and_mean_ablation(llava15):

@@ -24,8 +24,9 @@ from tl_vlm.analysis.knockout import knockout_text_to_image
 from tl_vlm.analysis.logit_lens import image_positions, language_logit_lens, lens_probs
 from tl_vlm.analysis.probing import answer_accuracy, layer_sweep, probe, store_features, two_proportion_z_test
 from tl_vlm.analysis.spatial import spatial_index
-from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import build_tiny_vlm, sample_images
+from tl_vlm.prompts import format_prompt
+from tl_vlm.zoo.tiny import build_tiny_vlm
+from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 

@@ -21,7 +21,7 @@ def test_unsupported_vision_tower_is_named():
     config = LlavaConfig(vision_config={"model_type": "pixtral"}, text_config=LlamaConfig())
     config.architectures = ["LlavaForConditionalGeneration"]
     with pytest.raises(NotImplementedError, match="pixtral.*clip_vision_model"):
-        family_for(config).vlm_config(config)
+        family_for(config).config_from_hf(config)
 
 
 def test_placeholders_without_pixels(llava15):
@@ -90,7 +90,7 @@ def test_legacy_hub_key_layout_loads(tmp_path, checkpoints, llava15):
 
 def test_next_images_and_sizes_must_agree(checkpoints):
     from conftest import NON_SQUARE, PROMPTS
-    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.zoo.data import sample_images
 
     model = HookedVLM.from_pretrained(checkpoints["llava_next_mistral"])
     batch = model.prepare(images=sample_images(2, sizes=NON_SQUARE), text=PROMPTS)

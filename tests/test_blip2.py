@@ -17,7 +17,7 @@ from transformers import (
 
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.families.blip2 import cross_attention_layers, query_patch_attention, query_positions
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import NUM_QUERY_TOKENS, VARIANTS, build_tiny_blip2
 
 ATOL = 1e-4

@@ -7,7 +7,7 @@ from transformer_lens import patching
 
 from conftest import PROMPTS
 from tl_vlm.analysis.attribution import attribution_patch
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 
 
 def test_backward_cache_reaches_every_tower_and_the_pixels(llava15):

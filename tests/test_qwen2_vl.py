@@ -22,7 +22,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.analysis.spatial import spatial_index
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_qwen_vl import VARIANTS, build_tiny_qwen_vl
 
 ATOL = 1e-4
@@ -178,7 +178,7 @@ def test_text_only_and_image_features(qwen):
         assert max_diff(qwen.model(ids["input_ids"]), qwen.hf(**ids).logits) <= ATOL
         inputs = qwen.case("two_images")
         _, cache = qwen.model.run_with_cache(inputs, names_filter="hook_image_embed")
-        features = qwen.model.family.image_features(qwen.model, inputs)
+        features = qwen.model.image_features(inputs)
     assert torch.equal(features, cache["hook_image_embed"][qwen.model.image_token_mask(inputs.input_ids)])
 
 
@@ -227,7 +227,7 @@ def test_explicit_attention_matches_sdpa_and_respects_frames_and_windows(qwen):
         fast = qwen.model(inputs)
         explicit, cache = qwen.model.run_with_cache(inputs, names_filter=lambda n: n.endswith("hook_pattern"))
     assert max_diff(fast, explicit) <= ATOL
-    layout = qwen.model.vision.layout(torch.cat([inputs.image_grid_thw, inputs.video_grid_thw]))
+    layout = qwen.model.vision.patch_layout(torch.cat([inputs.image_grid_thw, inputs.video_grid_thw]))
     assert layout.frame[1].max() == 1, "the video row holds two temporal patches"
     full = qwen.model.vision.geometry.full_attention_blocks
     for i in range(qwen.model.vision.cfg.n_layers):
@@ -307,12 +307,12 @@ def test_spatial_index_maps_tokens_to_grid_cells_and_pixels(qwen):
     video = index[index["kind"] == "video"]
     assert video["t"].tolist() == [0] * 6 + [1] * 6
     # The cell of a token is where the vision tower's rotary puts the patches it merges.
-    layout = model.vision.layout(torch.cat([inputs.image_grid_thw, inputs.video_grid_thw]))
+    layout = model.vision.patch_layout(torch.cat([inputs.image_grid_thw, inputs.video_grid_thw]))
     for _, cell in index.iterrows():
         row, col = layout.positions[cell["tile"], cell["patch"]].tolist()
         assert (row, col) == (2 * cell["row"], 2 * cell["col"])
     # Boxes in the original images: 80x48 -> 40x24 halves both axes, 48x96 -> 24x32 (w, h) scales by 2 and 3.
-    original = model.family.image_token_cells(model, qwen.case("two_images"), [(80, 48), (48, 96)])
+    original = model.image_token_cells(qwen.case("two_images"), [(80, 48), (48, 96)])
     assert (original[7]["x0"], original[7]["y1"]) == (32, 32) and (original[15]["x1"], original[15]["y1"]) == (16, 24)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import PROMPTS
 from tl_vlm.analysis.spatial import box_from_fraction, patch_image_region, region_mask, spatial_index
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 
 
 def sizes_for(pair):

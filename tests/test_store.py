@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from tl_vlm.store import ExtractConfig, StoreError, extract, load, merge
-from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.prompts import format_prompt
+from tl_vlm.zoo.data import sample_images
 
 HOOKS = [r"blocks\.\d+\.hook_resid_post", "vision.blocks.0.hook_resid_post"]
 

@@ -7,7 +7,7 @@ import torch
 from transformer_lens import patching
 
 from conftest import PROMPTS, NON_SQUARE
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.zoo.data import sample_images
 
 
 @pytest.fixture(scope="module")

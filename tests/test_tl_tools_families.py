@@ -10,8 +10,8 @@ from transformer_lens import patching
 
 from tl_vlm import HookedVLM
 from tl_vlm.analysis.spatial import spatial_index
-from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import sample_images
+from tl_vlm.prompts import format_prompt
+from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 

@@ -65,8 +65,8 @@ def test_qwen_prepare_verify_and_demo_without_torchvision(tmp_path_factory):
     """HF's Qwen-VL processor needs torchvision for videos; images still go through model.prepare."""
     import warnings
 
-    from tl_vlm.store.extract import format_prompt
-    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.prompts import format_prompt
+    from tl_vlm.zoo.data import sample_images
     from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 
     path = build_tiny_qwen_vl(tmp_path_factory.mktemp("qwen"), "qwen2_vl")
@@ -91,7 +91,7 @@ def test_verify_qwen_vision_blocks_in_hf_packing(tmp_path_factory, variant):
     """HF packs the vision patches of all images into one sequence (Qwen2.5-VL in window order); verify unpacks."""
     import warnings
 
-    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.zoo.data import sample_images
     from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 
     path = build_tiny_qwen_vl(tmp_path_factory.mktemp(variant), variant)

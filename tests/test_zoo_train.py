@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_vlm import HookedVLM
-from tl_vlm.store.extract import format_prompt
+from tl_vlm.prompts import format_prompt
 from tl_vlm.zoo import data
 from tl_vlm.zoo.train import FAMILIES, train_toy
 

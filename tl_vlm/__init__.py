@@ -1,9 +1,11 @@
 """tl_vlm: vision-language models as inspectable as TransformerLens made language models."""
 
+from tl_vlm.capabilities import Capabilities
 from tl_vlm.config import TowerConfig, VLMConfig
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.prompts import format_prompt
 
 __version__ = "0.1.0"
 
-__all__ = ["HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__"]
+__all__ = ["Capabilities", "HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__", "format_prompt"]

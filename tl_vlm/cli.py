@@ -89,8 +89,8 @@ def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str |
     if not shapes:
         print("\n".join(names))
         return
-    from tl_vlm.store.extract import format_prompt
-    from tl_vlm.zoo.tiny import sample_images
+    from tl_vlm.prompts import format_prompt
+    from tl_vlm.zoo.data import sample_images
 
     inputs = model.prepare(images=sample_images(1), text=format_prompt(model.processor, "Describe the image."))
     model.set_use_attn_result(True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 
@@ -47,7 +47,9 @@ class TowerConfig:
     use_attn_in: bool = False
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool = True
-    extra: dict = field(default_factory=dict)
+    tie_word_embeddings: bool = False
+    # The HF (text / vision) config this tower was converted from; rotary embeddings read their settings from it.
+    hf_config: Any = None
 
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:
@@ -68,26 +70,51 @@ class TowerConfig:
 
 
 @dataclass
+class ViTConfig(TowerConfig):
+    """A ViT with patch embeddings and learned positions (CLIP, SigLIP, BLIP-2's EVA): which parts it has."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    class_token: bool = True
+    patch_bias: bool = False  # SigLIP, EVA
+    ln_pre: bool = True  # CLIP normalises the embeddings
+    ln_post: bool = False  # EVA normalises the last hidden state (the Q-Former reads it)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class QFormerConfig(TowerConfig):
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    d_vision: int = 0  # width of the image features the queries cross-attend to
+
+
+@dataclass
+class T5Config(TowerConfig):
+    """A T5 stack pair: the encoder's shape, plus what only T5 has."""
+
+    n_decoder_layers: int = 0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    scale_decoder_outputs: bool = True  # tied-embedding T5 rescales by d_model**-0.5 before its unembedding
+    decoder_start_token_id: int = 0
+
+
+@dataclass
 class VLMConfig:
-    """How the towers of one VLM are wired: which vision layers feed the projector, image token id, etc."""
+    """What every VLM has: its towers and where image features enter the language stream. Each family extends
+    it with a typed config of its own (families/*.py)."""
 
     architecture: str
     family: str
     language: TowerConfig
     vision: TowerConfig
-    image_token_id: int
-    vision_feature_layer: int | list[int] = -2
-    vision_feature_select_strategy: str = "default"
-    image_size: int = 224
-    patch_size: int = 14
-    num_channels: int = 3
-    projector_act: str = "gelu"
-    projector_bias: bool = True
-    extra: dict = field(default_factory=dict)
+    image_token_id: int | None
+    hf_config: Any  # the checkpoint's config; the HF helpers that fix HF's token order read it
 
-    @property
-    def feature_layers(self) -> list[int]:
-        """Vision feature layers as non-negative hidden-state indices (0 = input of block 0)."""
-        layers = [self.vision_feature_layer] if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
-        n = self.vision.n_layers + 1
-        return [layer % n for layer in layers]
+    def towers(self) -> list[TowerConfig]:
+        return [self.language, self.vision]

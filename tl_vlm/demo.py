@@ -54,7 +54,7 @@ def run_demo(
     model_name = str(model_name or DEFAULT_MODEL)
     hf_path = toy_checkpoint(model_name) or model_name
     model = HookedVLM.from_pretrained(model_name, device=device)
-    if "decoder" in model.towers():
+    if model.capabilities.encoder_decoder:
         raise NotImplementedError(
             "the demo runs decoder-only language models; for encoder-decoder checkpoints (Flan-T5) use `tl-vlm verify` "
             "and the hooks under encoder.* / decoder.*"
@@ -78,9 +78,9 @@ def run_demo(
 
 
 def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, start: float) -> dict:
-    from tl_vlm.store.extract import format_prompt
+    from tl_vlm.prompts import format_prompt
 
-    blip2 = getattr(model, "qformer", None) is not None
+    blip2 = model.capabilities.queries
     report: dict = {"model": model_name, "architecture": model.vlm_cfg.architecture, "notes": []}
     clean_ex, corrupt_ex, others = _scenes(seed)
     prompt = format_prompt(model.processor, clean_ex.question)
@@ -271,8 +271,7 @@ def _patch_regions(model, clean, corrupt, clean_cache, image, box, metric) -> di
                 out[f"language_resid_pre_{label}"].append(metric(patch_image_region(model, corrupt, clean, mask, name)))
     # The same split in the vision tower: the patches feeding the object's tokens (a merge block of patches per
     # token for Qwen-VL), then all other patches (the class token and padding stay corrupted).
-    geometry = model.vlm_cfg.extra.get("geometry")
-    per_token = geometry.merge_size ** 2 if geometry is not None else 1
+    per_token = model.capabilities.patches_per_token
     patches = {True: [], False: []}
     for row in index[index["kind"] == "patch"].itertuples():
         patches[bool(inside[row.batch, row.position])] += [(row.tile, row.patch + k) for k in range(per_token)]
@@ -347,7 +346,7 @@ def _print_patching(p: dict, clean_word: str, corrupt_word: str) -> None:
 
 def _pointing_game(model, examples, blip2: bool) -> dict:
     """The peak's hit rate over several scenes (the first is the demo's own), with the mean chance level."""
-    from tl_vlm.store.extract import format_prompt
+    from tl_vlm.prompts import format_prompt
 
     hits, chance = 0, 0.0
     for ex in examples:

@@ -4,6 +4,11 @@ The language tower's modules sit at the top level under HookedTransformer's name
 ``ln_final``, ...), so every TransformerLens tool finds them; the other towers are children with
 prefixes (``vision.*``, ``projector.*``). ``model.language`` is the same language modules seen as
 one tower object.
+
+This class holds what every VLM shares: loading, input checks, caching, generation, tokens. Each
+family is a subclass in ``families/`` with a typed config; it builds its towers, lists its weight
+rules, computes its image features and positions, and declares its capabilities. The default forward
+pass here is the common one: image features replace the image placeholder tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
@@ -28,29 +33,35 @@ from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
+from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
 from tl_vlm.config import VLMConfig
-from tl_vlm.families import family_for, family_named
-from tl_vlm.families.weights import load_weights, set_parameter
+from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
-from tl_vlm.sampling import logits_processors, next_token, resolve_settings
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
 class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
+    # The family's short name (``vlm_cfg.family``) and the HF architecture names it converts.
+    family: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
+    input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
+    vlm_cfg: VLMConfig
+
     def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
         super().__init__()
         self.vlm_cfg = cfg
         self.cfg = cfg.language
-        self.family = family_named(cfg.family)
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.generation_config = generation_config or GenerationConfig()
         self.name_or_path = ""  # where the weights came from (set by the loaders; verify reloads HF from it)
-        self.family.build(self)
+        self.build()
         self.setup()
 
     def attach_language(self, language: nn.Module) -> None:
@@ -59,18 +70,125 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             self.add_module(name, child)
         object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """What this model's image tokens are (positions, patches, queries, tiles, video, encoder-decoder)."""
-        return self.family.capabilities(self.vlm_cfg)
-
-    def towers(self) -> dict[str, nn.Module]:
-        """Every transformer tower of this model by name (``language``, ``vision``, ...)."""
-        return self.family.towers(self)
-
     def tower(self, name: str) -> TowerView:
         """One tower as a TransformerLens model (tower-relative hook names; runs the whole VLM)."""
         return TowerView(self, name)
+
+    # ---------------------------------------------------------------- what each family defines
+
+    @classmethod
+    def config_from_hf(cls, hf_config) -> VLMConfig:
+        """The family's typed config from the checkpoint's HF config."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_map(cls, cfg: VLMConfig) -> WeightMap:
+        raise NotImplementedError
+
+    @classmethod
+    def normalize_key(cls, key: str) -> str:
+        """Map any historical checkpoint key layout onto one canonical HF layout."""
+        return key
+
+    @classmethod
+    def fp32_parameters(cls, cfg: VLMConfig, dtype: torch.dtype) -> str | None:
+        """A regular expression matching (from the start) the parameters HF keeps in float32 when loading in
+        ``dtype`` (``_keep_in_fp32_modules``); None when there are none."""
+        return None
+
+    @classmethod
+    def load_processor(cls, path, trust_remote_code: bool):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    def build(self) -> None:
+        """Create the towers (``attach_language`` for the language model, then ``vision``, ``projector`` ...)."""
+        raise NotImplementedError
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this model's image tokens are (positions, patches, queries, tiles, video, encoder-decoder)."""
+        return Capabilities()
+
+    def towers(self) -> dict[str, nn.Module]:
+        """Every transformer tower of this model by name; each has ``cfg`` and ``blocks``."""
+        return {"language": self.language, "vision": self.vision}
+
+    def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
+        """Projected image features in the order of the image placeholder tokens."""
+        raise NotImplementedError
+
+    def image_token_cells(self, inputs: VLMInputs, original_sizes: list[tuple[int, int]] | None) -> list[dict]:
+        """Per image token, in placeholder order: image, tile, patch, row, col, kind and pixel box
+        (see analysis/spatial.py)."""
+        raise NotImplementedError(f"no spatial index for {type(self).__name__} yet")
+
+    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """Which language positions hold image features."""
+        return input_ids == self.vlm_cfg.image_token_id
+
+    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
+        """The HF modules whose outputs equal each tower's ``blocks.{i}.hook_resid_post`` (for verify)."""
+        return {"language": list(hf_model.model.language_model.layers), "vision": list(hf_model.model.vision_tower.encoder.layers)}
+
+    def align_hf_outputs(
+        self, tower: str, outputs: list[Tensor], inputs: VLMInputs
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """HF's per-block outputs of ``tower`` in call order -> one reference per block, and the boolean index
+        that picks the same elements from tl_vlm's ``blocks.{i}.hook_resid_post`` (None: all of it)."""
+        return outputs, None
+
+    def run_vlm(
+        self,
+        inputs: VLMInputs,
+        position_ids: Tensor | None,
+        cache: KVCache | None,
+        stop_at_layer: int | None,
+        logits_to_keep: int,
+        generated_from: int | None,
+    ) -> Tensor:
+        """The family's forward pass. Default: embed the text, put the image features at the placeholders, run
+        the language tower."""
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        image_mask = self.image_token_mask(ids)
+        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
+            image_mask[:, generated_from:] = False
+        features = self.checked_image_features(inputs, image_mask)
+        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
+        return self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
+
+    def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
+        """``image_features`` after checking images and placeholders against each other (never a silent drop)."""
+        n_placeholders = int(image_mask.sum())
+        token = self.vlm_cfg.image_token_id
+        if inputs.pixel_values is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"input_ids hold {n_placeholders} image placeholder tokens (id {token}) but no pixel_values were "
+                    "given; pass the processor's pixel_values (model.prepare(images=..., text=...)) or drop the placeholders"
+                )
+            return None
+        if not n_placeholders:
+            raise ValueError(
+                f"pixel_values were given but input_ids hold no image placeholder token (id {token}), so the image "
+                "would be ignored; put the image token in the prompt (model.prepare does this)"
+            )
+        features = self.image_features(inputs)
+        if features.shape[0] != n_placeholders:
+            raise ValueError(
+                f"the images give {features.shape[0]} feature vectors but input_ids hold {n_placeholders} image "
+                "placeholder tokens; build prompt and images together with the model's processor (model.prepare)"
+            )
+        return features
+
+    def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
+        """Prompt positions as HF's generate computes them: left padding does not shift them."""
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def next_positions(self, positions: Tensor) -> Tensor:
+        """Positions of the next generated token (last axis is the sequence)."""
+        return positions[..., -1:] + 1
 
     # ---------------------------------------------------------------- loading
 
@@ -90,13 +208,14 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         load_processor: bool = True,
     ) -> "HookedVLM":
         """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
-        path = _resolve_checkpoint(model_name, revision)
+        path = resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor = _load_processor(family_for(hf_config), path, trust_remote_code) if load_processor else None
+        family = cls._family(hf_config, hf_config.architectures)
+        processor = _load_processor(family, path, trust_remote_code) if load_processor else None
         generation_config = (
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
-        model = cls._convert(hf_config, _iter_safetensors(path), device, dtype, processor, generation_config)
+        model = family._convert(hf_config, _iter_safetensors(path), device, dtype, processor, generation_config)
         model.name_or_path = str(model_name)
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
         return model
@@ -117,7 +236,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         """Convert an in-memory HF model. Weights are shared with it, not copied, where device and dtype
         agree; weight processing writes new tensors, so it never edits the HF model."""
         param = next(hf_model.parameters())
-        model = cls._convert(
+        family = cls._family(hf_model.config, [type(hf_model).__name__])
+        model = family._convert(
             hf_model.config,
             iter(hf_model.state_dict().items()),
             device or param.device,
@@ -130,17 +250,26 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         return model
 
     @classmethod
+    def _family(cls, hf_config, architectures) -> "type[HookedVLM]":
+        """The family class for a checkpoint; called on a family class, the checkpoint must be of that family."""
+        from tl_vlm.families import family_for
+
+        family = family_for(hf_config, architectures)
+        if not issubclass(family, cls):
+            raise ValueError(f"the checkpoint is a {family.__name__} model, not a {cls.__name__}; load it with HookedVLM")
+        return family
+
+    @classmethod
     def _convert(cls, hf_config, tensors, device, dtype, processor, generation_config) -> "HookedVLM":
-        family = family_for(hf_config)
-        cfg = family.vlm_config(hf_config)
-        for tower in (cfg.language, cfg.vision):
+        cfg = cls.config_from_hf(hf_config)
+        for tower in cfg.towers():
             tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
         model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
-        fp32 = family.fp32_parameters(cfg, dtype)
-        loaded = load_weights(model, family.weight_map(cfg), tensors, family.normalize_key, device, dtype, fp32)
-        if "unembed.W_U" not in loaded and cfg.language.extra["tie_word_embeddings"]:
+        fp32 = cls.fp32_parameters(cfg, dtype)
+        loaded = load_weights(model, cls.weight_map(cfg), tensors, cls.normalize_key, device, dtype, fp32)
+        if "unembed.W_U" not in loaded and cfg.language.tie_word_embeddings:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
             loaded.add("unembed.W_U")
         missing = {name for name, _ in model.named_parameters()} - loaded
@@ -200,21 +329,17 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if "input_ids" not in batch:
             raise ValueError("input_ids are required")
         inputs = VLMInputs.from_mapping(batch)
-        unused = sorted(set(inputs.as_kwargs()) - self.family.input_fields)
+        unused = sorted(set(inputs.as_kwargs()) - self.input_fields)
         if unused:
             raise ValueError(
                 f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
-                f"(it takes {sorted(self.family.input_fields)})"
+                f"(it takes {sorted(self.input_fields)})"
             )
         if inputs.input_ids.ndim == 1:
             inputs.input_ids = inputs.input_ids[None]
             if inputs.attention_mask is not None and inputs.attention_mask.ndim == 1:
                 inputs.attention_mask = inputs.attention_mask[None]
         return inputs
-
-    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
-        """Which language positions hold image features."""
-        return self.family.image_token_mask(self, input_ids)
 
     # ---------------------------------------------------------------- forward
 
@@ -242,7 +367,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         inputs = self._inputs(input, **hf_inputs).to(self.device)
         if cache is not None and cache.length > 0:
             generated_from = 0
-        out = self.family.forward(self, inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
+        out = self.run_vlm(inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
@@ -334,44 +459,34 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )
-        tokens = self.family.generate(self, inputs.to(self.device), settings, use_past_kv_cache, generator)
-        if tokens is not None:
-            return tokens
-        device = self.device
-        ids = inputs.input_ids.to(device)
+        return self.generate_tokens(inputs.to(self.device), settings, use_past_kv_cache, generator)
+
+    def generate_tokens(
+        self, inputs: VLMInputs, settings: GenerationConfig, use_past_kv_cache: bool, generator: torch.Generator | None
+    ) -> Int[Tensor, "batch pos"]:
+        """Decoder-only generation: prefill the prompt (with its images), then one token per step."""
+        ids = inputs.input_ids
         batch, prompt_len = ids.shape
         n_new = settings.max_new_tokens if settings.max_new_tokens is not None else max(settings.max_length - prompt_len, 1)
-        mask = inputs.attention_mask.to(device) if inputs.attention_mask is not None else torch.ones_like(ids)
-        eos_ids = settings.eos_token_id
-        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        pad = settings.pad_token_id if settings.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        processors = logits_processors(settings, mask, eos_ids)
-
-        positions = self.family.prefill_positions(self, inputs, mask)
+        prompt_mask = inputs.attention_mask if inputs.attention_mask is not None else torch.ones_like(ids)
+        mask, positions = prompt_mask, self.prefill_positions(inputs, prompt_mask)
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
-        cache = KVCache(self.cfg, batch, n_cached, device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = KVCache(self.cfg, batch, n_cached, ids.device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(n_new):
-            token = next_token(logits[:, -1].float(), ids, settings, processors, generator)
-            token = token.masked_fill(finished, pad)
-            ids = torch.cat([ids, token[:, None]], dim=-1)
+
+        def step(token: Tensor, ids: Tensor) -> Tensor:
+            nonlocal mask, positions
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-            positions = torch.cat([positions, self.family.next_positions(self, positions)], dim=-1)
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
+            positions = torch.cat([positions, self.next_positions(positions)], dim=-1)
             if cache is not None:
-                logits = self(
-                    input_ids=token[:, None], attention_mask=mask, position_ids=positions[..., -1:], cache=cache, logits_to_keep=1
-                )
-            else:
-                step = dataclasses.replace(inputs, input_ids=ids, attention_mask=mask)
-                logits = self(step, position_ids=positions, logits_to_keep=1, generated_from=prompt_len)
-        return ids
+                return self(input_ids=token[:, None], attention_mask=mask, position_ids=positions[..., -1:], cache=cache,
+                            logits_to_keep=1)
+            again = dataclasses.replace(inputs, input_ids=ids, attention_mask=mask)
+            return self(again, position_ids=positions, logits_to_keep=1, generated_from=prompt_len)
+
+        return decode(logits, ids, n_new, settings, prompt_mask, generator, step)
 
     # ---------------------------------------------------------------- TransformerLens model surface
 
@@ -464,30 +579,8 @@ def _dominant_dtype(module: nn.Module) -> torch.dtype:
     return counts.most_common(1)[0][0]
 
 
-def _resolve_checkpoint(model_name: str | os.PathLike, revision: str | None) -> Path:
-    from tl_vlm.zoo.toys import toy_checkpoint
-
-    path = Path(model_name)
-    if path.is_dir():
-        return path
-    toy = toy_checkpoint(model_name)
-    if toy is not None:
-        return toy
-    from huggingface_hub import snapshot_download
-
-    # Same loader either way: fetch the config, processor files and safetensors, never pickles.
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    return Path(snapshot_download(str(model_name), revision=revision, allow_patterns=patterns))
-
-
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"no .safetensors weights in {path}; tl_vlm does not unpickle .bin checkpoints "
-            "(convert them with transformers' save_pretrained(safe_serialization=True))"
-        )
-    for file in files:
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)

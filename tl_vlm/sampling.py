@@ -8,6 +8,7 @@ Settings this loop does not implement (beam search, n-gram blocking, ...) are an
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -80,3 +81,35 @@ def next_token(
     if not settings.do_sample:
         return scores.argmax(-1)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def eos_ids(settings: GenerationConfig) -> list[int]:
+    eos = settings.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def decode(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    ids: Int[Tensor, "batch pos"],
+    n_new: int,
+    settings: GenerationConfig,
+    prompt_mask: Int[Tensor, "batch pos"],
+    generator: torch.Generator | None,
+    step: Callable[[Int[Tensor, " batch"], Int[Tensor, "batch pos"]], Tensor],
+) -> Int[Tensor, "batch pos"]:
+    """HF's token loop: choose the next token from the last logits, pad finished rows, stop when every row has
+    emitted an end token or ``n_new`` tokens are out. ``step(token, ids)`` runs the model on the new token (``ids`` holds it already) and
+    returns the next logits."""
+    eos_list = eos_ids(settings)
+    eos = torch.tensor(eos_list, dtype=torch.long, device=ids.device)
+    pad = settings.pad_token_id if settings.pad_token_id is not None else (eos_list[0] if eos_list else 0)
+    processors = logits_processors(settings, prompt_mask, eos_list)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for i in range(n_new):
+        token = next_token(logits[:, -1].float(), ids, settings, processors, generator).masked_fill(finished, pad)
+        ids = torch.cat([ids, token[:, None]], dim=-1)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or i == n_new - 1:  # as HF: no forward pass after the last token
+            break
+        logits = step(token, ids)
+    return ids

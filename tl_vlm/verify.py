@@ -90,15 +90,15 @@ def verify(
     from transformers import AutoModelForImageTextToText
 
     from tl_vlm import HookedVLM
+    from tl_vlm.checkpoints import bundled_checkpoint
     from tl_vlm.families import family_for
-    from tl_vlm.store.extract import format_prompt
-    from tl_vlm.zoo.tiny import sample_images
-    from tl_vlm.zoo.toys import toy_checkpoint
+    from tl_vlm.prompts import format_prompt
+    from tl_vlm.zoo.data import sample_images
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     ours = model_or_name if isinstance(model_or_name, HookedVLM) else None
     name = ours.name_or_path if ours is not None else str(model_or_name)
-    name = str(toy_checkpoint(name) or name)  # HF's loader does not know the shipped toys' names
+    name = str(bundled_checkpoint(name) or name)  # HF's loader does not know the bundled models' names
     device = device or (str(ours.device) if ours is not None else "cpu")
     hf = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
     processor = ours.processor if ours is not None else family_for(hf.config).load_processor(name, False)
@@ -112,7 +112,7 @@ def verify(
     images = images if images is not None else sample_images(len(prompts or DEFAULT_PROMPTS), seed=0)
     texts = [format_prompt(processor, p) for p in (prompts or DEFAULT_PROMPTS)]
     inputs = ours.prepare(images=images, text=texts)
-    if "decoder" in ours.towers():  # encoder-decoder LMs: score the first decoder step, as generate starts
+    if ours.capabilities.encoder_decoder:  # encoder-decoder LMs: score the first decoder step, as generate starts
         start = hf.generation_config.decoder_start_token_id
         inputs.decoder_input_ids = torch.full((inputs.shape[0], 1), start, dtype=torch.long, device=inputs.device)
     real = inputs.attention_mask.bool()
@@ -124,7 +124,7 @@ def verify(
     if not processing.get("center_writing_weights"):
         for tower, outputs in hf_layers.items():
             prefix = "" if tower == "language" else f"{tower}."
-            refs, select = ours.family.align_hf_outputs(ours, tower, outputs, inputs)
+            refs, select = ours.align_hf_outputs(tower, outputs, inputs)
             for i, ref in enumerate(refs):
                 # Post-LN blocks (Q-Former) output their normalized stream, as TL's BertBlock names it.
                 post_ln = f"{prefix}blocks.{i}.hook_normalized_resid_post"
@@ -180,7 +180,7 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _hf_run(model, hf, inputs) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """HF logits and per-layer outputs of each tower the family can map (forward hooks on HF's layers)."""
-    layers = model.family.hf_layers(hf)
+    layers = model.hf_layers(hf)
     outputs: dict[str, list[torch.Tensor]] = {tower: [] for tower in layers}
     handles = []
     for tower, modules in layers.items():

@@ -94,7 +94,7 @@ def fold_layer_norms(tower, final: bool) -> None:
 def center_writing(tower) -> None:
     embed = tower.embed
     _replace(embed, "W_E", embed.W_E - embed.W_E.mean(-1, keepdim=True))
-    if hasattr(tower, "pos_embed"):  # learned positions (OPT) write into the stream too
+    if tower.cfg.positional_embedding_type == "standard":  # learned positions (OPT) write into the stream too
         _replace(tower.pos_embed, "W_pos", tower.pos_embed.W_pos - tower.pos_embed.W_pos.mean(-1, keepdim=True))
     for block in tower.blocks:
         attn, mlp = block.attn, block.mlp

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from tl_vlm import HookedVLM
-from tl_vlm.store.extract import format_prompt
+from tl_vlm.families import HookedLlava
+from tl_vlm import format_prompt
 from tl_vlm.zoo.data import make_examples
 from tl_vlm.zoo.toys import TOYS, toy_metrics
 
@@ -148,7 +149,7 @@ print(effect.numpy().round(2))
 layer, head = divmod(int(effect.abs().argmax()), vision.n_heads)
 print(f"largest effect: vision L{layer}H{head}, {effect[layer, head]:+.2f}")
 
-if model.vlm_cfg.family.startswith("llava"):  # LLaVA's projector reads one chosen vision layer
+if isinstance(model, HookedLlava):  # LLaVA's projector reads chosen vision layers (LLaVA-NeXT is one too)
     read = max(model.vlm_cfg.feature_layers)  # hidden-state index the projector reads (0 = input of block 0)
     print(f"the projector reads hidden state {read}, the output of vision block {read - 1}")
     assert torch.all(effect[read:] == 0), "blocks after the projector's feature layer cannot matter"

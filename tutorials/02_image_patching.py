@@ -29,7 +29,7 @@ from tl_vlm import HookedVLM
 from tl_vlm.analysis.confidence import object_token_ids
 from tl_vlm.analysis.logit_lens import lens_hook_names
 from tl_vlm.analysis.spatial import patch_image_region, region_mask, spatial_index
-from tl_vlm.store.extract import format_prompt
+from tl_vlm import format_prompt
 from tl_vlm.zoo.data import make_examples, recolour
 from tl_vlm.zoo.toys import TOYS
 

@@ -31,7 +31,7 @@ from tl_vlm.analysis.confidence import (
 from tl_vlm.analysis.editing import ProjectAway, project_away
 from tl_vlm.analysis.logit_lens import image_positions, lens_hook_names, lens_probs
 from tl_vlm.analysis.spatial import spatial_index
-from tl_vlm.store.extract import format_prompt
+from tl_vlm import format_prompt
 from tl_vlm.zoo.data import COLOURS, make_examples
 from tl_vlm.zoo.toys import TOYS
 

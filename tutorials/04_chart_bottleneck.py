@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from tl_vlm import HookedVLM
 from tl_vlm.analysis.probing import answer_accuracy, layer_sweep, two_proportion_z_test
 from tl_vlm.analysis.viz import layer_sweep_plot
-from tl_vlm.store.extract import format_prompt
+from tl_vlm import format_prompt
 from tl_vlm.zoo.data import QUESTIONS, make_examples
 from tl_vlm.zoo.toys import TOYS
 

@@ -38,7 +38,7 @@ from tl_vlm.analysis.geometry import pca
 from tl_vlm.analysis.probing import probe, store_features
 from tl_vlm.cli import main as tl_vlm_cli
 from tl_vlm.store import ExtractConfig, extract, load
-from tl_vlm.store.extract import format_prompt
+from tl_vlm import format_prompt
 from tl_vlm.store.io import from_blob
 from tl_vlm.zoo.data import COLOURS, make_examples
 from tl_vlm.zoo.toys import TOYS

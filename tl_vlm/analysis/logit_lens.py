@@ -60,6 +60,6 @@ def vision_logit_lens(model, cache: ActivationCache) -> Float[Tensor, "layer ima
     with torch.no_grad():
         for layer in range(model.vision.cfg.n_layers):
             hidden = cache[f"vision.blocks.{layer}.hook_resid_post"]
-            features = model.family.select_features(cfg, {cfg.feature_layers[0]: hidden})
+            features = model.select_features({cfg.feature_layers[0]: hidden})
             probs.append((model.ln_final(model.projector(features)) @ model.W_U).softmax(-1))
     return torch.stack(probs)

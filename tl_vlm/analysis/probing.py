@@ -107,7 +107,7 @@ def _pool_rows(act: Tensor, inputs: VLMInputs, model, hook: str) -> Tensor:
     grid = inputs.image_grid_thw
     if grid is None or not model.capabilities.padded_vision_rows:
         return act.mean(1)
-    valid = model.vision.layout(grid.to(act.device)).valid  # Qwen-VL rows are padded to the longest image
+    valid = model.vision.patch_layout(grid.to(act.device)).valid  # Qwen-VL rows are padded to the longest image
     if not hook.startswith("vision."):
         valid = valid[:, :: model.capabilities.patches_per_token]
     return (act * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)

@@ -21,7 +21,7 @@ from tl_vlm.inputs import VLMInputs
 def spatial_index(model, inputs: VLMInputs, images=None) -> pd.DataFrame:
     """One row per image token, in the order of the placeholders (batch-major)."""
     sizes = [image.size for image in images] if images is not None else None
-    cells = model.family.image_token_cells(model, inputs, sizes)
+    cells = model.image_token_cells(inputs, sizes)
     positions = model.image_token_mask(inputs.input_ids).nonzero().tolist()
     if len(positions) != len(cells):
         raise ValueError(f"{len(cells)} image cells for {len(positions)} image placeholders; use the processor's inputs")

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components import layout
+from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.rotary import apply_rotary

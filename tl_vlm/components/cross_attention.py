@@ -11,7 +11,7 @@ import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_vlm.components import layout
+from tl_vlm.components import param_layout as layout
 from tl_vlm.components.attention import Attention
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.config import TowerConfig

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_vlm.components import layout
+from tl_vlm.components import param_layout as layout
 
 
 class Embed(nn.Module):

@@ -10,7 +10,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformers.activations import ACT2FN
 
-from tl_vlm.components import layout
+from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import run_hook
 
 

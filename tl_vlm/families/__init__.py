@@ -1,31 +1,27 @@
-"""Model families, looked up by the HF architecture name in a checkpoint's config."""
+"""Model families, one HookedVLM subclass per file, looked up by the HF architecture of a checkpoint."""
 
 from __future__ import annotations
 
-from tl_vlm.families.base import Family
-from tl_vlm.families.blip2 import Blip2Family, InstructBlipFamily
-from tl_vlm.families.llava import LlavaFamily
-from tl_vlm.families.llava_next import LlavaNextFamily
-from tl_vlm.families.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
+from tl_vlm.families.blip2 import HookedBlip2, HookedInstructBlip
+from tl_vlm.families.llava import HookedLlava
+from tl_vlm.families.llava_next import HookedLlavaNext
+from tl_vlm.families.qwen2_vl import HookedQwen2VL, HookedQwen25VL
+from tl_vlm.hooked_vlm import HookedVLM
 
-_ALL: tuple[Family, ...] = (
-    LlavaFamily(), LlavaNextFamily(), Blip2Family(), InstructBlipFamily(), Qwen2VLFamily(), Qwen25VLFamily()
+_ALL: tuple[type[HookedVLM], ...] = (
+    HookedLlava, HookedLlavaNext, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL
 )
-FAMILIES: dict[str, Family] = {arch: fam for fam in _ALL for arch in fam.architectures}
-_BY_MODEL_TYPE = {fam.name: fam for fam in _ALL}
+FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
+
+__all__ = [family.__name__ for family in _ALL] + ["FAMILIES", "family_for"]
 
 
-def family_for(hf_config) -> Family:
-    architectures = list(getattr(hf_config, "architectures", None) or [])
-    for arch in architectures:
-        if arch in FAMILIES:
-            return FAMILIES[arch]
-    if not architectures and hf_config.model_type in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[hf_config.model_type]
+def family_for(hf_config, architectures=None) -> type[HookedVLM]:
+    """The family class for a checkpoint: by its architecture names (the config's, or the model class's)."""
+    names = list(architectures if architectures is not None else getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in FAMILIES:
+            return FAMILIES[name]
     raise NotImplementedError(
-        f"unsupported architecture {architectures or hf_config.model_type!r}; tl_vlm supports: {', '.join(sorted(FAMILIES))}"
+        f"unsupported architecture {names or hf_config.model_type!r}; tl_vlm supports: {', '.join(sorted(FAMILIES))}"
     )
-
-
-def family_named(name: str) -> Family:
-    return _BY_MODEL_TYPE[name]

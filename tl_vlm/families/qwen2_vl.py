@@ -4,34 +4,43 @@ Images and videos are cut into patches by the processor (``pixel_values`` rows, 
 through one vision tower call (layout in ``towers/qwen_vision.py``: one row per image, then per video),
 merged 2x2 into language tokens by the projector and scattered at the ``<|image_pad|>`` /
 ``<|video_pad|>`` placeholders. Language positions are 3D (temporal, height, width) as computed by HF's
-``get_rope_index``, which this family calls; generation continues them as HF's ``generate`` does.
+``get_rope_index`` (hf_compat); generation continues them as HF's ``generate`` does.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import warnings
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 from tl_vlm.capabilities import Capabilities
-from tl_vlm.components import KVCache, layout
+from tl_vlm.components import KVCache
 from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import MultimodalRotary
 from tl_vlm.config import TowerConfig, VLMConfig
-from tl_vlm.families.base import Family
-from tl_vlm.families.llava import decoder_lm_config
-from tl_vlm.families.weights import Rule, WeightMap, decoder_lm_rules, linear_rules
+from tl_vlm.convert.rules import WeightMap, linear_rules, norm_rules
+from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
+from tl_vlm.convert.vits import qwen_vit_config, qwen_vit_rules
+from tl_vlm.hf_compat import qwen_rope_index
+from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import DecoderLM
 from tl_vlm.towers.patch_merger import PatchMerger
 from tl_vlm.towers.qwen_vision import PatchGeometry, QwenVisionTower
+
+
+@dataclass
+class QwenVLConfig(VLMConfig):
+    video_token_id: int
+    geometry: PatchGeometry
+    projector_width: int  # the language model's width, which the merger projects to
 
 
 def qwen_language_config(hf_config) -> TowerConfig:
@@ -53,19 +62,20 @@ def placeholder_runs(mask: Bool[Tensor, "batch pos"]) -> list[int]:
     return ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
 
 
-class Qwen2VLFamily(Family):
-    name = "qwen2_vl"
+class HookedQwen2VL(HookedVLM):
+    family = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     input_fields = frozenset(
         {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
          "mm_token_type_ids"}
     )
-    hf_model = Qwen2VLModel  # whose get_rope_index gives the 3D positions
-    norm = "LN"
+    hf_class = Qwen2VLModel  # whose get_rope_index gives the 3D positions
+    vlm_cfg: QwenVLConfig
 
     # ------------------------------------------------------------------ conversion
 
-    def load_processor(self, path, trust_remote_code: bool):
+    @classmethod
+    def load_processor(cls, path, trust_remote_code: bool):
         try:
             return super().load_processor(path, trust_remote_code)
         except ImportError:  # HF's video processor needs torchvision; images work without it
@@ -76,114 +86,79 @@ class Qwen2VLFamily(Family):
             warnings.warn("HF's Qwen-VL processor needs torchvision (for videos); using tl_vlm's image-only processor")
             return QwenImageTextProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
-    def vision_tower_config(self, vc) -> TowerConfig:
-        d = vc.embed_dim
-        return TowerConfig(
-            n_layers=vc.depth, d_model=d, n_heads=vc.num_heads, d_head=d // vc.num_heads, d_mlp=int(d * vc.mlp_ratio),
-            act_fn=vc.hidden_act, normalization_type=self.norm, eps=1e-6, attn_bias=True, attn_out_bias=True,
-            mlp_bias=True, attention_dir="bidirectional", original_architecture=type(vc).__name__,
-        )
-
-    def geometry(self, vc) -> PatchGeometry:
+    @classmethod
+    def geometry(cls, vc) -> PatchGeometry:
         return PatchGeometry(vc.patch_size, vc.temporal_patch_size, vc.in_channels, vc.spatial_merge_size)
 
-    def projector_width(self, vc) -> int:
+    @classmethod
+    def projector_width(cls, vc) -> int:
         return vc.hidden_size
 
-    def vlm_config(self, hf_config) -> VLMConfig:
+    @classmethod
+    def config_from_hf(cls, hf_config) -> QwenVLConfig:
         vc = hf_config.vision_config
-        return VLMConfig(
-            architecture=hf_config.architectures[0] if hf_config.architectures else self.architectures[0],
-            family=self.name,
+        return QwenVLConfig(
+            architecture=hf_config.architectures[0] if hf_config.architectures else cls.architectures[0],
+            family=cls.family,
             language=qwen_language_config(hf_config),
-            vision=self.vision_tower_config(vc),
+            vision=qwen_vit_config(vc),
             image_token_id=hf_config.image_token_id,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-            patch_size=vc.patch_size,
-            num_channels=vc.in_channels,
-            extra={
-                "hf_config": hf_config,
-                "video_token_id": hf_config.video_token_id,
-                "geometry": self.geometry(vc),
-                "projector_width": self.projector_width(vc),
-            },
+            hf_config=hf_config,
+            video_token_id=hf_config.video_token_id,
+            geometry=cls.geometry(vc),
+            projector_width=cls.projector_width(vc),
         )
 
-    def capabilities(self, cfg: VLMConfig) -> Capabilities:
-        merge = cfg.extra["geometry"].merge_size
-        return Capabilities(patches_per_token=merge**2, video=True, padded_vision_rows=True)
-
-    def build_language(self, cfg: VLMConfig) -> DecoderLM:
-        return DecoderLM(cfg.language, MultimodalRotary.from_hf_config(cfg.language.extra["hf_config"]))
-
-    def build_towers(self, model) -> None:
-        cfg = model.vlm_cfg
-        geometry = cfg.extra["geometry"]
-        rotary = AxialRotary.from_hf_config(cfg.extra["hf_config"].vision_config, cfg.vision.d_head)
-        model.vision = QwenVisionTower(cfg.vision, geometry, rotary)
-        model.projector = PatchMerger(cfg.vision.d_model, cfg.extra["projector_width"], geometry.merge_size, self.norm)
-
-    def normalize_key(self, key: str) -> str:
+    @classmethod
+    def normalize_key(cls, key: str) -> str:
         # One layout: visual.*, language_model.*, lm_head.*. In memory (transformers 5) both towers sit under
         # model.*; saved files and older hub checkpoints have visual.* and the LM as model.*.
         key = re.sub(r"^model\.(?=visual\.|language_model\.)", "", key)
         return re.sub(r"^model\.", "language_model.", key)
 
-    def mlp_rules(self, hf: str, tl: str) -> list[Rule]:
-        return [
-            *linear_rules(rf"{hf}\.fc1", rf"{tl}.W_in", rf"{tl}.b_in"),
-            *linear_rules(rf"{hf}\.fc2", rf"{tl}.W_out", rf"{tl}.b_out"),
-        ]
-
-    def weight_map(self, cfg: VLMConfig) -> WeightMap:
-        dh = cfg.vision.d_head
-        layer, block = r"visual\.blocks\.(\d+)", r"vision.blocks.\1"
+    @classmethod
+    def weight_map(cls, cfg: QwenVLConfig) -> WeightMap:
         return WeightMap(
             [
-                Rule(r"visual\.patch_embed\.proj\.weight", "vision.embed.W_patch"),
-                # HF fuses q, k, v into one [3 * d, d] projection; each becomes a TL-layout view of its third.
-                Rule(
-                    rf"{layer}\.attn\.qkv\.weight",
-                    (rf"{block}.attn.W_Q", rf"{block}.attn._W_K", rf"{block}.attn._W_V"),
-                    lambda t: tuple(layout.heads_in(part, dh) for part in t.chunk(3)),
-                ),
-                Rule(
-                    rf"{layer}\.attn\.qkv\.bias",
-                    (rf"{block}.attn.b_Q", rf"{block}.attn._b_K", rf"{block}.attn._b_V"),
-                    lambda t: tuple(layout.bias_heads(part, dh) for part in t.chunk(3)),
-                ),
-                Rule(rf"{layer}\.attn\.proj\.weight", rf"{block}.attn.W_O", lambda t: layout.heads_out(t, dh)),
-                Rule(rf"{layer}\.attn\.proj\.bias", rf"{block}.attn.b_O"),
-                *_norm_rules(rf"{layer}\.norm1", rf"{block}.ln1"),
-                *_norm_rules(rf"{layer}\.norm2", rf"{block}.ln2"),
-                *self.mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp"),
-                *_norm_rules(r"visual\.merger\.ln_q", "projector.ln"),
+                *qwen_vit_rules(r"visual", "vision", cfg.vision),
+                *norm_rules(r"visual\.merger\.ln_q", "projector.ln"),
                 *linear_rules(r"visual\.merger\.mlp\.0", "projector.mlp.W_in", "projector.mlp.b_in"),
                 *linear_rules(r"visual\.merger\.mlp\.2", "projector.mlp.W_out", "projector.mlp.b_out"),
-                *decoder_lm_rules(r"language_model", cfg.language.d_head, ("q", "k", "v"), mlp_bias=False),
+                *decoder_lm_rules(r"language_model", cfg.language),
             ],
             ignore=[r".*inv_freq"],
         )
 
-    def hf_layers(self, hf_model) -> dict[str, list]:
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(patches_per_token=self.vlm_cfg.geometry.merge_size**2, video=True, padded_vision_rows=True)
+
+    def build(self) -> None:
+        cfg = self.vlm_cfg
+        self.attach_language(DecoderLM(cfg.language, MultimodalRotary.from_hf_config(cfg.language.hf_config)))
+        rotary = AxialRotary.from_hf_config(cfg.hf_config.vision_config, cfg.vision.d_head)
+        self.vision = QwenVisionTower(cfg.vision, cfg.geometry, rotary)
+        self.projector = PatchMerger(
+            cfg.vision.d_model, cfg.projector_width, cfg.geometry.merge_size, cfg.vision.normalization_type
+        )
+
+    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers), "vision": list(hf_model.model.visual.blocks)}
 
-    def align_hf_outputs(self, model, tower, outputs, inputs):
+    def align_hf_outputs(self, tower, outputs, inputs):
         """HF runs the vision blocks once for the images, then once for the videos, each on one packed sequence
         (Qwen2.5-VL: in window order); tl_vlm has one padded row per image, then per video, in natural order."""
         if tower != "vision":
             return outputs, None
         grids = [g for g in (inputs.image_grid_thw, inputs.video_grid_thw) if g is not None]
-        depth = model.vision.cfg.n_layers
-        blocks = [torch.cat([self._natural_order(model, outputs[r * depth + i], grid) for r, grid in enumerate(grids)])
+        depth = self.vision.cfg.n_layers
+        blocks = [torch.cat([self._natural_order(outputs[r * depth + i], grid) for r, grid in enumerate(grids)])
                   for i in range(depth)]
-        return blocks, model.vision.layout(torch.cat(grids)).valid
+        return blocks, self.vision.patch_layout(torch.cat(grids)).valid
 
-    @staticmethod
-    def _natural_order(model, packed: Tensor, grid: Tensor) -> Tensor:
+    def _natural_order(self, packed: Tensor, grid: Tensor) -> Tensor:
         """One run's packed patches from HF's window order back to the processor's order (the layout's windows)."""
-        layout = model.vision.layout(grid)
+        layout = self.vision.patch_layout(grid)
         if layout.window_parts is None:
             return packed
         offsets = [0, *torch.tensor(layout.lengths).cumsum(0).tolist()]
@@ -194,23 +169,22 @@ class Qwen2VLFamily(Family):
 
     # ------------------------------------------------------------------ running
 
-    def image_token_mask(self, model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """Positions holding visual features: image and video placeholders."""
-        cfg = model.vlm_cfg
-        return (input_ids == cfg.image_token_id) | (input_ids == cfg.extra["video_token_id"])
+        cfg = self.vlm_cfg
+        return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
 
-    def image_features(self, model, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
-        return self._encode(model, inputs.pixel_values, inputs.image_grid_thw)
+    def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
+        return self._encode(inputs.pixel_values, inputs.image_grid_thw)
 
-    def _encode(self, model, pixel_values: Tensor, grid_thw: Tensor) -> Float[Tensor, "tokens d_model"]:
+    def _encode(self, pixel_values: Tensor, grid_thw: Tensor) -> Float[Tensor, "tokens d_model"]:
         """One vision + projector run over all visual inputs; tokens in row order, padding dropped."""
-        hidden, patches = model.vision(pixel_values, grid_thw)
-        merged = model.projector(hidden)
-        return merged[patches.valid[:, :: model.vlm_cfg.extra["geometry"].merge_size ** 2]]
+        hidden, patches = self.vision(pixel_values, grid_thw)
+        merged = self.projector(hidden)
+        return merged[patches.valid[:, :: self.vlm_cfg.geometry.merge_size**2]]
 
-    def forward(
+    def run_vlm(
         self,
-        model,
         inputs: VLMInputs,
         position_ids: Tensor | None,
         cache: KVCache | None,
@@ -219,36 +193,36 @@ class Qwen2VLFamily(Family):
         generated_from: int | None,
     ) -> Tensor:
         ids = inputs.input_ids
-        image_mask = ids == model.vlm_cfg.image_token_id
-        video_mask = ids == model.vlm_cfg.extra["video_token_id"]
+        image_mask = ids == self.vlm_cfg.image_token_id
+        video_mask = ids == self.vlm_cfg.video_token_id
         if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
             image_mask[:, generated_from:] = False
             video_mask[:, generated_from:] = False
         visual = image_mask | video_mask
-        features = self._visual_features(model, inputs, image_mask, video_mask)
-        embeds = model.language.embed_inputs(ids, features, visual if features is not None else None)
+        features = self._visual_features(inputs, image_mask, video_mask)
+        embeds = self.language.embed_inputs(ids, features, visual if features is not None else None)
         if position_ids is None and (inputs.image_grid_thw is not None or inputs.video_grid_thw is not None):
             if cache is not None and cache.length:
                 raise ValueError(
                     "a cached step of a Qwen-VL model needs position_ids (its 3D positions continue the prompt's); "
                     "model.generate passes them"
                 )
-            position_ids = self.rope_index(model, inputs, inputs.attention_mask)
+            position_ids = self.rope_index(inputs, inputs.attention_mask)
         # Text only, HF counts positions from the cache length (DecoderLM's default); M-RoPE then equals RoPE.
-        return model.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+        return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
 
     def _visual_features(
-        self, model, inputs: VLMInputs, image_mask: Tensor, video_mask: Tensor
+        self, inputs: VLMInputs, image_mask: Tensor, video_mask: Tensor
     ) -> Float[Tensor, "n_visual_tokens d_model"] | None:
         """Image and video features in the order of their placeholders (images and videos interleaved)."""
-        merge = model.vlm_cfg.extra["geometry"].merge_size
+        merge = self.vlm_cfg.geometry.merge_size
         image = _checked(inputs.pixel_values, inputs.image_grid_thw, image_mask, "image", merge)
         video = _checked(inputs.pixel_values_videos, inputs.video_grid_thw, video_mask, "video", merge)
         present = [pair for pair in (image, video) if pair is not None]
         if not present:
             return None
         # One vision run for all images and videos, so every hook fires once per forward pass.
-        features = self._encode(model, torch.cat([p for p, _ in present]), torch.cat([g for _, g in present]))
+        features = self._encode(torch.cat([p for p, _ in present]), torch.cat([g for _, g in present]))
         if len(present) == 1:
             return features
         n_image = int(image_mask.sum())
@@ -257,40 +231,37 @@ class Qwen2VLFamily(Family):
         merged[is_image], merged[~is_image] = features[:n_image], features[n_image:]
         return merged
 
-    def rope_index(self, model, inputs: VLMInputs, mask: Tensor | None) -> Int[Tensor, "3 batch pos"]:
+    def rope_index(self, inputs: VLMInputs, mask: Tensor | None) -> Int[Tensor, "3 batch pos"]:
         """3D positions from HF's own ``get_rope_index`` (images, videos, text, left padding)."""
-        cfg = model.vlm_cfg
+        cfg = self.vlm_cfg
         ids = inputs.input_ids
         types = inputs.mm_token_type_ids
         if types is None:  # what the processor returns: 1 at image, 2 at video placeholders
-            types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.extra["video_token_id"]).int()
-        shim = SimpleNamespace(config=cfg.extra["hf_config"])
-        shim.get_vision_position_ids = functools.partial(self.hf_model.get_vision_position_ids, shim)
-        positions, _ = self.hf_model.get_rope_index(
-            shim, ids, mm_token_type_ids=types.to(ids.device), image_grid_thw=inputs.image_grid_thw,
-            video_grid_thw=inputs.video_grid_thw, attention_mask=mask, **self.rope_kwargs(inputs),
+            types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+        return qwen_rope_index(
+            self.hf_class, cfg.hf_config, ids, mm_token_type_ids=types.to(ids.device),
+            image_grid_thw=inputs.image_grid_thw, video_grid_thw=inputs.video_grid_thw, attention_mask=mask,
+            **self.rope_kwargs(inputs),
         )
-        return positions
 
     def rope_kwargs(self, inputs: VLMInputs) -> dict:
         return {}
 
-    def prefill_positions(self, model, inputs: VLMInputs, mask: Tensor) -> Tensor:
+    def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         if inputs.image_grid_thw is None and inputs.video_grid_thw is None:
-            return super().prefill_positions(model, inputs, mask)
+            return super().prefill_positions(inputs, mask)
         # Decode steps then continue each axis by one per token (HF's generate), from positions[..., -1:].
-        return self.rope_index(model, inputs, mask)
+        return self.rope_index(inputs, mask)
 
     # ------------------------------------------------------------------ analysis
 
-    def image_token_cells(self, model, inputs: VLMInputs, original_sizes) -> list[dict]:
+    def image_token_cells(self, inputs: VLMInputs, original_sizes) -> list[dict]:
         """Per visual placeholder, in order: source (``kind`` "patch" for images, "video" for videos) and its
         index ``image``, vision-tower row ``tile`` (images, then videos), first ``patch`` of its merge block in
         that row, temporal patch ``t``, (``row``, ``col``) in the merged grid (patch rows ``merge * row`` ..) and
         pixel box ``x0, y0, x1, y1`` in the resized image, or in the original image when ``original_sizes``
         (width, height per image) are given. Video boxes are in resized frame pixels."""
-        cfg = model.vlm_cfg
-        g: PatchGeometry = cfg.extra["geometry"]
+        cfg = self.vlm_cfg
         ids = inputs.input_ids
         grids = {
             "patch": inputs.image_grid_thw.tolist() if inputs.image_grid_thw is not None else [],
@@ -301,50 +272,31 @@ class Qwen2VLFamily(Family):
             first_row = 0 if kind == "patch" else len(grids["patch"])
             sizes = original_sizes if kind == "patch" else None
             queues[kind] = iter(
-                [cell for i, grid in enumerate(kind_grids) for cell in _cells(g, kind, i, first_row + i, grid, sizes)]
+                [cell for i, grid in enumerate(kind_grids) for cell in _cells(cfg.geometry, kind, i, first_row + i, grid, sizes)]
             )
-        visual = ids[self.image_token_mask(model, ids)].tolist()
+        visual = ids[self.image_token_mask(ids)].tolist()
         return [next(queues["patch" if token == cfg.image_token_id else "video"]) for token in visual]
 
 
-class Qwen25VLFamily(Qwen2VLFamily):
-    name = "qwen2_5_vl"
+class HookedQwen25VL(HookedQwen2VL):
+    family = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
-    input_fields = Qwen2VLFamily.input_fields | {"second_per_grid_ts"}
-    hf_model = Qwen2_5_VLModel
-    norm = "RMS"
+    input_fields = HookedQwen2VL.input_fields | {"second_per_grid_ts"}
+    hf_class = Qwen2_5_VLModel
 
-    def vision_tower_config(self, vc) -> TowerConfig:
-        d = vc.hidden_size
-        return TowerConfig(
-            n_layers=vc.depth, d_model=d, n_heads=vc.num_heads, d_head=d // vc.num_heads, d_mlp=vc.intermediate_size,
-            act_fn=vc.hidden_act, normalization_type=self.norm, eps=1e-6, gated_mlp=True, attn_bias=True,
-            attn_out_bias=True, mlp_bias=True, attention_dir="bidirectional", original_architecture=type(vc).__name__,
-        )
-
-    def geometry(self, vc) -> PatchGeometry:
+    @classmethod
+    def geometry(cls, vc) -> PatchGeometry:
         return PatchGeometry(
             vc.patch_size, vc.temporal_patch_size, vc.in_channels, vc.spatial_merge_size,
             window_size=vc.window_size, full_attention_blocks=tuple(vc.fullatt_block_indexes),
         )
 
-    def projector_width(self, vc) -> int:
+    @classmethod
+    def projector_width(cls, vc) -> int:
         return vc.out_hidden_size
-
-    def mlp_rules(self, hf: str, tl: str) -> list[Rule]:
-        return [
-            *linear_rules(rf"{hf}\.gate_proj", rf"{tl}.W_gate", rf"{tl}.b_gate"),
-            *linear_rules(rf"{hf}\.up_proj", rf"{tl}.W_in", rf"{tl}.b_in"),
-            *linear_rules(rf"{hf}\.down_proj", rf"{tl}.W_out", rf"{tl}.b_out"),
-        ]
 
     def rope_kwargs(self, inputs: VLMInputs) -> dict:
         return {"second_per_grid_ts": inputs.second_per_grid_ts}
-
-
-def _norm_rules(hf: str, tl: str) -> list[Rule]:
-    # LayerNorm has a bias, RMSNorm none; a rule for a key the checkpoint lacks never fires.
-    return [Rule(rf"{hf}\.weight", f"{tl}.w"), Rule(rf"{hf}\.bias", f"{tl}.b")]
 
 
 def _checked(

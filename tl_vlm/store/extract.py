@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
@@ -42,21 +43,6 @@ def select_hooks(names: list[str], patterns: list[str]) -> list[str]:
             raise ValueError(f"hook pattern {pattern!r} matches no hook; close names: {close} (list them with tl-vlm hooks MODEL)")
         chosen += [h for h in hits if h not in chosen]
     return chosen
-
-
-def format_prompt(processor, prompt: str) -> str:
-    """The prompt with the model's image placeholder, through its chat template when it has one."""
-    if getattr(processor, "num_query_tokens", None) is not None:
-        return prompt  # BLIP-2 / InstructBLIP processors insert the query placeholders themselves
-    token = getattr(processor, "image_token", None)
-    if token and token in prompt:
-        return prompt
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    if token is None:
-        raise ValueError("the processor has neither an image token nor a chat template; put the placeholder in the prompt")
-    return f"{token}\n{prompt}"
 
 
 def extract(config: ExtractConfig, progress: bool = True) -> dict:

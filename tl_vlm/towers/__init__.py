@@ -3,6 +3,6 @@
 from tl_vlm.towers.language import DecoderLM
 from tl_vlm.towers.projector import LinearProjector, MLPProjector
 from tl_vlm.towers.qformer import QFormer
-from tl_vlm.towers.vision import CLIPVisionTower
+from tl_vlm.towers.vision import ViTTower
 
-__all__ = ["CLIPVisionTower", "DecoderLM", "LinearProjector", "MLPProjector", "QFormer"]
+__all__ = ["DecoderLM", "LinearProjector", "MLPProjector", "QFormer", "ViTTower"]

@@ -11,7 +11,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components import MLP, layout
+from tl_vlm.components import MLP
+from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import run_hook
 
 

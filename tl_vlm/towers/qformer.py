@@ -18,14 +18,15 @@ from transformer_lens.hook_points import HookPoint
 from tl_vlm.components import Embed, LayerNorm, PosEmbed
 from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.components.qformer_block import QFormerBlock
-from tl_vlm.config import TowerConfig
+from tl_vlm.config import QFormerConfig
 from tl_vlm.towers.stacked import StackedWeights
 
 
 class QFormer(StackedWeights, nn.Module):
-    def __init__(self, cfg: TowerConfig, n_query: int, d_image: int, cross_attention_frequency: int, text_input: bool):
+    def __init__(self, cfg: QFormerConfig, text_input: bool):
         super().__init__()
-        self.cfg, self.n_query = cfg, n_query
+        self.cfg, self.n_query = cfg, cfg.num_query_tokens
+        n_query, d_image, cross_attention_frequency = cfg.num_query_tokens, cfg.d_vision, cfg.cross_attention_frequency
         self.query_tokens = nn.Parameter(torch.empty(n_query, cfg.d_model))
         self.hook_query_embed = HookPoint()  # [batch, query, d_model]
         if text_input:

@@ -14,7 +14,7 @@ to the longest input, so every hook has TransformerLens' shapes with the image f
   In Qwen2.5-VL's windowed blocks (all but ``fullatt_block_indexes``) it attends to its own window only.
   Patterns stay in the processor's patch order, so ``hook_pattern`` is ``[image, head, patch, patch]``
   with exact zeros outside a patch's frame (and window); ``PatchLayout.window`` gives each patch's window,
-  e.g. ``pattern[..., order, :][..., order]`` with ``order = layout.window[i].argsort(stable=True)`` shows
+  e.g. ``pattern[..., order, :][..., order]`` with ``order = model.vision.patch_layout(grid).window[i].argsort(stable=True)`` shows
   the block-diagonal window structure in HF's window order.
 """
 
@@ -91,7 +91,7 @@ class QwenVisionTower(StackedWeights, nn.Module):
         self.rotary = rotary
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
 
-    def layout(self, grid_thw: Int[Tensor, "image 3"]) -> PatchLayout:
+    def patch_layout(self, grid_thw: Int[Tensor, "image 3"]) -> PatchLayout:
         g = self.geometry
         lengths = grid_thw.prod(-1).tolist()
         n, longest = len(lengths), max(lengths)
@@ -137,7 +137,7 @@ class QwenVisionTower(StackedWeights, nn.Module):
                 f"Qwen vision pixel_values must be [patches, {g.patch_dim}] (channel x temporal x patch x patch), got "
                 f"{tuple(pixel_values.shape)}; use the model's image processor"
             )
-        layout = self.layout(grid_thw)
+        layout = self.patch_layout(grid_thw)
         if pixel_values.shape[0] != sum(layout.lengths):
             raise ValueError(
                 f"grid_thw {grid_thw.tolist()} implies {sum(layout.lengths)} patches but pixel_values holds "

@@ -22,19 +22,19 @@ from tl_vlm.components.attention import causal_block
 from tl_vlm.components.cross_block import CrossAttentionBlock
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.components.relative_position import RelativePositionBias
-from tl_vlm.config import TowerConfig
+from tl_vlm.config import T5Config
 from tl_vlm.towers.language import MergedEmbeds
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 
 
 class T5Stack(StackedWeights, nn.Module):
-    def __init__(self, cfg: TowerConfig, decoder: bool):
+    def __init__(self, cfg: T5Config, decoder: bool):
         super().__init__()
         self.cfg, self.is_decoder = cfg, decoder
         if decoder:
             self.hook_embed = HookPoint()  # [batch, pos, d_model]: decoder token embeddings
         self.rel_pos = RelativePositionBias(
-            cfg.extra["relative_attention_num_buckets"], cfg.n_heads, cfg.extra["relative_attention_max_distance"],
+            cfg.relative_attention_num_buckets, cfg.n_heads, cfg.relative_attention_max_distance,
             bidirectional=not decoder,
         )
         self.hook_rel_pos_bias = HookPoint()
@@ -73,9 +73,10 @@ class T5Stack(StackedWeights, nn.Module):
 
 
 class T5LM(MergedEmbeds, LanguageWeights, nn.Module):
-    def __init__(self, cfg: TowerConfig, decoder_cfg: TowerConfig):
+    def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
+        decoder_cfg = cfg.replace(n_layers=cfg.n_decoder_layers, attention_dir="causal")
         self.embed = Embed(cfg.d_vocab, cfg.d_model)  # shared by encoder and decoder
         self.hook_text_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_image_embed = HookPoint()
@@ -100,6 +101,6 @@ class T5LM(MergedEmbeds, LanguageWeights, nn.Module):
     ) -> Float[Tensor, "batch dec_pos d_vocab"]:
         x = run_hook(self.decoder.hook_embed, self.embed(decoder_input_ids))
         hidden = self.decoder(x, decoder_attention_mask, encoded, attention_mask, cache)[:, -logits_to_keep:]
-        if self.cfg.extra["scale_decoder_outputs"]:  # tied-embedding T5 rescales before its unembedding
+        if self.cfg.scale_decoder_outputs:  # tied-embedding T5 rescales before its unembedding
             hidden = hidden * self.cfg.d_model**-0.5
         return self.unembed(hidden)

@@ -1,4 +1,4 @@
-"""CLIP-style ViT vision tower: patch (+ class) embedding, learned positions, pre-norm blocks.
+"""ViT vision tower: patch (+ class) embedding, learned positions, pre-norm blocks (CLIP, SigLIP, EVA).
 
 CLIP normalises the embeddings (``ln_pre``); BLIP-2's EVA ViT does not, has a patch-conv bias and
 normalises the last hidden state instead (``ln_post``, applied by the family that reads it). SigLIP has
@@ -17,31 +17,23 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import PatchEmbed, TransformerBlock, make_norm
 from tl_vlm.components.hooks import active, run_hook
-from tl_vlm.config import TowerConfig
+from tl_vlm.config import ViTConfig
 from tl_vlm.towers.stacked import StackedWeights
 
 
-class CLIPVisionTower(StackedWeights, nn.Module):
-    def __init__(
-        self,
-        cfg: TowerConfig,
-        image_size: int,
-        patch_size: int,
-        num_channels: int,
-        ln_pre: bool = True,
-        ln_post: bool = False,
-        patch_bias: bool = False,
-        class_token: bool = True,
-    ):
+class ViTTower(StackedWeights, nn.Module):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.cfg, self.image_size = cfg, image_size
-        n_positions = (image_size // patch_size) ** 2 + class_token
-        self.embed = PatchEmbed(cfg.d_model, patch_size, num_channels, n_positions, bias=patch_bias, class_token=class_token)
+        self.cfg, self.image_size = cfg, cfg.image_size
+        n_positions = cfg.grid**2 + cfg.class_token
+        self.embed = PatchEmbed(
+            cfg.d_model, cfg.patch_size, cfg.num_channels, n_positions, bias=cfg.patch_bias, class_token=cfg.class_token
+        )
         self.hook_embed = HookPoint()  # [image, (1 +) patch, d_model]: the class token (if any), then patches
         self.hook_pos_embed = HookPoint()
-        self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps) if ln_pre else None
+        self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        self.ln_post = make_norm("LN", cfg.d_model, cfg.eps) if ln_post else None
+        self.ln_post = make_norm("LN", cfg.d_model, cfg.eps) if cfg.ln_post else None
 
     def forward(
         self, pixel_values: Float[Tensor, "image channel height width"], keep: list[int]

@@ -11,6 +11,7 @@ chart-understanding study). Every example records what was drawn, so analyses ca
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -148,3 +149,38 @@ def make_examples(n: int, seed: int, kinds: tuple[str, ...] = QUESTION_TYPES, st
     if unknown:
         raise ValueError(f"unknown question types {sorted(unknown)}; choose from {QUESTION_TYPES}")
     return [_example(random.Random(seed * 1_000_003 + i), kinds[i % len(kinds)]) for i in range(start, start + n)]
+
+
+def sample_images(
+    n: int, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None
+) -> list[Image.Image]:
+    """Deterministic small RGB images, each one coloured square/circle/triangle on a plain background.
+
+    `sizes` optionally gives (width, height) per image (default 40x40), e.g. non-square sizes to exercise
+    anyres tiling. The drawn content is recorded in ``img.info["colour"]``, ``["shape"]``, ``["background"]``.
+    """
+    if sizes is None:
+        sizes = [(40, 40)] * n
+    if len(sizes) != n:
+        raise ValueError(f"got {len(sizes)} sizes for {n} images")
+
+    images = []
+    for i, (w, h) in enumerate(sizes):
+        rng = random.Random(seed * 100_003 + i)
+        background, colour = rng.sample(sorted(COLOURS), 2)
+        shape = rng.choice(SHAPES)
+        side = max(2, int(min(w, h) * rng.uniform(0.35, 0.6)))
+        x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+
+        img = Image.new("RGB", (w, h), COLOURS[background])
+        draw = ImageDraw.Draw(img)
+        if shape == "square":
+            draw.rectangle(box, fill=COLOURS[colour])
+        elif shape == "circle":
+            draw.ellipse(box, fill=COLOURS[colour])
+        else:
+            draw.polygon([(x0 + side / 2, y0), (box[2], box[3]), (x0, box[3])], fill=COLOURS[colour])
+        img.info.update(colour=colour, shape=shape, background=background)
+        images.append(img)
+    return images

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-import random
 import string
 from collections.abc import Sequence
 
 import torch
-from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
@@ -40,10 +38,8 @@ from transformers import (
 )
 
 from tl_vlm.zoo.build_cache import cached_build
-from tl_vlm.zoo.data import COLOURS as _COLOURS
-from tl_vlm.zoo.data import SHAPES as _SHAPES
 
-__all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer", "sample_images"]
+__all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer"]
 
 VARIANTS = ("llava15", "llava_qwen2", "llava_next_mistral", "llava_interleave_siglip")
 
@@ -240,36 +236,3 @@ def build_tiny_vlm(path: str | os.PathLike, variant: str = "llava15", seed: int 
     return cached_build(path, variant, seed, _FORMAT_VERSION, build)
 
 
-def sample_images(
-    n: int, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None
-) -> list[Image.Image]:
-    """Deterministic small RGB images, each one coloured square/circle/triangle on a plain background.
-
-    `sizes` optionally gives (width, height) per image (default 40x40), e.g. non-square sizes to exercise
-    anyres tiling. The drawn content is recorded in ``img.info["colour"]``, ``["shape"]``, ``["background"]``.
-    """
-    if sizes is None:
-        sizes = [(40, 40)] * n
-    if len(sizes) != n:
-        raise ValueError(f"got {len(sizes)} sizes for {n} images")
-
-    images = []
-    for i, (w, h) in enumerate(sizes):
-        rng = random.Random(seed * 100_003 + i)
-        background, colour = rng.sample(sorted(_COLOURS), 2)
-        shape = rng.choice(_SHAPES)
-        side = max(2, int(min(w, h) * rng.uniform(0.35, 0.6)))
-        x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
-        box = (x0, y0, x0 + side - 1, y0 + side - 1)
-
-        img = Image.new("RGB", (w, h), _COLOURS[background])
-        draw = ImageDraw.Draw(img)
-        if shape == "square":
-            draw.rectangle(box, fill=_COLOURS[colour])
-        elif shape == "circle":
-            draw.ellipse(box, fill=_COLOURS[colour])
-        else:
-            draw.polygon([(x0 + side / 2, y0), (box[2], box[3]), (x0, box[3])], fill=_COLOURS[colour])
-        img.info.update(colour=colour, shape=shape, background=background)
-        images.append(img)
-    return images

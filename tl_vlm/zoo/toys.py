@@ -1,7 +1,8 @@
 """The trained toy checkpoints shipped inside the package, addressable by hub-style names offline.
 
-``HookedVLM.from_pretrained("tl-vlm/toy-llava")`` (or ``toy-blip2``, ``toy-qwen2-vl``) resolves here
-before any hub lookup; ``toy_checkpoint`` gives the folder for HF's own ``from_pretrained``.
+``HookedVLM.from_pretrained("tl-vlm/toy-llava")`` (or ``toy-blip2``, ``toy-qwen2-vl``) finds them among the
+package's bundled checkpoints (tl_vlm/checkpoints.py) before any hub lookup; ``toy_checkpoint`` gives the
+folder for HF's own ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from tl_vlm.checkpoints import BUNDLED, BUNDLED_PREFIX
+
 __all__ = ["TOYS", "toy_checkpoint", "toy_metrics"]
 
-CHECKPOINTS = Path(__file__).parent / "checkpoints"
 # hub-style name -> training family in zoo/train.py
 TOYS = {"tl-vlm/toy-llava": "llava", "tl-vlm/toy-blip2": "blip2", "tl-vlm/toy-qwen2-vl": "qwen2_vl"}
 
@@ -21,7 +23,7 @@ def toy_checkpoint(name: str | os.PathLike) -> Path | None:
     """The folder of a shipped toy, or None when `name` is not a toy name."""
     if str(name) not in TOYS:
         return None
-    path = CHECKPOINTS / str(name).split("/", 1)[1]
+    path = BUNDLED / str(name).removeprefix(BUNDLED_PREFIX)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"toy checkpoint {name!r} is missing from {path}; the package install is incomplete "

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tl_vlm.store.extract import format_prompt
+from tl_vlm.prompts import format_prompt
 from tl_vlm.zoo import data
 
 PATCH = 8

@@ -1,12 +1,14 @@
 """HF state-dict keys -> TL parameter names, one tensor at a time (no second copy of the model).
 
-Each family lists rules (regex over the HF key, TL name template, layout transform). Converted
+Each family lists rules (regex over the HF key, TL name template, layout transform), built with the
+builders below and those of ``text_lms`` / ``vits`` / ``qformer``. Converted
 tensors are views of the source tensors, so a checkpoint streams into the model tensor by tensor,
 and an in-memory HF model shares its storage with the converted one.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from tl_vlm.components import layout
+from tl_vlm.components import param_layout as layout
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -54,22 +56,47 @@ class WeightMap:
         )
 
 
-def attention_rules(hf: str, tl: str, d_head: int, names: dict[str, str], bias: tuple[str, ...]) -> list[Rule]:
-    """Q/K/V/O projections of one attention layout. ``names`` maps q/k/v/o to HF module names."""
-    rules = [
-        Rule(rf"{hf}\.{names['q']}\.weight", rf"{tl}.attn.W_Q", lambda t: layout.heads_in(t, d_head)),
-        Rule(rf"{hf}\.{names['k']}\.weight", rf"{tl}.attn._W_K", lambda t: layout.heads_in(t, d_head)),
-        Rule(rf"{hf}\.{names['v']}\.weight", rf"{tl}.attn._W_V", lambda t: layout.heads_in(t, d_head)),
-        Rule(rf"{hf}\.{names['o']}\.weight", rf"{tl}.attn.W_O", lambda t: layout.heads_out(t, d_head)),
-    ]
-    tl_bias = {"q": "b_Q", "k": "_b_K", "v": "_b_V"}
-    for proj in bias:
-        if proj == "o":
-            rules.append(Rule(rf"{hf}\.{names['o']}\.bias", rf"{tl}.attn.b_O"))
-        else:
-            rules.append(
-                Rule(rf"{hf}\.{names[proj]}\.bias", rf"{tl}.attn.{tl_bias[proj]}", lambda t: layout.bias_heads(t, d_head))
-            )
+def _heads_in(d_head: int) -> Transform:
+    return functools.partial(layout.heads_in, d_head=d_head)
+
+
+def _bias_heads(d_head: int) -> Transform:
+    return functools.partial(layout.bias_heads, d_head=d_head)
+
+
+def _thirds(transform: Transform) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    return lambda t: tuple(transform(part) for part in t.chunk(3))
+
+
+def attention_rules(
+    hf: str,
+    tl: str,
+    d_head: int,
+    q: str = "q_proj",
+    k: str = "k_proj",
+    v: str = "v_proj",
+    o: str = "o_proj",
+    biases: Iterable[str] = (),
+    qkv: str | None = None,
+) -> list[Rule]:
+    """Q/K/V/O projections of the HF attention module ``hf`` -> the TL attention module ``tl`` (e.g.
+    ``blocks.\\1.attn``). ``biases`` names the projections with a bias (q, k, v, o); ``qkv`` names a fused
+    ``[q; k; v]`` projection that replaces q, k and v (each TL matrix becomes a view of its third)."""
+    biases = set(biases)
+    heads_in, bias_heads = _heads_in(d_head), _bias_heads(d_head)
+    if qkv is not None:
+        rules = [Rule(rf"{hf}\.{qkv}\.weight", (f"{tl}.W_Q", f"{tl}._W_K", f"{tl}._W_V"), _thirds(heads_in))]
+        if biases & {"q", "k", "v"}:
+            rules.append(Rule(rf"{hf}\.{qkv}\.bias", (f"{tl}.b_Q", f"{tl}._b_K", f"{tl}._b_V"), _thirds(bias_heads)))
+    else:
+        rules = []
+        for proj, name, weight, bias in (("q", q, "W_Q", "b_Q"), ("k", k, "_W_K", "_b_K"), ("v", v, "_W_V", "_b_V")):
+            rules.append(Rule(rf"{hf}\.{name}\.weight", f"{tl}.{weight}", heads_in))
+            if proj in biases:
+                rules.append(Rule(rf"{hf}\.{name}\.bias", f"{tl}.{bias}", bias_heads))
+    rules.append(Rule(rf"{hf}\.{o}\.weight", f"{tl}.W_O", functools.partial(layout.heads_out, d_head=d_head)))
+    if "o" in biases:
+        rules.append(Rule(rf"{hf}\.{o}\.bias", f"{tl}.b_O"))
     return rules
 
 
@@ -80,47 +107,19 @@ def linear_rules(hf: str, tl_weight: str, tl_bias: str | None) -> list[Rule]:
     return rules
 
 
-def clip_vision_rules(hf: str, tl: str, d_head: int) -> list[Rule]:
-    """HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (under prefix ``hf``) -> ``CLIPVisionTower`` (under ``tl``);
-    rules for parts one of them lacks (class token, ``pre_layrnorm``, patch bias) simply match nothing."""
-    layer, block = rf"{hf}\.encoder\.layers\.(\d+)", rf"{tl}.blocks.\1"
-    return [
-        Rule(rf"{hf}\.embeddings\.patch_embedding\.weight", f"{tl}.embed.W_patch"),
-        Rule(rf"{hf}\.embeddings\.patch_embedding\.bias", f"{tl}.embed.b_patch"),
-        Rule(rf"{hf}\.embeddings\.class_embedding", f"{tl}.embed.class_embedding"),
-        Rule(rf"{hf}\.embeddings\.position_embedding\.weight", f"{tl}.embed.W_pos"),
-        Rule(rf"{hf}\.pre_layrnorm\.weight", f"{tl}.ln_pre.w"),
-        Rule(rf"{hf}\.pre_layrnorm\.bias", f"{tl}.ln_pre.b"),
-        *attention_rules(
-            rf"{layer}\.self_attn", block, d_head, {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}, ("q", "k", "v", "o")
-        ),
-        Rule(rf"{layer}\.layer_norm1\.weight", rf"{block}.ln1.w"),
-        Rule(rf"{layer}\.layer_norm1\.bias", rf"{block}.ln1.b"),
-        Rule(rf"{layer}\.layer_norm2\.weight", rf"{block}.ln2.w"),
-        Rule(rf"{layer}\.layer_norm2\.bias", rf"{block}.ln2.b"),
-        *linear_rules(rf"{layer}\.mlp\.fc1", rf"{block}.mlp.W_in", rf"{block}.mlp.b_in"),
-        *linear_rules(rf"{layer}\.mlp\.fc2", rf"{block}.mlp.W_out", rf"{block}.mlp.b_out"),
-    ]
+def norm_rules(hf: str, tl: str) -> list[Rule]:
+    """LayerNorm or RMSNorm: the bias rule matches nothing for a norm without one."""
+    return [Rule(rf"{hf}\.weight", f"{tl}.w"), Rule(rf"{hf}\.bias", f"{tl}.b")]
 
 
-def decoder_lm_rules(hf: str, d_head: int, bias: tuple[str, ...], mlp_bias: bool) -> list[Rule]:
-    """HF Llama-style decoder (``LlamaModel`` / ``MistralModel`` / ``Qwen2Model``) -> top-level TL names."""
-    layer, block = rf"{hf}\.layers\.(\d+)", r"blocks.\1"
-    mlp = [
-        *linear_rules(rf"{layer}\.mlp\.gate_proj", rf"{block}.mlp.W_gate", rf"{block}.mlp.b_gate" if mlp_bias else None),
-        *linear_rules(rf"{layer}\.mlp\.up_proj", rf"{block}.mlp.W_in", rf"{block}.mlp.b_in" if mlp_bias else None),
-        *linear_rules(rf"{layer}\.mlp\.down_proj", rf"{block}.mlp.W_out", rf"{block}.mlp.b_out" if mlp_bias else None),
-    ]
+def mlp_rules(hf: str, tl: str, w_in: str, w_out: str, w_gate: str | None = None, bias: bool = True) -> list[Rule]:
+    """An MLP (``tl``: the TL MLP module); ``w_gate`` names the gate projection of a gated MLP."""
+    b = (lambda name: f"{tl}.{name}") if bias else (lambda name: None)
+    gate = linear_rules(rf"{hf}\.{w_gate}", f"{tl}.W_gate", b("b_gate")) if w_gate is not None else []
     return [
-        Rule(rf"{hf}\.embed_tokens\.weight", "embed.W_E"),
-        *attention_rules(
-            rf"{layer}\.self_attn", block, d_head, {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}, bias
-        ),
-        Rule(rf"{layer}\.input_layernorm\.weight", rf"{block}.ln1.w"),
-        Rule(rf"{layer}\.post_attention_layernorm\.weight", rf"{block}.ln2.w"),
-        *mlp,
-        Rule(rf"{hf}\.norm\.weight", "ln_final.w"),
-        Rule(r"lm_head\.weight", "unembed.W_U", layout.transposed),
+        *gate,
+        *linear_rules(rf"{hf}\.{w_in}", f"{tl}.W_in", b("b_in")),
+        *linear_rules(rf"{hf}\.{w_out}", f"{tl}.W_out", b("b_out")),
     ]
 
 
