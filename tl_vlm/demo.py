@@ -54,7 +54,7 @@ def run_demo(
     model_name = str(model_name or DEFAULT_MODEL)
     hf_path = toy_checkpoint(model_name) or model_name
     model = HookedVLM.from_pretrained(model_name, device=device)
-    if "decoder" in model.towers():
+    if model.capabilities.encoder_decoder:
         raise NotImplementedError(
             "the demo runs decoder-only language models; for encoder-decoder checkpoints (Flan-T5) use `tl-vlm verify` "
             "and the hooks under encoder.* / decoder.*"
@@ -80,7 +80,7 @@ def run_demo(
 def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, start: float) -> dict:
     from tl_vlm.store.extract import format_prompt
 
-    blip2 = getattr(model, "qformer", None) is not None
+    queries = model.capabilities.queries
     report: dict = {"model": model_name, "architecture": model.vlm_cfg.architecture, "notes": []}
     clean_ex, corrupt_ex, others = _scenes(seed)
     prompt = format_prompt(model.processor, clean_ex.question)
@@ -123,7 +123,7 @@ def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, st
         "language_resid_pre_at_image_positions": _patch_language(model, clean, corrupt, clean_cache, metric),
         "vision_resid_pre": _patch_vision(model, corrupt, clean_cache, metric),
     }
-    if blip2:
+    if queries:
         report["notes"].append("BLIP-2: the image tokens are Q-Former queries, not patches, so patching the object's "
                                "region is skipped (every query reads the whole image)")
     else:
@@ -135,9 +135,9 @@ def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, st
     _print_patching(patching, clean_ex.answer, corrupt_ex.answer)
 
     # ------------------------------------------------------------------ logit-lens localisation
-    report["localization"], heat, conf = _localize(model, clean, clean_ex.image, clean_ex.answer, obj["box"], blip2)
-    report["localization"]["pointing_game"] = _pointing_game(model, [clean_ex, *others], blip2)
-    if blip2:
+    report["localization"], heat, conf = _localize(model, clean, clean_ex.image, clean_ex.answer, obj["box"])
+    report["localization"]["pointing_game"] = _pointing_game(model, [clean_ex, *others])
+    if queries:
         report["notes"].append("BLIP-2: localisation spreads each query's logit-lens score over the patches it "
                                "cross-attends to; the peak is a pixel of that map")
     loc = report["localization"]
@@ -271,8 +271,7 @@ def _patch_regions(model, clean, corrupt, clean_cache, image, box, metric) -> di
                 out[f"language_resid_pre_{label}"].append(metric(patch_image_region(model, corrupt, clean, mask, name)))
     # The same split in the vision tower: the patches feeding the object's tokens (a merge block of patches per
     # token for Qwen-VL), then all other patches (the class token and padding stay corrupted).
-    geometry = model.vlm_cfg.extra.get("geometry")
-    per_token = geometry.merge_size ** 2 if geometry is not None else 1
+    per_token = model.capabilities.patches_per_token
     patches = {True: [], False: []}
     for row in index[index["kind"] == "patch"].itertuples():
         patches[bool(inside[row.batch, row.position])] += [(row.tile, row.patch + k) for k in range(per_token)]
@@ -345,20 +344,20 @@ def _print_patching(p: dict, clean_word: str, corrupt_word: str) -> None:
 # ---------------------------------------------------------------------- localisation
 
 
-def _pointing_game(model, examples, blip2: bool) -> dict:
+def _pointing_game(model, examples) -> dict:
     """The peak's hit rate over several scenes (the first is the demo's own), with the mean chance level."""
     from tl_vlm.store.extract import format_prompt
 
     hits, chance = 0, 0.0
     for ex in examples:
         inputs = model.prepare(images=ex.image, text=format_prompt(model.processor, ex.question))
-        record, _, _ = _localize(model, inputs, ex.image, ex.answer, ex.objects[0]["box"], blip2, heat=False)
+        record, _, _ = _localize(model, inputs, ex.image, ex.answer, ex.objects[0]["box"], heat=False)
         hits += record["hit"]
         chance += record["chance"]
     return {"scenes": len(examples), "hits": hits, "hit_rate": hits / len(examples), "chance": chance / len(examples)}
 
 
-def _localize(model, inputs, image, word: str, box, blip2: bool, heat: bool = True):
+def _localize(model, inputs, image, word: str, box, heat: bool = True):
     """Logit-lens p(word) at image tokens; a hit when the peak's patch (BLIP-2: pixel) holds pixels of the drawn
     shape, not merely its bounding box. Returns (record, heat, map)."""
     import numpy as np
@@ -369,10 +368,11 @@ def _localize(model, inputs, image, word: str, box, blip2: bool, heat: bool = Tr
 
     shape = torch.from_numpy((np.asarray(image.convert("RGB")) != BACKGROUND).any(-1))  # [y, x] single-shape scenes
     conf = confidence_map(model, inputs, word)[:, 0].cpu()  # [layer (inputs of each block, then final), image token]
-    heat = localization(model, inputs, word, [image])[0] if heat or blip2 else None
+    queries = model.capabilities.queries
+    heat = localization(model, inputs, word, [image])[0] if heat or queries else None
     record: dict = {"word": word, "variant": "Jiang et al.: unembed without the final norm, top-50 renormalised",
                     "layers": conf.shape[0], "max_p": conf.max().item()}
-    if blip2:
+    if queries:
         y, x = divmod(int(heat.argmax()), heat.shape[1])
         token = int(conf.amax(0).argmax())
         record["peak"] = {"pixel": [x, y], "token": token, "layer": int(conf[:, token].argmax()),
