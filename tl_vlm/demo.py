@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tl_vlm import HookedVLM, VLMInputs
+from tl_vlm import HookedVLM
 
 DEFAULT_MODEL = "tl-vlm/toy-llava"
 KIND = "colour"
@@ -52,7 +52,6 @@ def run_demo(
 
     start = time.perf_counter()
     model_name = str(model_name or DEFAULT_MODEL)
-    hf_path = toy_checkpoint(model_name) or model_name
     model = HookedVLM.from_pretrained(model_name, device=device)
     if model.capabilities.encoder_decoder:
         raise NotImplementedError(
@@ -72,12 +71,12 @@ def run_demo(
     if model.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
         torch.set_num_threads(1)
     try:
-        return _run(model, model_name, hf_path, out_dir, seed, start)
+        return _run(model, model_name, out_dir, seed, start)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, start: float) -> dict:
+def _run(model: HookedVLM, model_name: str, out_dir: str, seed: int, start: float) -> dict:
     from tl_vlm.store.extract import format_prompt
 
     queries = model.capabilities.queries
@@ -93,7 +92,7 @@ def _run(model: HookedVLM, model_name: str, hf_path, out_dir: str, seed: int, st
         "corrupted": {"answer": corrupt_ex.answer, "objects": [_jsonable(o) for o in corrupt_ex.objects]},
     }
 
-    report["fidelity"] = _fidelity(model, hf_path, clean)
+    report["fidelity"] = _fidelity(model, clean_ex.image, clean_ex.question)
     print(f"fidelity vs HF: max |logit diff| {report['fidelity']['logits_max_abs_diff']:.1e}, "
           f"worst language layer {report['fidelity']['worst_hidden_max_abs_diff']:.1e}")
 
@@ -200,26 +199,13 @@ def _first_token(model, word: str) -> int:
 # ---------------------------------------------------------------------- fidelity
 
 
-def _fidelity(model: HookedVLM, hf_path, inputs: VLMInputs) -> dict:
-    from transformers import AutoModelForImageTextToText
+def _fidelity(model: HookedVLM, image, question: str) -> dict:
+    """``verify`` on the demo's own scene and question: the logits' and each language layer's max |diff| vs HF."""
+    from tl_vlm.verify import verify
 
-    from tl_vlm.verify import _hf_run
-
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        hf = AutoModelForImageTextToText.from_pretrained(hf_path).to(model.device).eval()
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    hf_logits, hf_layers = _hf_run(model, hf, inputs)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(
-            inputs, names_filter=lambda n: re.fullmatch(r"blocks\.\d+\.hook_resid_post", n) is not None)
-    diffs = [(cache[f"blocks.{i}.hook_resid_post"] - h).abs().max().item() for i, h in enumerate(hf_layers["language"])]
-    return {"logits_max_abs_diff": (logits - hf_logits).abs().max().item(), "hidden_max_abs_diff": diffs,
+    result = verify(model, images=[image], prompts=[question])
+    diffs = [d.max_abs for d in result.layers if d.tower == "language"]
+    return {"logits_max_abs_diff": result.logits_max_abs, "hidden_max_abs_diff": diffs,
             "worst_hidden_max_abs_diff": max(diffs)}
 
 
