@@ -36,6 +36,8 @@ from tl_vlm.demo.report import print_summary, write_report
 
 DEFAULT_MODEL = "tl-vlm/toy-llava"
 
+__all__ = ["DEFAULT_MODEL", "run_demo"]
+
 
 def run_demo(
     model_name: str | None = None, out_dir: str = "tl_vlm_demo", device: str | None = None, seed: int = 0
@@ -76,5 +78,3 @@ def run_demo(
     print_summary(report, out)
     return report
 
-
-__all__ = ["DEFAULT_MODEL", "run_demo"]
