@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tl_vlm.cli import main
+from tl_vlm.demo.report import write_report
 from tl_vlm.zoo.data import BACKGROUND, make_examples
 
 REPORT_KEYS = {"model", "architecture", "notes", "question", "truth", "answer", "correct", "scene", "fidelity",
@@ -74,6 +75,10 @@ def test_demo_default_toy(tmp_path, capsys):
         "heads of the last vision layer act after feature layer -2 and cannot matter")
     assert set(report["figures"]) == {"scene", "localization", "confidence_map", "patching_curves",
                                       "patching_layer_position"}
+    # The page escapes what the model says (the HTML template autoescapes); the Markdown keeps it verbatim.
+    write_report({**report, "answer": "<i>white</i>"}, tmp_path / "demo")
+    assert "&lt;i&gt;white&lt;/i&gt;" in (tmp_path / "demo" / "report.html").read_text()
+    assert "'<i>white</i>'" in (tmp_path / "demo" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("toy", ["tl-vlm/toy-blip2", "tl-vlm/toy-qwen2-vl"])
