@@ -6,10 +6,11 @@ from tl_vlm.families.base import Family
 from tl_vlm.families.blip2 import Blip2Family, InstructBlipFamily
 from tl_vlm.families.llava import LlavaFamily
 from tl_vlm.families.llava_next import LlavaNextFamily
+from tl_vlm.families.llava_onevision import LlavaOnevisionFamily
 from tl_vlm.families.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
 
 _ALL: tuple[Family, ...] = (
-    LlavaFamily(), LlavaNextFamily(), Blip2Family(), InstructBlipFamily(), Qwen2VLFamily(), Qwen25VLFamily()
+    LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), Blip2Family(), InstructBlipFamily(), Qwen2VLFamily(), Qwen25VLFamily()
 )
 FAMILIES: dict[str, Family] = {arch: fam for fam in _ALL for arch in fam.architectures}
 _BY_MODEL_TYPE = {fam.name: fam for fam in _ALL}
