@@ -321,3 +321,45 @@ def test_bad_inputs_are_refused(ov):
     short = video.pixel_values_videos[:, :2]  # two frames for a three-frame prompt
     with pytest.raises(ValueError, match="video"):
         model(video.input_ids, pixel_values_videos=short)
+
+
+# ---------------------------------------------------------------------------------------------- contract extras
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_hfs(ov, dtype):
+    """Same kernels, same casts: HF's logits. Not for a prompt with images AND videos: tl_vlm runs tiles and frames
+    as one vision batch (hooks fire once), HF as two, and half-precision matmuls round differently per batch
+    shape (fp32: <= 3e-6, above)."""
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(ov.path, dtype=dtype).eval()
+    models = (HookedVLM.from_pretrained(ov.path, dtype=dtype), HookedVLM.from_hf_model(hf))
+    for which in ("batch", "multi_image", "video"):
+        inputs = inputs_of(ov, which)
+        real = inputs.attention_mask.bool()
+        with torch.no_grad():
+            reference = hf(**inputs.as_kwargs()).logits.float()
+            for model in models:
+                assert max_diff(model(inputs).float(), reference, real) <= ATOL, which
+
+
+def test_verify_passes(ov):
+    from tl_vlm.verify import verify
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = verify(str(ov.path), max_new_tokens=4)
+    assert report.passed, report.failures
+
+
+def test_real_config_converts():
+    """The flagship config's shape (HF's defaults: SigLIP-so400m, anyres_max_9) maps onto tl_vlm's configs."""
+    from transformers import LlavaOnevisionConfig
+
+    from tl_vlm.families import family_for
+
+    config = LlavaOnevisionConfig()
+    family = family_for(config)
+    cfg = family.vlm_config(config)
+    assert family.name == "llava_onevision" and family.capabilities(cfg).video
+    assert cfg.vision.n_ctx == 27 * 27 and cfg.vision.original_architecture == "SiglipVisionModel"
+    assert max_tiles(config.vision_aspect_ratio) == 9
