@@ -22,7 +22,14 @@ from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.families.llava_onevision import anyres_layout, image_token_count, max_tiles, tiles_per_image
 from tl_vlm.families.onevision_processor import OnevisionImageTextProcessor
 from tl_vlm.zoo.tiny import sample_images
-from tl_vlm.zoo.tiny_onevision import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE, VISION_ASPECT_RATIO, build_tiny_onevision, chat
+from tl_vlm.zoo.tiny_onevision import (
+    GRID_PINPOINTS,
+    IMAGE_SIZE,
+    PATCH_SIZE,
+    VISION_ASPECT_RATIO,
+    build_tiny_onevision,
+    chat,
+)
 
 ATOL = 1e-4
 GRID = IMAGE_SIZE // PATCH_SIZE

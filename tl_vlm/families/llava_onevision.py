@@ -300,7 +300,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         "video" for pooled frame tokens, ``t`` the frame) come after all image tiles in the vision rows; their
         boxes are in processed frame pixels."""
         cfg = model.vlm_cfg
-        pinpoints, tile, grid, max_n = self._geometry(cfg)
+        pinpoints, tile, grid, _ = self._geometry(cfg)
         image_cells: list[dict] = []
         first_row = 0
         if inputs.pixel_values is not None:
@@ -324,16 +324,16 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         if not tiled:  # padded to a square of side max(h, w), then resized to the tile
             side = max(h, w)
             left, top = (side - w) // 2, (side - h) // 2
-            to_image = lambda x, y: (x * side / tile - left, y * side / tile - top)  # noqa: E731
+            to_image = lambda x, y: (x * side / tile - left, y * side / tile - top)
             base = tile_cells(image, row, grid, ps, to_image)
             return base + [newline_cell(image)]
-        to_image = lambda x, y: (x * w / tile, y * h / tile)  # noqa: E731  (the base tile squashes the image)
+        to_image = lambda x, y: (x * w / tile, y * h / tile)
         cells = tile_cells(image, row, grid, ps, to_image)
         layout = anyres_layout((h, w), pinpoints, tile, grid, max_n)
         best_h, best_w = layout.tiles_h * tile, layout.tiles_w * tile
         scale = min(best_w / w, best_h / h)
         pad_x, pad_y = (best_w - w * scale) / 2, (best_h - h * scale) / 2
-        canvas = lambda x, y: ((x - pad_x) / scale, (y - pad_y) / scale)  # noqa: E731  (canvas pixel -> image)
+        canvas = lambda x, y: ((x - pad_x) / scale, (y - pad_y) / scale)
         # Each packed token covers a (fractional, when downsampled) block of the unpadded patch grid.
         fy, fx = layout.height / layout.out_h, layout.width / layout.out_w
         for i in range(layout.out_h):

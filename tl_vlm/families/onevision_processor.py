@@ -11,6 +11,7 @@ with PIL's bicubic filter, rescaled and normalised with the image processor's st
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class OnevisionImageTextProcessor:
         self._placeholder = re.compile(f"({re.escape(image_token)}|{re.escape(video_token)})")
 
     @classmethod
-    def from_pretrained(cls, path) -> "OnevisionImageTextProcessor":
+    def from_pretrained(cls, path) -> OnevisionImageTextProcessor:
         """From a checkpoint's tokenizer, image processor and ``processor_config.json`` (flat, as on the hub, or
         transformers 5's nested form)."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -63,7 +64,7 @@ class OnevisionImageTextProcessor:
     def image_token_counts(self, image_sizes: list[tuple[int, int]], batch_num_images: list[int]) -> list[int]:
         """Placeholder tokens per image ((height, width) each); tiled only when alone in its prompt."""
         ip = self.image_processor
-        grid = int(round(self.num_image_tokens**0.5))
+        grid = math.isqrt(self.num_image_tokens)
         alone = [n == 1 for n in batch_num_images for _ in range(n)]
         return [
             image_token_count(tuple(size), a, ip.image_grid_pinpoints, ip.size["height"], grid,
@@ -97,7 +98,7 @@ class OnevisionImageTextProcessor:
             )
         if videos is not None:
             batch["pixel_values_videos"] = self.videos_to_pixels(videos)
-            grid = int(round(self.num_image_tokens**0.5))
+            grid = math.isqrt(self.num_image_tokens)
             counts[self.video_token] = [video_token_count(len(v), grid) for v in videos]
 
         def expand(match: re.Match) -> str:

@@ -34,7 +34,7 @@ from transformers import (
 from tl_vlm.zoo.build_cache import cached_build
 from tl_vlm.zoo.tiny_qwen_vl import build_qwen_tokenizer
 
-__all__ = ["build_tiny_onevision", "build_onevision_tokenizer", "IMAGE_TOKEN", "VIDEO_TOKEN", "chat"]
+__all__ = ["IMAGE_TOKEN", "VIDEO_TOKEN", "build_onevision_tokenizer", "build_tiny_onevision", "chat"]
 
 _FORMAT_VERSION = 1
 
