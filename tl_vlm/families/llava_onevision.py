@@ -156,7 +156,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def load_processor(self, path, trust_remote_code: bool):
         try:
             return super().load_processor(path, trust_remote_code)
-        except (ImportError, AttributeError):  # HF's video processor needs torchvision; images work without it
+        except ImportError:  # HF's video processor needs torchvision; images work without it
             import warnings
 
             from tl_vlm.families.onevision_processor import OnevisionImageTextProcessor
