@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from jaxtyping import Int
 from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
 
 def llava_next_pack(hf_config, features: list[Tensor], image_sizes: Tensor, strategy: str, newline: Tensor) -> list[Tensor]:
@@ -22,6 +23,16 @@ def llava_next_pack(hf_config, features: list[Tensor], image_sizes: Tensor, stra
     packed, _ = LlavaNextModel.pack_image_features(
         SimpleNamespace(config=hf_config), features, image_sizes, vision_feature_select_strategy=strategy,
         image_newline=newline,
+    )
+    return packed
+
+
+def llava_onevision_pack(hf_config, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
+    """``LlavaOnevisionModel.pack_image_features``: as LLaVA-NeXT's, plus the anyres_max bilinear downsampling of
+    large tile grids (``vision_aspect_ratio``)."""
+    packed, _ = LlavaOnevisionModel.pack_image_features(
+        SimpleNamespace(config=hf_config), features, image_sizes, image_newline=newline,
+        vision_aspect_ratio=hf_config.vision_aspect_ratio,
     )
     return packed
 

@@ -22,6 +22,7 @@ class VLMInputs:
     pixel_values: Float[Tensor, "..."] | None = None
     attention_mask: Int[Tensor, "batch pos"] | None = None
     image_sizes: Int[Tensor, "image 2"] | None = None  # LLaVA-NeXT: (height, width) per image
+    batch_num_images: Int[Tensor, " prompt"] | None = None  # LLaVA-OneVision: images per prompt (>1: no tiles)
     image_grid_thw: Int[Tensor, "image 3"] | None = None  # Qwen-VL: patch grid per image
     pixel_values_videos: Float[Tensor, "..."] | None = None
     video_grid_thw: Int[Tensor, "video 3"] | None = None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
 from tl_vlm.families.blip2 import HookedBlip2, HookedInstructBlip
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
+from tl_vlm.families.llava_onevision import HookedLlavaOnevision
 from tl_vlm.families.qwen2_vl import HookedQwen2VL, HookedQwen25VL
 from tl_vlm.hooked_vlm import HookedVLM
 
 _ALL: tuple[type[HookedVLM], ...] = (
-    HookedLlava, HookedLlavaNext, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL
+    HookedLlava, HookedLlavaNext, HookedLlavaOnevision, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL
 )
 FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
 
@@ -17,8 +20,11 @@ __all__ = [family.__name__ for family in _ALL] + ["FAMILIES", "family_for"]
 
 
 def family_for(hf_config, architectures=None) -> type[HookedVLM]:
-    """The family class for a checkpoint: by its architecture names (the config's, or the model class's)."""
+    """The family class for a checkpoint: by its architecture names (the config's, or the model class's), else
+    by the class transformers' auto mapping gives its model type (a config built in code has no architectures)."""
     names = list(architectures if architectures is not None else getattr(hf_config, "architectures", None) or [])
+    if not names and hf_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        names = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[hf_config.model_type]]
     for name in names:
         if name in FAMILIES:
             return FAMILIES[name]

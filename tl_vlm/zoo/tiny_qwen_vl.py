@@ -87,24 +87,28 @@ _CHAT_TEMPLATE = (
 )
 
 
-def build_qwen_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer with character fallback and Qwen's special tokens (no BOS, as Qwen)."""
+def build_qwen_tokenizer(
+    extra_words: Sequence[str] = (), special_tokens: dict[str, str] | None = None, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with character fallback and Qwen's special tokens (no BOS, as Qwen). Other Qwen-LM
+    VLMs (LLaVA-OneVision) pass their own ``special_tokens`` and ``chat_template``."""
+    special_tokens = special_tokens or SPECIAL_TOKENS
     chars = string.ascii_letters + string.digits + "_"
     tokens = ["<unk>", *_WORDS, *extra_words, *chars, *("##" + c for c in chars), *string.punctuation, "\n"]
-    tokens += list(SPECIAL_TOKENS.values())
+    tokens += list(special_tokens.values())
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="removed", invert=True)
     backend.decoder = decoders.WordPiece()
-    named = {k: v for k, v in SPECIAL_TOKENS.items() if k in ("pad_token", "eos_token")}
-    extra = {k: v for k, v in SPECIAL_TOKENS.items() if k not in named}
+    named = {k: v for k, v in special_tokens.items() if k in ("pad_token", "eos_token")}
+    extra = {k: v for k, v in special_tokens.items() if k not in named}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
         **named,
         extra_special_tokens=extra,
         padding_side="left",
-        chat_template=_CHAT_TEMPLATE,
+        chat_template=chat_template or _CHAT_TEMPLATE,
     )
 
 
