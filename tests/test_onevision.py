@@ -19,7 +19,7 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionP
 from hf_reference import hf_layer_outputs
 from tl_vlm import HookedVLM
 from tl_vlm.analysis.spatial import spatial_index
-from tl_vlm.families.llava_onevision import anyres_layout, image_token_count, max_tiles, tiles_per_image
+from tl_vlm.families.onevision_layout import anyres_layout, image_token_count, max_tiles, tiles_per_image
 from tl_vlm.families.onevision_processor import OnevisionImageTextProcessor
 from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_onevision import (

@@ -118,3 +118,18 @@ class VLMConfig:
 
     def towers(self) -> list[TowerConfig]:
         return [self.language, self.vision]
+
+
+@dataclass
+class ViTVLMConfig(VLMConfig):
+    """A VLM whose vision tower is a fixed-size ViT (LLaVA, BLIP-2): its image and patch sizes are the VLM's."""
+
+    vision: ViTConfig
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision.patch_size

@@ -51,6 +51,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
     architectures: ClassVar[tuple[str, ...]] = ()
     # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
+    # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
+    fallback_processor: ClassVar[type | None] = None
     vlm_cfg: VLMConfig
 
     def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
@@ -98,9 +100,17 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     @classmethod
     def load_processor(cls, path, trust_remote_code: bool):
+        """HF's processor; if it cannot load for a missing optional package (a video processor needs torchvision),
+        the family's ``fallback_processor`` (same placeholder expansion, images first), with a warning."""
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except ImportError as err:
+            if cls.fallback_processor is None:
+                raise
+            warnings.warn(f"HF's processor for {cls.__name__} cannot load ({err}); using tl_vlm's {cls.fallback_processor.__name__}")
+            return cls.fallback_processor.from_pretrained(path)
 
     def build(self) -> None:
         """Create the towers (``attach_language`` for the language model, then ``vision``, ``projector`` ...)."""

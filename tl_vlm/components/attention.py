@@ -23,6 +23,11 @@ from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
 
 
+# Boolean (True = may attend), an additive float bias (T5's relative positions), or Segments (attention restricted
+# to images / frames / windows, run as HF runs it); None: no mask beyond ``causal``.
+AttentionMask = Bool[Tensor, "batch 1 q k"] | Float[Tensor, "batch head q k"] | Segments | None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TowerConfig, layer: int):
         super().__init__()
@@ -80,11 +85,10 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"],
         rotary: tuple[Tensor, Tensor] | None = None,
-        mask: Bool[Tensor, "batch 1 q k"] | Float[Tensor, "batch head q k"] | None = None,
+        mask: AttentionMask = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """``mask``: boolean (True = may attend) or an additive float bias (T5's relative positions)."""
         q = run_hook(self.hook_q, self._project(x, self.W_Q, self.b_Q))
         k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
         v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
@@ -97,7 +101,7 @@ class Attention(nn.Module):
         return self._output(self._attend(q, k, v, mask, causal))
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, causal: bool
     ) -> Float[Tensor, "batch pos head d_head"]:
         """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend), an additive float bias, or
         ``Segments`` (SDPA per segment unless the pattern is asked for or knocked out)."""

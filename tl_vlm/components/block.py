@@ -7,7 +7,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components.attention import Attention
+from tl_vlm.components.attention import Attention, AttentionMask
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.mlp import MLP
@@ -33,7 +33,7 @@ class TransformerBlock(nn.Module):
         self,
         resid: Float[Tensor, "batch pos d_model"],
         rotary: tuple[Tensor, Tensor] | None = None,
-        mask: Tensor | None = None,
+        mask: AttentionMask = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
@@ -43,7 +43,7 @@ class TransformerBlock(nn.Module):
         self,
         resid: Float[Tensor, "batch pos d_model"],
         rotary: tuple[Tensor, Tensor] | None = None,
-        mask: Tensor | None = None,
+        mask: AttentionMask = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:

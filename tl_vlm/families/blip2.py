@@ -29,7 +29,7 @@ from transformer_lens import ActivationCache
 
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, Rotary
-from tl_vlm.config import QFormerConfig, T5Config, ViTConfig, VLMConfig
+from tl_vlm.config import QFormerConfig, T5Config, ViTVLMConfig
 from tl_vlm.convert.qformer import qformer_config, qformer_rules
 from tl_vlm.convert.rules import WeightMap, linear_rules
 from tl_vlm.convert.text_lms import (
@@ -48,8 +48,7 @@ from tl_vlm.towers.t5 import T5LM
 
 
 @dataclass
-class Blip2Config(VLMConfig):
-    vision: ViTConfig
+class Blip2Config(ViTVLMConfig):
     qformer: QFormerConfig
 
     def towers(self) -> list:
@@ -58,14 +57,6 @@ class Blip2Config(VLMConfig):
     @property
     def encoder_decoder(self) -> bool:
         return isinstance(self.language, T5Config)
-
-    @property
-    def image_size(self) -> int:
-        return self.vision.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.vision.patch_size
 
 
 class HookedBlip2(HookedVLM):

@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_vlm.components import Rotary
-from tl_vlm.config import ViTConfig, VLMConfig
+from tl_vlm.config import ViTConfig, ViTVLMConfig
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
@@ -26,8 +26,7 @@ from tl_vlm.towers.projector import ProjectorConfig
 
 
 @dataclass
-class LlavaConfig(VLMConfig):
-    vision: ViTConfig
+class LlavaConfig(ViTVLMConfig):
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: str = "default"  # "default" drops the first token (CLIP's class token)
     projector_act: str = "gelu"
@@ -38,14 +37,6 @@ class LlavaConfig(VLMConfig):
         """Vision feature layers as non-negative hidden-state indices (0 = input of block 0)."""
         layers = [self.vision_feature_layer] if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
         return [layer % (self.vision.n_layers + 1) for layer in layers]
-
-    @property
-    def image_size(self) -> int:
-        return self.vision.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.vision.patch_size
 
 
 class HookedLlava(HookedVLM):

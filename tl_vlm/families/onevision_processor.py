@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from tl_vlm.families.llava_onevision import image_token_count, max_tiles, video_token_count
+from tl_vlm.families.onevision_layout import image_token_count, max_tiles, video_token_count
 
 
 class OnevisionImageTextProcessor:

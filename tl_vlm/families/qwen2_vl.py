@@ -10,7 +10,6 @@ merged 2x2 into language tokens by the projector and scattered at the ``<|image_
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from tl_vlm.config import TowerConfig, VLMConfig
 from tl_vlm.convert.rules import WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import qwen_vit_config, qwen_vit_rules
+from tl_vlm.families.qwen_processor import QwenImageTextProcessor
 from tl_vlm.hf_compat import qwen_rope_index
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
@@ -70,21 +70,10 @@ class HookedQwen2VL(HookedVLM):
          "mm_token_type_ids"}
     )
     hf_class = Qwen2VLModel  # whose get_rope_index gives the 3D positions
+    fallback_processor = QwenImageTextProcessor  # HF's needs torchvision (for videos)
     vlm_cfg: QwenVLConfig
 
     # ------------------------------------------------------------------ conversion
-
-    @classmethod
-    def load_processor(cls, path, trust_remote_code: bool):
-        try:
-            return super().load_processor(path, trust_remote_code)
-        except ImportError:  # HF's video processor needs torchvision; images work without it
-            from transformers import AutoImageProcessor, AutoTokenizer
-
-            from tl_vlm.families.qwen_processor import QwenImageTextProcessor
-
-            warnings.warn("HF's Qwen-VL processor needs torchvision (for videos); using tl_vlm's image-only processor")
-            return QwenImageTextProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
     @classmethod
     def geometry(cls, vc) -> PatchGeometry:

@@ -22,6 +22,12 @@ class QwenImageTextProcessor:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.chat_template = tokenizer.chat_template
 
+    @classmethod
+    def from_pretrained(cls, path) -> "QwenImageTextProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+
     def apply_chat_template(self, messages, **kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
