@@ -14,6 +14,7 @@ pass here is the common one: image features replace the image placeholder tokens
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import warnings
@@ -247,9 +248,12 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         agree; weight processing writes new tensors, so it never edits the HF model."""
         param = next(hf_model.parameters())
         family = cls._family(hf_model.config, [type(hf_model).__name__])
+        state = hf_model.state_dict()
+        # Rotary frequencies are buffers outside the state dict; a HF model cast with .to(dtype) uses them rounded.
+        frequencies = [(name, b) for name, b in hf_model.named_buffers() if name.endswith(".inv_freq") and name not in state]
         model = family._convert(
             hf_model.config,
-            iter(hf_model.state_dict().items()),
+            itertools.chain(state.items(), frequencies),
             device or param.device,
             dtype or _dominant_dtype(hf_model),
             processor,
@@ -593,4 +597,6 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
     for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as handle:
             for key in handle.keys():
-                yield key, handle.get_tensor(key)
+                # Old files store rotary frequencies; HF's loader recomputes them (non-persistent buffers), so do we.
+                if not key.endswith("inv_freq"):
+                    yield key, handle.get_tensor(key)

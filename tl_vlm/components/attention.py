@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import param_layout as layout
-from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.components.hooks import active, editing, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.rotary import apply_rotary
 from tl_vlm.components.segments import Segments
@@ -105,15 +105,23 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos head d_head"]:
         """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend), an additive float bias, or
         ``Segments`` (SDPA per segment unless the pattern is asked for or knocked out)."""
+        observed = active(self.hook_attn_scores) or active(self.hook_pattern)
+        # fp32: the explicit path is within 1e-6 of SDPA and serves both. Half precision: a pattern that is only
+        # cached is computed beside SDPA, whose z (HF's, bit for bit) flows on; an editing hook makes it explicit.
+        explicit = editing(self.hook_attn_scores) or editing(self.hook_pattern) or (observed and q.dtype == torch.float32)
         if isinstance(mask, Segments):
-            if self.knockout is None and not (active(self.hook_attn_scores) or active(self.hook_pattern)):
+            if self.knockout is None and not explicit:
+                if observed:
+                    self._explicit(q, k, v, mask.mask, causal, for_cache=True)
                 return run_hook(self.hook_z, mask.attend(q, k, v, self.scale).transpose(1, 2))
             mask = mask.mask
         if self.knockout is not None:
             mask, causal = self._knocked_out(mask, causal, q.shape[2], k.shape[2], q)
-        if active(self.hook_attn_scores) or active(self.hook_pattern):
+        if explicit:
             z = self._explicit(q, k, v, mask, causal)
         else:
+            if observed:
+                self._explicit(q, k, v, mask, causal, for_cache=True)
             if self.repeat > 1 and mask is not None:
                 # As HF: SDPA's enable_gqa with a mask falls back to the slow math kernel on CUDA.
                 k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
@@ -136,11 +144,21 @@ class Attention(nn.Module):
     def _output(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
         if active(self.hook_result) or self.cfg.use_attn_result:
             result = run_hook(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
-            out = result.sum(2)
-            return out if self.b_O is None else out + self.b_O
+            if editing(self.hook_result) or z.dtype == torch.float32:  # fp32: the sum is within 1e-6 of F.linear
+                out = result.sum(2)
+                return out if self.b_O is None else out + self.b_O
         return F.linear(z.reshape(*z.shape[:2], -1), layout.heads_out_linear(self.W_O), self.b_O)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def _explicit(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, for_cache: bool = False
+    ) -> Tensor | None:
+        """Scores, pattern (hooked) and z; ``for_cache``: scores and pattern only, z comes from SDPA."""
+        dtype = q.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            # SDPA accumulates half-precision attention in float32 and rounds z once; so does this path (scores
+            # and patterns are float32), which keeps it within rounding of the SDPA path HF runs.
+            q, k, v = q.float(), k.float(), v.float()
+            mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
         if self.repeat > 1:
             k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
         scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # scaling q is cheaper than scaling scores
@@ -158,7 +176,7 @@ class Attention(nn.Module):
             # A query that may see nothing (left padding) attends nowhere, as in SDPA, not uniformly.
             pattern = pattern * mask.any(-1, keepdim=True)
         pattern = run_hook(self.hook_pattern, pattern)
-        return torch.matmul(pattern, v)
+        return None if for_cache else torch.matmul(pattern, v).to(dtype)
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,6 +16,11 @@ def active(hook: HookPoint) -> bool:
     return bool(hook._forward_hooks or hook._backward_hooks) or hook.__dict__.get("cache_into") is not None
 
 
+def editing(hook: HookPoint) -> bool:
+    """Whether what is attached may change the activation (a forward hook); caching alone cannot."""
+    return bool(hook._forward_hooks)
+
+
 def run_hook(hook: HookPoint, x: Tensor) -> Tensor:
     if hook._forward_hooks or hook._backward_hooks:
         x = hook(x)

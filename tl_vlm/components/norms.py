@@ -1,7 +1,9 @@
 """LayerNorm and RMSNorm with TL's hook_scale / hook_normalized.
 
-Without hooks they run the same fused kernels as HF; with hooks the explicit form exposes the
-scale. ``elementwise=False`` is the folded (LNPre / RMSPre) form used after ``fold_ln``.
+Without hooks they run the same fused kernels as HF. A hook that may edit ``hook_scale`` / ``hook_normalized``
+switches to the explicit form, whose output uses the hooked values; caching alone computes the explicit
+statistics for the cache but keeps the fused output, so half-precision results stay HF's bit for bit.
+``elementwise=False`` is the folded (LNPre / RMSPre) form used after ``fold_ln``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.components.hooks import active, editing, run_hook
 
 
 class LayerNorm(nn.Module):
@@ -26,14 +28,19 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        if not (active(self.hook_scale) or active(self.hook_normalized)):
-            return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        dtype = x.dtype
-        x = x.float()  # statistics in fp32, as F.layer_norm accumulates them; fp16 squares overflow
+        if editing(self.hook_scale) or editing(self.hook_normalized):
+            normalized = self._normalized(x)
+            return (normalized if self.w is None else normalized * self.w.float() + self.b.float()).to(x.dtype)
+        if active(self.hook_scale) or active(self.hook_normalized):
+            self._normalized(x)  # for the cache
+        return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+
+    def _normalized(self, x: Tensor) -> Float[Tensor, "... d_model"]:
+        # In float32, as F.layer_norm accumulates (fp16 squares would overflow), rounded once by the caller.
+        x = x.float()
         x = x - x.mean(-1, keepdim=True)
         scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = run_hook(self.hook_normalized, x / scale).to(dtype)
-        return x if self.w is None else x * self.w + self.b
+        return run_hook(self.hook_normalized, x / scale)
 
 
 class RMSNorm(nn.Module):
@@ -47,11 +54,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         dtype = x.dtype
         x = x.float()  # HF computes the statistic in fp32 whatever the model dtype
-        if active(self.hook_scale) or active(self.hook_normalized):
+        if editing(self.hook_scale) or editing(self.hook_normalized):
             scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
             x = run_hook(self.hook_normalized, x / scale)
         else:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            mean_square = x.pow(2).mean(-1, keepdim=True)
+            if active(self.hook_scale) or active(self.hook_normalized):  # for the cache; the output stays HF's
+                run_hook(self.hook_normalized, x / run_hook(self.hook_scale, (mean_square + self.eps).sqrt()))
+            x = x * torch.rsqrt(mean_square + self.eps)
         # Back to the input dtype; to a half-precision weight's dtype when they differ (T5's float32 residual stream
         # after a float32 W_out, as HF's T5LayerNorm does).
         half = self.w is not None and self.w.dtype in (torch.float16, torch.bfloat16)

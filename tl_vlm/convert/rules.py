@@ -124,15 +124,24 @@ def mlp_rules(hf: str, tl: str, w_in: str, w_out: str, w_gate: str | None = None
 
 
 def set_parameter(root: nn.Module, name: str, value: Tensor) -> None:
-    """Replace a parameter by ``value`` (a view of the source), checking the shape it must have."""
+    """Replace a parameter (or a buffer: rotary frequencies) by ``value`` (a view of the source), checking the
+    shape it must have."""
     module_name, _, leaf = name.rpartition(".")
     module = root.get_submodule(module_name) if module_name else root
-    old = module._parameters.get(leaf)
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
     if old is None:
         raise KeyError(f"converted model has no parameter {name!r}")
     if old.shape != value.shape:
         raise ValueError(f"weight {name!r}: checkpoint gives shape {tuple(value.shape)}, config implies {tuple(old.shape)}")
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def _is_buffer(root: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    return leaf in (root.get_submodule(module_name) if module_name else root)._buffers
 
 
 def load_weights(
@@ -145,7 +154,8 @@ def load_weights(
     fp32: str | None = None,
 ) -> set[str]:
     """Stream ``tensors`` into ``root``; returns the TL names that were set. Names the regular expression
-    ``fp32`` matches (from the start) are kept in float32."""
+    ``fp32`` matches (from the start) are kept in float32, and so are buffers (rotary frequencies: float32 in
+    HF too, though a HF model cast with ``.to(dtype)`` holds them rounded, and those are the values it uses)."""
     loaded = set()
     for key, tensor in tensors:
         matched = weight_map.match(normalize_key(key))
@@ -153,7 +163,7 @@ def load_weights(
             continue
         name, transform = matched
         first = name[0] if isinstance(name, tuple) else name
-        target = torch.float32 if fp32 and re.match(fp32, first) else dtype
+        target = torch.float32 if (fp32 and re.match(fp32, first)) or _is_buffer(root, first) else dtype
         source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
         for one, value in zip(names, values, strict=True):

@@ -86,6 +86,7 @@ def decoder_lm_rules(hf: str, cfg: TowerConfig) -> list[Rule]:
         *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", "up_proj", "down_proj", "gate_proj", bias=cfg.mlp_bias),
         *norm_rules(rf"{hf}\.norm", "ln_final"),
         Rule(r"lm_head\.weight", "unembed.W_U", layout.transposed),
+        Rule(rf"{hf}\.rotary_emb\.inv_freq", "rotary.inv_freq"),  # only an in-memory HF model has it
     ]
 
 

@@ -99,6 +99,7 @@ def qwen_vit_rules(hf: str, tl: str, cfg: TowerConfig) -> list[Rule]:
     mlp = ("up_proj", "down_proj", "gate_proj") if cfg.gated_mlp else ("fc1", "fc2")
     return [
         Rule(rf"{hf}\.patch_embed\.proj\.weight", f"{tl}.embed.W_patch"),
+        Rule(rf"{hf}\.rotary_pos_emb\.inv_freq", f"{tl}.rotary.inv_freq"),  # only an in-memory HF model has it
         *attention_rules(rf"{layer}\.attn", rf"{block}.attn", cfg.d_head, o="proj", qkv="qkv", biases=("q", "k", "v", "o")),
         *norm_rules(rf"{layer}\.norm1", rf"{block}.ln1"),
         *norm_rules(rf"{layer}\.norm2", rf"{block}.ln2"),

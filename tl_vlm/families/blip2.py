@@ -107,7 +107,7 @@ class HookedBlip2(HookedVLM):
                 *linear_rules(r"language_projection", "projector.W", "projector.b"),
                 *language,
             ],
-            ignore=[r".*\.position_ids", r".*rotary_emb\.inv_freq", *t5_ignored(r"language_model")],
+            ignore=[r".*\.position_ids", *t5_ignored(r"language_model")],
         )
 
     @classmethod

@@ -87,7 +87,7 @@ class HookedLlava(HookedVLM):
                 *decoder_lm_rules(r"language_model", cfg.language),
                 *cls.extra_rules(),
             ],
-            ignore=[*vit_ignored(r"vision_tower"), r".*\.position_ids", r".*rotary_emb\.inv_freq"],
+            ignore=[*vit_ignored(r"vision_tower"), r".*\.position_ids"],
         )
 
     @classmethod

@@ -114,8 +114,7 @@ class HookedQwen2VL(HookedVLM):
                 *linear_rules(r"visual\.merger\.mlp\.0", "projector.mlp.W_in", "projector.mlp.b_in"),
                 *linear_rules(r"visual\.merger\.mlp\.2", "projector.mlp.W_out", "projector.mlp.b_out"),
                 *decoder_lm_rules(r"language_model", cfg.language),
-            ],
-            ignore=[r".*inv_freq"],
+            ]
         )
 
     @property
