@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance.registry import NAMES, REGISTRY, Entry, quiet
+from conformance.registry import LLAVA_PROMPTS as PROMPTS  # noqa: F401  (family-specific files import these)
+from conformance.registry import NAMES, NON_SQUARE, REGISTRY, Entry, quiet  # noqa: F401
 from tl_vlm import HookedVLM
 
 # Tiny models gain nothing from threads, and under contention on 2 cores OpenMP's spin-waiting made a
@@ -18,11 +19,19 @@ from tl_vlm import HookedVLM
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Scripts run in-process (benchmarks, tutorials) set their own thread count; put it back after each test."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 class Loaded:
     """The HF reference and the HookedVLM loaded from one saved checkpoint, and the entry's inputs."""
 
     def __init__(self, entry: Entry, path):
-        self.entry, self.name, self.path = entry, entry.name, path
+        self.entry, self.name, self.variant, self.path = entry, entry.name, entry.name, path
         self.hf = entry.hf_class.from_pretrained(path).eval()
         self.model = quiet(HookedVLM.from_pretrained, path)
         self._cases = None
@@ -33,10 +42,9 @@ class Loaded:
             self._cases = quiet(self.entry.make_cases, self.model, self.entry)
         return self._cases
 
-    @property
-    def batch(self):
+    def batch(self, padding_side: str = "left"):
         """The padded batch of two prompts with images (with decoder ids where the forward needs them)."""
-        return self.cases["batch"]
+        return self.cases["batch" if padding_side == "left" else f"batch_{padding_side}"]
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +92,9 @@ def llava15(loaded) -> Loaded:
 
 
 LLAVA_VARIANTS = [n for n in NAMES if n.startswith("llava")]
+
+
+@pytest.fixture(scope="session", params=LLAVA_VARIANTS)
+def pair(request, loaded) -> Loaded:
+    """Each LLaVA variant (for the LLaVA-specific tests)."""
+    return loaded(request.param)

@@ -35,18 +35,9 @@ SIZE = [(40, 60)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toolkit")
-    builders = {"llava15": build_tiny_vlm, "blip2_opt": build_tiny_blip2, "qwen2_vl": build_tiny_qwen_vl}
-    loaded = {}
-
-    def get(family: str) -> HookedVLM:
-        if family not in loaded:
-            torch.manual_seed(0)
-            loaded[family] = HookedVLM.from_pretrained(builders[family](root / family, family))
-        return loaded[family]
-
-    return get
+def models(loaded):
+    """The registry's models (built and loaded once per session, tests/conftest.py)."""
+    return lambda family: loaded(family).model
 
 
 def prompt(model, images, question: str = "What is the colour?"):

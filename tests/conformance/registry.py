@@ -405,3 +405,8 @@ def quiet(fn, *args, **kwargs):
 def image_features(model, inputs: VLMInputs) -> torch.Tensor:
     # API: model.family.image_features(model, inputs) -> model.image_features(inputs) after the refactor
     return model.family.image_features(model, inputs)
+
+
+def image_token_cells(model, inputs: VLMInputs, original_sizes) -> list:
+    # API: model.family.image_token_cells(model, ...) -> model.image_token_cells(...) after the refactor
+    return model.family.image_token_cells(model, inputs, original_sizes)

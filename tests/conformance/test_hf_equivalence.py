@@ -51,7 +51,7 @@ def test_from_hf_model_shares_weights_and_matches(loaded, name):
     copied = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in hf_storages]
     assert not copied, f"conversion must not copy the weights: {copied[:5]}"
     with torch.no_grad():
-        assert max_diff(model(pair.batch), pair.model(pair.batch)) == 0.0, "from_hf_model equals from_pretrained"
+        assert max_diff(model(pair.batch()), pair.model(pair.batch())) == 0.0, "from_hf_model equals from_pretrained"
     if pair.model.capabilities.encoder_decoder:
         return  # weight processing of an encoder-decoder LM is refused (test_blip2)
     before = {n: p.detach().clone() for n, p in pair.hf.named_parameters()}
@@ -70,7 +70,7 @@ def test_weight_processing_keeps_probabilities(loaded, name):
                       center_unembed=True, fold_value_biases=True)
     assert processed.cfg.normalization_type in ("RMSPre", "LNPre")
     assert processed.blocks[0].ln1.w is None and processed.vision.blocks[0].ln1.w is None
-    batch, real = pair.batch, pair.batch.attention_mask.bool()
+    batch, real = pair.batch(), pair.batch().attention_mask.bool()
     with torch.no_grad():
         expected = pair.hf(**batch.as_kwargs()).logits.softmax(-1)
         logits = processed(batch)
@@ -89,7 +89,7 @@ def test_half_precision_logits_are_hfs(loaded, name, dtype):
     dtypes = {n: p.dtype for n, p in ours.named_parameters()}
     assert dtypes == {n: p.dtype for n, p in shared.named_parameters()}, "from_pretrained keeps HF's per-module dtypes"
     assert ours.vision.blocks[0].attn.W_Q.dtype == dtype and ours.embed.W_E.dtype in (dtype, torch.float32)
-    batch = pair.batch
+    batch = pair.batch()
     with torch.no_grad():
         reference = hf(**batch.as_kwargs()).logits.float()
         for model in (ours, shared):
@@ -132,7 +132,7 @@ def test_seeded_sampling_and_penalties_follow_hf(loaded, name, case):
 @pytest.mark.parametrize("name, attention", params(lambda e: e.attentions))
 def test_head_ablation_equals_hf_surgery(loaded, name, attention):
     pair = loaded(name)
-    model, batch, layer, head = pair.model, pair.batch, 0, 1
+    model, batch, layer, head = pair.model, pair.batch(), 0, 1
     d_head = model.tower(tower_of(attention)).cfg.d_head
 
     def ablate(z, hook):

@@ -57,7 +57,7 @@ def test_hook_name_contract(loaded, name):
 @pytest.mark.parametrize("name", params())
 def test_every_hook_point_fires_with_tl_shapes(loaded, name):
     pair = loaded(name)
-    model, batch = pair.model, pair.batch
+    model, batch = pair.model, pair.batch()
     with torch.no_grad():
         _, default = model.run_with_cache(batch)
     assert not any(n.endswith("hook_result") for n in default.keys()), "as in TL, caching everything skips hook_result"
@@ -84,7 +84,7 @@ def test_every_hook_point_fires_with_tl_shapes(loaded, name):
 @pytest.mark.parametrize("name", params())
 def test_embed_is_text_plus_image_exactly(loaded, name):
     pair = loaded(name)
-    model, batch = pair.model, pair.batch
+    model, batch = pair.model, pair.batch()
     with torch.no_grad():
         logits, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith("embed"))
         plain = model(batch)
@@ -101,7 +101,7 @@ def test_embed_is_text_plus_image_exactly(loaded, name):
 @pytest.mark.parametrize("name", params())
 def test_hooks_are_removed_and_never_edit_weights(loaded, name):
     pair = loaded(name)
-    model, batch = pair.model, pair.batch
+    model, batch = pair.model, pair.batch()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def scribble(x, hook):

@@ -86,7 +86,7 @@ def text_only_ids(model, batch: VLMInputs) -> torch.Tensor:
 @pytest.mark.parametrize("name", params())
 def test_bad_input_is_a_clear_error(loaded, name):
     pair = loaded(name)
-    model, batch, errors = pair.model, pair.batch, pair.entry.errors
+    model, batch, errors = pair.model, pair.batch(), pair.entry.errors
     kwargs = batch.as_kwargs()
     pixels = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "decoder_input_ids")}
     with pytest.raises(ValueError, match=errors["no_pixels"]):  # placeholders without pixels
