@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conformance.registry import LLAVA_PROMPTS as PROMPTS  # noqa: F401  (family-specific files import these)
 from conformance.registry import NAMES, NON_SQUARE, REGISTRY, Entry, quiet  # noqa: F401
+
 from tl_vlm import HookedVLM
 
 # Tiny models gain nothing from threads, and under contention on 2 cores OpenMP's spin-waiting made a
@@ -89,6 +89,24 @@ def checkpoints(checkpoint):
 @pytest.fixture(scope="session")
 def llava15(loaded) -> Loaded:
     return loaded("llava15")
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A VLM-Lens style dataset for tl_vlm.store: five images and a CSV of prompts and labels."""
+    import pandas as pd
+
+    from tl_vlm.zoo.tiny import sample_images
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    rows = []
+    for i, image in enumerate(sample_images(5, seed=21)):
+        image.save(root / "images" / f"{i}.png")
+        rows.append({"id": i, "prompt": "What is the colour?" if i % 2 else "What shape is it?", "image": f"{i}.png",
+                     "label": image.info["colour"]})
+    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
+    return root
 
 
 LLAVA_VARIANTS = [n for n in NAMES if n.startswith("llava")]

@@ -15,7 +15,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from tl_vlm import HookedVLM
 from tl_vlm.analysis import flow, geometry, viz
 from tl_vlm.analysis.confidence import confidence_map, internal_confidence, localization, object_token_ids
 from tl_vlm.analysis.editing import ProjectAway, project_away, removal_report, text_direction
@@ -25,9 +24,7 @@ from tl_vlm.analysis.logit_lens import image_positions, language_logit_lens, len
 from tl_vlm.analysis.probing import answer_accuracy, layer_sweep, probe, store_features, two_proportion_z_test
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.store.extract import format_prompt
-from tl_vlm.zoo.tiny import build_tiny_vlm, sample_images
-from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
-from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+from tl_vlm.zoo.tiny import sample_images
 
 FAMILIES = ("llava15", "blip2_opt", "qwen2_vl")
 PATCH_FAMILIES = ("llava15", "qwen2_vl")  # image tokens with pixel boxes (BLIP-2 queries have none)

@@ -39,8 +39,9 @@ def test_text_instead_of_tokens(llava15):
 
 
 def test_missing_weight_is_reported(tmp_path, checkpoints):
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints["llava15"], broken)
@@ -53,8 +54,9 @@ def test_missing_weight_is_reported(tmp_path, checkpoints):
 
 def test_legacy_hub_key_layout_loads(tmp_path, checkpoints, llava15):
     """Hub checkpoints saved by older transformers nest CLIP under vision_tower.vision_model."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     legacy = tmp_path / "legacy"
     shutil.copytree(checkpoints["llava15"], legacy)
@@ -68,6 +70,7 @@ def test_legacy_hub_key_layout_loads(tmp_path, checkpoints, llava15):
 
 def test_next_images_and_sizes_must_agree(checkpoints):
     from conftest import NON_SQUARE, PROMPTS
+
     from tl_vlm.zoo.tiny import sample_images
 
     model = HookedVLM.from_pretrained(checkpoints["llava_next_mistral"])

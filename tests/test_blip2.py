@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 import torch
+from conformance.registry import ATOL, logits_mask, max_diff, params
+from conformance.registry import T5_DECODER_IDS as DECODER_IDS
 from transformers import AutoConfig, Blip2ForConditionalGeneration
 
-from conformance.registry import ATOL, T5_DECODER_IDS as DECODER_IDS, logits_mask, max_diff, params
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.families.blip2 import cross_attention_layers, query_patch_attention, query_positions

@@ -4,9 +4,9 @@ vision blocks past the feature layer, and TL's by-position head patching on the 
 from __future__ import annotations
 
 import torch
+from conftest import PROMPTS
 from transformer_lens import patching
 
-from conftest import PROMPTS
 from tl_vlm.zoo.tiny import sample_images
 
 
@@ -34,7 +34,7 @@ def test_feature_layer_hook_reaches_the_projector(llava15):
     """LLaVA reads vision hidden state -2, i.e. the input of the last block: hooking it must matter."""
     model, batch = llava15.model, llava15.batch()
     last = model.vision.cfg.n_layers - 1
-    zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+    zero = lambda x, hook: torch.zeros_like(x)
     with torch.no_grad():
         via_pre = model.run_with_hooks(batch, fwd_hooks=[(f"vision.blocks.{last}.hook_resid_pre", zero)])
         via_post = model.run_with_hooks(batch, fwd_hooks=[(f"vision.blocks.{last - 1}.hook_resid_post", zero)])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conformance.registry import image_features, image_token_cells, params
+
 from tl_vlm import VLMInputs
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.zoo.tiny_qwen_vl import VARIANTS

@@ -22,19 +22,6 @@ from tl_vlm.zoo.tiny import sample_images
 HOOKS = [r"blocks\.\d+\.hook_resid_post", "vision.blocks.0.hook_resid_post"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    rows = []
-    for i, image in enumerate(sample_images(5, seed=21)):
-        image.save(root / "images" / f"{i}.png")
-        rows.append({"id": i, "prompt": "What is the colour?" if i % 2 else "What shape is it?", "image": f"{i}.png",
-                     "label": image.info["colour"]})
-    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
-    return root
-
-
 def config(dataset, checkpoints, db, **changes) -> ExtractConfig:
     base = dict(model_path=str(checkpoints["llava15"]), output_db=str(db), modules=HOOKS, batch_size=2,
                 dataset={"local_dataset_path": str(dataset / "data.csv"), "image_dataset_path": str(dataset / "images")})

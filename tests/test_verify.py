@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-from torch import nn
-
 from tl_vlm import HookedVLM
 from tl_vlm.cli import main
 from tl_vlm.verify import verify

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ def qwen_chat(content: str) -> str:
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def llava_cases(model, entry: "Entry") -> dict[str, VLMInputs]:
+def llava_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     sizes = NON_SQUARE if entry.name == "llava_next_mistral" else None
     images = sample_images(2, seed=1, sizes=sizes)
     return {
@@ -69,7 +69,7 @@ def llava_cases(model, entry: "Entry") -> dict[str, VLMInputs]:
     }
 
 
-def blip2_cases(model, entry: "Entry") -> dict[str, VLMInputs]:
+def blip2_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     batch = model.prepare(images=sample_images(2, seed=3), text=BLIP2_PROMPTS)
     if model.capabilities.encoder_decoder:  # Flan-T5's forward needs decoder ids (generate makes its own)
         decoder_ids = T5_DECODER_IDS.clone()
@@ -122,7 +122,7 @@ class QwenPrepare:
         return rows.reshape(-1, 3 * tp * p * p), torch.tensor([[len(frames) // tp, h, w]])
 
 
-def qwen_cases(model, entry: "Entry") -> dict[str, VLMInputs]:
+def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     prepare = QwenPrepare(entry.path, entry.name)
     images = sample_images(2, seed=1, sizes=QWEN_SIZES)
     image = QWEN_VISION.format(QWEN_IMAGE)
@@ -139,7 +139,7 @@ def qwen_cases(model, entry: "Entry") -> dict[str, VLMInputs]:
     }
 
 
-def single_inputs(model, entry: "Entry", seed: int) -> VLMInputs:
+def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.store.extract import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
@@ -173,7 +173,7 @@ def qwen_hf_layers(hf) -> dict[str, list[nn.Module]]:
     return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.visual.blocks)}
 
 
-def qwen_align(entry: "Entry", hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
+def qwen_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
     """HF's Qwen vision runs images, then videos, each as one packed sequence (Qwen2.5-VL: in window order);
     per layer this returns one [patch, d] tensor per image / video, tl_vlm's rows."""
     if tower != "vision":
@@ -195,7 +195,7 @@ def qwen_align(entry: "Entry", hf, tower: str, outputs: list[torch.Tensor], inpu
     return [[row for r, grid in enumerate(runs) for row in unpack(outputs[r * depth + i], grid)] for i in range(depth)]
 
 
-def hf_run(entry: "Entry", hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str, list]]:
+def hf_run(entry: Entry, hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str, list]]:
     """HF logits and every layer output of every tower (forward hooks on HF's layers), in tl_vlm's layout:
     per tower a list over layers of a tensor, or of a list of per-row tensors (Qwen's packed vision)."""
     layers = entry.hf_layers(hf)
@@ -270,7 +270,7 @@ class Entry:
     extra_hooks: tuple[str, ...] = ()  # hook names this entry must have beyond the per-block contract
     absent_hooks: tuple[str, ...] = ()  # hook names it must not have
     errors: dict = field(default_factory=dict)  # bad-input kind -> message regex
-    align: Callable = lambda entry, hf, tower, outputs, inputs: outputs  # noqa: E731
+    align: Callable = lambda entry, hf, tower, outputs, inputs: outputs
     verify_images: Callable | None = None  # images verify runs on (None: its own samples)
     path: object = None  # set once built
 

@@ -8,7 +8,15 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conformance.registry import (
-    ATOL, generation_inputs, hf_run, logits_mask, max_diff, params, quiet, resid_hook, tower_of,
+    ATOL,
+    generation_inputs,
+    hf_run,
+    logits_mask,
+    max_diff,
+    params,
+    quiet,
+    resid_hook,
+    tower_of,
 )
 from tl_vlm import HookedVLM
 

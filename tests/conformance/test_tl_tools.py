@@ -66,7 +66,7 @@ def test_language_patching_matches_manual_loops(experiments, name):
         heads = patching.get_act_patch_attn_head_out_all_pos(model, corrupt, cache, metric)
     assert every.shape == (3, n, corrupt.shape[1])
     for result, kind in zip([*every, mid], ["resid_pre", "attn_out", "mlp_out", "resid_mid"]):
-        expected = manual_patch(model, corrupt, cache, metric, lambda l: f"blocks.{l}.hook_{kind}", n, positions)
+        expected = manual_patch(model, corrupt, cache, metric, lambda l, kind=kind: f"blocks.{l}.hook_{kind}", n, positions)
         assert torch.allclose(result[:, positions].cpu(), expected, atol=1e-6), kind
         assert result.abs().max() > 0 and not torch.allclose(result, result[0, 0]), "the image must matter somewhere"
     expected = torch.zeros(n, model.cfg.n_heads)

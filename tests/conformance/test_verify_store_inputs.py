@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -37,19 +36,6 @@ def test_verify_passes_then_names_the_broken_layer(loaded, name):
         assert not any(f.startswith(f"{tower} layer 0") for f in failures), (tower, failures)
 
 
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract_data")
-    (root / "images").mkdir()
-    rows = []
-    for i, image in enumerate(sample_images(3, seed=21)):
-        image.save(root / "images" / f"{i}.png")
-        rows.append({"id": i, "prompt": "What is the colour?" if i % 2 else "What shape is it?", "image": f"{i}.png",
-                     "label": image.info["colour"]})
-    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
-    return root
-
-
 @pytest.mark.parametrize("name", params())
 def test_extraction_round_trip_matches_run_with_cache(loaded, dataset, tmp_path, name):
     pair = loaded(name)
@@ -61,10 +47,10 @@ def test_extraction_round_trip_matches_run_with_cache(loaded, dataset, tmp_path,
     config = ExtractConfig(model_path=str(pair.path), output_db=str(tmp_path / "out.db"), modules=hooks, batch_size=2,
                            dataset={"local_dataset_path": str(dataset / "data.csv"),
                                     "image_dataset_path": str(dataset / "images")})
-    assert quiet(extract, config, progress=False) == {"done": 3, "skipped": 0, "failed": 0}
+    assert quiet(extract, config, progress=False) == {"done": 5, "skipped": 0, "failed": 0}
     frame = load(tmp_path / "out.db")
-    assert len(frame) == 3 * len(hooks) and set(frame["layer"]) == set(hooks)
-    images = sample_images(3, seed=21)
+    assert len(frame) == 5 * len(hooks) and set(frame["layer"]) == set(hooks)
+    images = sample_images(5, seed=21)
     for row in frame.itertuples():
         inputs = model.prepare(images=images[row.image_id], text=format_prompt(model.processor, row.prompt))
         with torch.no_grad():
