@@ -15,7 +15,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from tl_vlm import HookedVLM
 from tl_vlm.analysis import flow, geometry, viz
 from tl_vlm.analysis.confidence import confidence_map, internal_confidence, localization, object_token_ids
 from tl_vlm.analysis.editing import ProjectAway, project_away, removal_report, text_direction
@@ -25,10 +24,7 @@ from tl_vlm.analysis.logit_lens import image_positions, language_logit_lens, len
 from tl_vlm.analysis.probing import answer_accuracy, layer_sweep, probe, store_features, two_proportion_z_test
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.prompts import format_prompt
-from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.data import sample_images
-from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
-from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 
 FAMILIES = ("llava15", "blip2_opt", "qwen2_vl")
 PATCH_FAMILIES = ("llava15", "qwen2_vl")  # image tokens with pixel boxes (BLIP-2 queries have none)
@@ -36,18 +32,9 @@ SIZE = [(40, 60)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toolkit")
-    builders = {"llava15": build_tiny_vlm, "blip2_opt": build_tiny_blip2, "qwen2_vl": build_tiny_qwen_vl}
-    loaded = {}
-
-    def get(family: str) -> HookedVLM:
-        if family not in loaded:
-            torch.manual_seed(0)
-            loaded[family] = HookedVLM.from_pretrained(builders[family](root / family, family))
-        return loaded[family]
-
-    return get
+def models(loaded):
+    """The registry's models (built and loaded once per session, tests/conftest.py)."""
+    return lambda family: loaded(family).model
 
 
 def prompt(model, images, question: str = "What is the colour?"):

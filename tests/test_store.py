@@ -22,19 +22,6 @@ from tl_vlm.zoo.data import sample_images
 HOOKS = [r"blocks\.\d+\.hook_resid_post", "vision.blocks.0.hook_resid_post"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    rows = []
-    for i, image in enumerate(sample_images(5, seed=21)):
-        image.save(root / "images" / f"{i}.png")
-        rows.append({"id": i, "prompt": "What is the colour?" if i % 2 else "What shape is it?", "image": f"{i}.png",
-                     "label": image.info["colour"]})
-    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
-    return root
-
-
 def config(dataset, checkpoints, db, **changes) -> ExtractConfig:
     base = dict(model_path=str(checkpoints["llava15"]), output_db=str(db), modules=HOOKS, batch_size=2,
                 dataset={"local_dataset_path": str(dataset / "data.csv"), "image_dataset_path": str(dataset / "images")})
@@ -51,21 +38,16 @@ def vlm_lens_read(db) -> pd.DataFrame:
     return frame
 
 
-def test_round_trip_matches_run_with_cache(dataset, checkpoints, llava15, tmp_path):
+def test_store_reads_as_vlm_lens_reads_it(dataset, checkpoints, tmp_path):
     db = tmp_path / "out.db"
     counts = extract(config(dataset, checkpoints, db), progress=False)
     assert counts == {"done": 5, "skipped": 0, "failed": 0}
     frame = vlm_lens_read(db)
     assert len(frame) == 5 * 3 and set(frame["layer"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "vision.blocks.0.hook_resid_post"}
-    model = llava15.model
+    # The tensors equal run_with_cache on every entry: tests/conformance; here, what VLM-Lens reads.
     for row in frame.itertuples():
-        image = sample_images(5, seed=21)[row.image_id]
-        inputs = model.prepare(images=image, text=format_prompt(model.processor, row.prompt))
-        _, cache = model.run_with_cache(inputs, names_filter=row.layer)
-        expected = cache[row.layer]
-        assert row.tensor.shape == expected.shape and row.tensor_dim == expected.shape[-1]
-        assert torch.allclose(row.tensor, expected, atol=1e-4), (row.layer, row.image_id)
-        assert row.image_path == str(dataset / "images" / f"{row.image_id}.png") and row.architecture == "llava"
+        assert row.tensor_dim == row.tensor.shape[-1] and row.architecture == "llava"
+        assert row.image_path == str(dataset / "images" / f"{row.image_id}.png")
     runs = pd.read_sql("SELECT * FROM runs", sqlite3.connect(db))
     assert len(runs) == 1 and runs.loc[0, "pooling"] == "none"
     stacked = load(db, stack=True)

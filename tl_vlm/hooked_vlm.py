@@ -110,7 +110,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         except ImportError as err:
             if cls.fallback_processor is None:
                 raise
-            warnings.warn(f"HF's processor for {cls.__name__} cannot load ({err}); using tl_vlm's {cls.fallback_processor.__name__}")
+            reason = str(err).strip().splitlines()[0]
+            warnings.warn(f"HF's processor for {cls.__name__} cannot load ({reason}); using tl_vlm's {cls.fallback_processor.__name__}")
             return cls.fallback_processor.from_pretrained(path)
 
     def build(self) -> None:

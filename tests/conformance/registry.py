@@ -1,0 +1,450 @@
+"""The fixture registry: one entry per architecture / variant; the contract tests run over all of them.
+
+An entry says how to build its tiny saved checkpoint (``tl_vlm.zoo`` builder + variant), which HF class is
+the reference, how to make its standard inputs (``cases``: ``"batch"`` is always a padded batch of two
+prompts with images; a family adds its own cases such as Qwen's video), which HF modules give each tower's
+per-layer outputs, and which HF linear layer a head ablation edits in every attention of every tower.
+Adding a family = adding one ``Entry`` to ``REGISTRY`` (and, if its HF layout is new, its small helpers here).
+
+Everything here uses the public model API (``prepare``, ``capabilities``, ``towers``, hook names, and the
+family methods ``image_features`` / ``image_token_cells``); HF's side is read independently of tl_vlm's
+``hf_layers`` / ``align_hf_outputs``, so the reference does not trust the code under test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    InstructBlipForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.vision_utils import get_vision_window_index
+
+from tl_vlm import VLMInputs
+from tl_vlm.zoo.tiny import build_tiny_vlm
+from tl_vlm.zoo.data import sample_images
+from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
+from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+
+ATOL = 1e-4
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+LLAVA_PROMPTS = [
+    "USER: <image>\nWhat is the colour? ASSISTANT:",
+    "USER: <image>\nDescribe the shape in the image please. ASSISTANT:",
+]
+LLAVA_TEXT = "USER: What is the colour of a red square? ASSISTANT:"
+NON_SQUARE = [(60, 30), (30, 75)]  # (w, h): exercises LLaVA-NeXT's anyres tiling, unpadding and image_newline
+
+BLIP2_PROMPTS = ["Question: what is the colour? Answer:", "Question: describe the shape in the image please. Answer:"]
+T5_DECODER_IDS = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])  # column 0 becomes the decoder start token
+
+QWEN_IMAGE, QWEN_VIDEO = "<|image_pad|>", "<|video_pad|>"
+QWEN_VISION = "<|vision_start|>{}<|vision_end|>"
+QWEN_SIZES = [(40, 24), (24, 32)]  # (w, h): 6x10 and 8x6 patch grids, 15 and 12 tokens
+
+
+def qwen_chat(content: str) -> str:
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def llava_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    sizes = NON_SQUARE if entry.name == "llava_next_mistral" else None
+    images = sample_images(2, seed=1, sizes=sizes)
+    return {
+        "batch": model.prepare(images=images, text=LLAVA_PROMPTS, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=LLAVA_PROMPTS, padding_side="right"),
+        "text": VLMInputs(**dict(model.tokenizer([LLAVA_TEXT], return_tensors="pt"))),
+    }
+
+
+ONEVISION_SIZES = [(50, 40), (100, 90)]  # (w, h): a 2x2 tile canvas, and a 3x4 one that anyres_max shrinks
+ONEVISION_PROMPTS = [chat("<image>\nWhat is the colour?"), chat("<image>\nDescribe the shape in the image please.")]
+
+
+def onevision_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    images = sample_images(2, seed=1, sizes=ONEVISION_SIZES)
+    a, b, c = sample_images(3, seed=3, sizes=[(40, 60), (50, 50), (70, 40)])
+    frames = sample_images(3, seed=5, sizes=[(40, 40)] * 3)
+    still = sample_images(1, seed=7, sizes=[(60, 40)])
+    return {
+        "batch": model.prepare(images=images, text=ONEVISION_PROMPTS, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=ONEVISION_PROMPTS, padding_side="right"),
+        # two images in one prompt (one tile each), one in the other (tiled): batch_num_images [2, 1]
+        "multi_image": model.prepare(images=[[a, b], [c]], text=[chat("<image><image>\nWhich one is red?"),
+                                                                chat("<image>\nWhat is the colour?")]),
+        "video": VLMInputs.from_mapping(model.processor(videos=[frames], text=chat("<video>\nWhat moves?"))),
+        "video_and_image": VLMInputs.from_mapping(
+            model.processor(images=still, videos=[frames], text=chat("<image><video>\nWhat moves?"))
+        ),
+        "text": VLMInputs(**dict(model.tokenizer([chat("What is the colour of a red square?")], return_tensors="pt"))),
+    }
+
+
+def blip2_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    batch = model.prepare(images=sample_images(2, seed=3), text=BLIP2_PROMPTS)
+    if model.capabilities.encoder_decoder:  # Flan-T5's forward needs decoder ids (generate makes its own)
+        decoder_ids = T5_DECODER_IDS.clone()
+        decoder_ids[:, 0] = model.generation_config.decoder_start_token_id
+        batch = dataclasses.replace(batch, decoder_input_ids=decoder_ids)
+    return {"batch": batch}
+
+
+class QwenPrepare:
+    """What HF's Qwen2-VL processor does, without torchvision (its video processor needs it): the image
+    processor cuts the images, each ``<|image_pad|>`` / ``<|video_pad|>`` is expanded to its token count and
+    ``mm_token_type_ids`` marks them. Videos are frames in the image processor's layout."""
+
+    def __init__(self, path, variant: str):
+        self.variant = variant
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.images = AutoImageProcessor.from_pretrained(path)
+        self.merge = self.images.merge_size
+
+    def __call__(self, texts: list[str], images=None, video=None) -> VLMInputs:
+        batch = {}
+        counts = {QWEN_IMAGE: [], QWEN_VIDEO: []}
+        if images is not None:
+            batch.update(self.images(images=images, return_tensors="pt"))
+            counts[QWEN_IMAGE] = (batch["image_grid_thw"].prod(-1) // self.merge**2).tolist()
+        if video is not None:
+            batch["pixel_values_videos"], batch["video_grid_thw"] = self.video(video)
+            counts[QWEN_VIDEO] = (batch["video_grid_thw"].prod(-1) // self.merge**2).tolist()
+            if self.variant == "qwen2_5_vl":
+                batch["second_per_grid_ts"] = torch.tensor([0.5])  # 2 frames per temporal patch at 4 fps
+        expanded = []
+        for text in texts:
+            for token, n in counts.items():
+                parts = text.split(token)
+                text = parts[0] + "".join(token * n.pop(0) + rest for rest in parts[1:])
+            expanded.append(text)
+        tokens = self.tok(expanded, return_tensors="pt", padding=True)
+        ids = tokens["input_ids"]
+        image_id, video_id = self.tok.convert_tokens_to_ids([QWEN_IMAGE, QWEN_VIDEO])
+        batch.update(tokens, mm_token_type_ids=(ids == image_id).int() + 2 * (ids == video_id).int())
+        return VLMInputs.from_mapping(batch)
+
+    def video(self, frames) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values_videos as Qwen2VLVideoProcessor lays them out: row = (channel, frame pair, patch, patch)."""
+        per_frame = self.images(images=frames, return_tensors="pt")
+        _, h, w = per_frame["image_grid_thw"][0].tolist()
+        tp, p = self.images.temporal_patch_size, self.images.patch_size
+        rows = per_frame["pixel_values"].view(len(frames), h * w, 3, tp, p, p)[:, :, :, 0]  # each frame once
+        rows = rows.view(len(frames) // tp, tp, h * w, 3, p, p).permute(0, 2, 3, 1, 4, 5)
+        return rows.reshape(-1, 3 * tp * p * p), torch.tensor([[len(frames) // tp, h, w]])
+
+
+def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    prepare = QwenPrepare(entry.path, entry.name)
+    images = sample_images(2, seed=1, sizes=QWEN_SIZES)
+    image = QWEN_VISION.format(QWEN_IMAGE)
+    frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
+    return {
+        "batch": prepare(  # left-padded
+            [qwen_chat(f"{image}What colour?"),
+             qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
+            images,
+        ),
+        "two_images": prepare([qwen_chat(f"{image}What colour? {image}Which shape?")], images),
+        "video": prepare([qwen_chat(f"{QWEN_VISION.format(QWEN_VIDEO)}What moves? Like {image}?")], images[:1], frames),
+        "text": VLMInputs(**dict(prepare.tok([qwen_chat("What colour is a red square?")], return_tensors="pt"))),
+    }
+
+
+def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
+    """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
+    from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
+
+    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)]}.get(entry.name)
+    inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
+                           text=format_prompt(model.processor, "What colour is the shape?"))
+    if model.capabilities.encoder_decoder:
+        decoder_ids = T5_DECODER_IDS[:1].clone()
+        decoder_ids[:, 0] = model.generation_config.decoder_start_token_id
+        inputs = dataclasses.replace(inputs, decoder_input_ids=decoder_ids)
+    return inputs
+
+
+# ------------------------------------------------------------------------------- HF per-layer outputs
+
+
+def llava_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layers)}
+
+
+def blip2_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    lm = hf.language_model
+    layers = {"vision": list(hf.vision_model.encoder.layers), "qformer": list(hf.qformer.encoder.layer)}
+    if hasattr(lm, "encoder"):  # Flan-T5
+        return {**layers, "encoder": list(lm.encoder.block), "decoder": list(lm.decoder.block)}
+    inner = lm.model
+    return {**layers, "language": list(inner.decoder.layers if hasattr(inner, "decoder") else inner.layers)}
+
+
+def qwen_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.visual.blocks)}
+
+
+def qwen_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
+    """HF's Qwen vision runs images, then videos, each as one packed sequence (Qwen2.5-VL: in window order);
+    per layer this returns one [patch, d] tensor per image / video, tl_vlm's rows."""
+    if tower != "vision":
+        return outputs
+    merge = hf.config.vision_config.spatial_merge_size
+    depth = len(hf.model.visual.blocks)
+    runs = [grid for grid in (inputs.image_grid_thw, inputs.video_grid_thw) if grid is not None]
+
+    def unpack(packed: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        vc = hf.config.vision_config
+        if entry.name == "qwen2_5_vl":
+            order, _ = get_vision_window_index(grid, merge, vc.window_size, vc.patch_size)
+            units = packed.view(-1, merge**2, packed.shape[-1])
+            natural = torch.empty_like(units)
+            natural[order] = units
+            packed = natural.view_as(packed)
+        return list(packed.split(grid.prod(-1).tolist()))
+
+    return [[row for r, grid in enumerate(runs) for row in unpack(outputs[r * depth + i], grid)] for i in range(depth)]
+
+
+def onevision_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
+    """HF runs its vision tower on the image tiles, then on the video frames; tl_vlm's rows are both, tiles first."""
+    depth = len(hf.model.vision_tower.encoder.layers)
+    if tower != "vision" or len(outputs) == depth:
+        return outputs
+    return [torch.cat([outputs[i], outputs[depth + i]]) for i in range(depth)]
+
+
+def hf_run(entry: Entry, hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str, list]]:
+    """HF logits and every layer output of every tower (forward hooks on HF's layers), in tl_vlm's layout:
+    per tower a list over layers of a tensor, or of a list of per-row tensors (Qwen's packed vision)."""
+    layers = entry.hf_layers(hf)
+    outputs: dict[str, list] = {name: [] for name in layers}
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o[0] if isinstance(o, tuple) else o))
+        for name, modules in layers.items()
+        for layer in modules
+    ]
+    try:
+        with torch.no_grad():
+            logits = hf(**inputs.as_kwargs()).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = {name: outs for name, outs in outputs.items() if outs}  # a text-only prompt skips the vision towers
+    return logits, {name: entry.align(entry, hf, name, outs, inputs) for name, outs in ran.items()}
+
+
+# ------------------------------------------------------------------------ head ablation by HF surgery
+# (tl_vlm hook of the attention, HF linear layer whose input columns are that attention's heads) per layer.
+
+
+def llava_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def blip2_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    heads = {
+        "vision.blocks.{}.attn": lambda i: hf.vision_model.encoder.layers[i].self_attn.projection,
+        "qformer.blocks.{}.attn": lambda i: hf.qformer.encoder.layer[i].attention.output.dense,
+        "qformer.blocks.{}.cross_attn": lambda i: hf.qformer.encoder.layer[i].crossattention.output.dense,
+    }
+    lm = hf.language_model
+    if hasattr(lm, "encoder"):  # Flan-T5
+        heads.update({
+            "encoder.blocks.{}.attn": lambda i: lm.encoder.block[i].layer[0].SelfAttention.o,
+            "decoder.blocks.{}.attn": lambda i: lm.decoder.block[i].layer[0].SelfAttention.o,
+            "decoder.blocks.{}.cross_attn": lambda i: lm.decoder.block[i].layer[1].EncDecAttention.o,
+        })
+    elif hasattr(lm.model, "decoder"):  # OPT
+        heads["blocks.{}.attn"] = lambda i: lm.model.decoder.layers[i].self_attn.out_proj
+    else:  # Vicuna (Llama)
+        heads["blocks.{}.attn"] = lambda i: lm.model.layers[i].self_attn.o_proj
+    return heads
+
+
+def qwen_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.visual.blocks[i].attn.proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Entry:
+    name: str  # the zoo builder's variant
+    build: Callable  # builder(path, variant) -> saved checkpoint path
+    hf_class: type
+    make_cases: Callable  # (model, entry) -> {case: VLMInputs}; "batch" = padded batch of 2 prompts with images
+    hf_layers: Callable  # hf -> {tower: [HF module whose output is blocks.{i} of that tower]}
+    heads: Callable  # hf -> {attention hook prefix with {} for the layer: layer -> HF output linear}
+    towers: tuple[str, ...]  # tl_vlm towers (model.towers()), declared so tests parametrize before loading
+    cases: tuple[str, ...] = ("batch",)  # the case names make_cases returns
+    attentions: tuple[str, ...] = ()  # the keys of heads(hf), declared for parametrization
+    extra_hooks: tuple[str, ...] = ()  # hook names this entry must have beyond the per-block contract
+    absent_hooks: tuple[str, ...] = ()  # hook names it must not have
+    errors: dict = field(default_factory=dict)  # bad-input kind -> message regex
+    align: Callable = lambda entry, hf, tower, outputs, inputs: outputs
+    verify_images: Callable | None = None  # images verify runs on (None: its own samples)
+    path: object = None  # set once built
+
+
+LLAVA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
+               "vision.hook_embed", "vision.hook_pos_embed", "projector.hook_in", "projector.hook_out",
+               "projector.mlp.hook_pre", "projector.mlp.hook_post", "blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k",
+               "blocks.0.mlp.hook_pre_linear")
+LLAVA_ERRORS = {"no_pixels": "no pixel_values", "no_placeholders": "no image placeholder", "count": "feature vectors"}
+
+
+def llava(name: str) -> Entry:
+    siglip = name == "llava_interleave_siglip"  # SigLIP has no pre-LN
+    pre_ln = ("vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized")
+    return Entry(
+        name, build_tiny_vlm,
+        LlavaNextForConditionalGeneration if name == "llava_next_mistral" else LlavaForConditionalGeneration,
+        llava_cases, llava_hf_layers, llava_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "text"), attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        extra_hooks=LLAVA_HOOKS + (() if siglip else pre_ln), absent_hooks=pre_ln if siglip else (),
+        errors=LLAVA_ERRORS,
+        verify_images=(lambda: sample_images(2, sizes=NON_SQUARE)) if name == "llava_next_mistral" else None,
+    )
+
+
+def onevision() -> Entry:
+    return Entry(
+        "llava_onevision", lambda path, name: build_tiny_onevision(path), LlavaOnevisionForConditionalGeneration,
+        onevision_cases, llava_hf_layers, llava_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "multi_image", "video", "video_and_image", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=LLAVA_HOOKS,
+        absent_hooks=("vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized"), errors=LLAVA_ERRORS,
+        align=onevision_align,
+    )
+
+
+BLIP2_HOOKS = ("qformer.hook_query_embed", "qformer.ln_embed.hook_scale", "vision.hook_embed", "vision.hook_pos_embed",
+               "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_out", "hook_embed",
+               "hook_image_embed", "hook_text_embed")
+INSTRUCTBLIP_HOOKS = ("qformer.hook_text_embed", "qformer.hook_pos_embed", "qformer.blocks.0.mlp_text.hook_pre")
+T5_HOOKS = ("encoder.hook_rel_pos_bias", "decoder.hook_rel_pos_bias", "decoder.hook_embed", "encoder.ln_final.hook_scale",
+            "decoder.ln_final.hook_normalized", "decoder.blocks.0.hook_cross_attn_out", "decoder.blocks.0.hook_resid_mid_cross",
+            "decoder.blocks.0.ln3.hook_scale", "decoder.blocks.0.mlp.hook_pre_linear")
+BLIP2_ERRORS = {"no_pixels": "no pixel_values", "count": "num_query_tokens"}
+
+
+def blip2(name: str) -> Entry:
+    t5 = name.endswith("flan_t5")
+    hooks = BLIP2_HOOKS + (INSTRUCTBLIP_HOOKS if name.startswith("instructblip") else ())
+    if t5:
+        hooks += T5_HOOKS
+    else:
+        hooks += ("ln_final.hook_scale",) + (("hook_pos_embed",) if name == "blip2_opt" else ("blocks.0.attn.hook_rot_q",))
+    language = ("encoder.blocks.{}.attn", "decoder.blocks.{}.attn", "decoder.blocks.{}.cross_attn") if t5 else ("blocks.{}.attn",)
+    return Entry(
+        name, build_tiny_blip2,
+        InstructBlipForConditionalGeneration if name.startswith("instructblip") else Blip2ForConditionalGeneration,
+        blip2_cases, blip2_hf_layers, blip2_heads,
+        (("encoder", "decoder") if t5 else ("language",)) + ("vision", "qformer"),
+        attentions=("vision.blocks.{}.attn", "qformer.blocks.{}.attn", "qformer.blocks.{}.cross_attn") + language,
+        extra_hooks=hooks, absent_hooks=("vision.ln_pre.hook_scale",) + (("blocks.0.hook_resid_pre",) if t5 else ()),
+        errors=BLIP2_ERRORS,
+    )
+
+
+QWEN_HOOKS = ("vision.hook_embed", "projector.hook_in", "projector.ln.hook_scale", "projector.ln.hook_normalized",
+              "projector.mlp.hook_pre", "projector.mlp.hook_post", "projector.hook_out", "hook_embed", "hook_image_embed",
+              "hook_text_embed", "blocks.0.attn.hook_rot_q", "vision.blocks.0.attn.hook_rot_q", "vision.blocks.0.attn.hook_rot_k")
+QWEN_ERRORS = {"no_pixels": "no pixel_values", "no_placeholders": "no <\\|image_pad\\|> token", "count": "runs of"}
+
+
+def qwen(name: str) -> Entry:
+    return Entry(
+        name, build_tiny_qwen_vl,
+        Qwen2VLForConditionalGeneration if name == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration,
+        qwen_cases, qwen_hf_layers, qwen_heads, ("language", "vision"),
+        cases=("batch", "two_images", "video", "text"), attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        extra_hooks=QWEN_HOOKS, errors=QWEN_ERRORS, align=qwen_align,
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]),  # unequal sizes: HF packs them
+    )
+
+
+REGISTRY: dict[str, Entry] = {
+    e.name: e
+    for e in [
+        llava("llava15"), llava("llava_qwen2"), llava("llava_interleave_siglip"), llava("llava_next_mistral"),
+        onevision(),
+        blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
+        qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+    ]
+}
+NAMES = tuple(REGISTRY)
+
+
+def params(select: Callable[[Entry], list] | None = None):
+    """pytest params over the registry (``select`` expands an entry into extra per-entry values)."""
+    import pytest
+
+    if select is None:
+        return [pytest.param(name, id=name) for name in NAMES]
+    return [pytest.param(name, value, id=f"{name}-{value}") for name in NAMES for value in select(REGISTRY[name])]
+
+
+# ------------------------------------------------------------------------------------- shared checks
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    diff = (a - b).abs()
+    return (diff[mask] if mask is not None else diff).max().item()
+
+
+def logits_mask(model, inputs: VLMInputs) -> torch.Tensor | None:
+    """Real positions of the logits: the prompt's for a decoder-only LM; all decoder positions for T5."""
+    if model.capabilities.encoder_decoder or inputs.attention_mask is None:
+        return None
+    return inputs.attention_mask.bool()
+
+
+def generation_inputs(inputs: VLMInputs) -> VLMInputs:
+    """What generate takes: the forward inputs without decoder ids (generate starts the decoder itself)."""
+    return dataclasses.replace(inputs, decoder_input_ids=None)
+
+
+def tower_of(hook: str) -> str:
+    """The tower a hook name belongs to (``blocks.*`` and top-level names are the language model's)."""
+    head = hook.split(".")[0]
+    return head if head in ("vision", "qformer", "encoder", "decoder") else "language"
+
+
+def resid_hook(tower: str, layer: int) -> str:
+    """The hook holding a tower block's output (the Q-Former's BERT blocks are post-LN)."""
+    prefix = "" if tower == "language" else f"{tower}."
+    kind = "hook_normalized_resid_post" if tower == "qformer" else "hook_resid_post"
+    return f"{prefix}blocks.{layer}.{kind}"
+
+
+def quiet(fn, *args, **kwargs):
+    """Call ``fn`` with warnings silenced (Qwen's processor warns about torchvision; folding RMSNorm warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+

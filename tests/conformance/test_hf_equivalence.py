@@ -1,0 +1,176 @@
+"""Every registry entry against HF, from the same saved checkpoint: fp32 max abs diff <= 1e-4, half precision
+equal to HF's, generation token for token, head ablation by hooks equal to HF module surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conformance.registry import (
+    ATOL,
+    generation_inputs,
+    hf_run,
+    logits_mask,
+    max_diff,
+    params,
+    quiet,
+    resid_hook,
+    tower_of,
+)
+from tl_vlm import HookedVLM
+
+IMAGE_CASES = ("batch", "video", "multi_image", "video_and_image")  # generation cases (text-only and right padding: forward only)
+
+
+@pytest.mark.parametrize("name, case", params(lambda e: e.cases))
+def test_logits_and_every_hidden_state_match_hf(loaded, name, case):
+    pair = loaded(name)
+    model, inputs = pair.model, pair.cases[case]
+    if case.startswith("batch"):
+        assert not bool(inputs.attention_mask.all()), "the batch must actually be padded"
+    hf_logits, hf = hf_run(pair.entry, pair.hf, inputs)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(inputs)
+    assert max_diff(logits, hf_logits, logits_mask(model, inputs)) <= ATOL
+    towers = set(pair.entry.towers) if case != "text" else {"language"}
+    assert set(hf) == towers, "every tower is compared"
+    real = inputs.attention_mask.bool() if inputs.attention_mask is not None else None
+    for tower, layers in hf.items():
+        assert len(layers) == model.tower(tower).cfg.n_layers, tower
+        prompt_positions = real if tower in ("language", "encoder") else None
+        for i, hidden in enumerate(layers):
+            ours = cache[resid_hook(tower, i)]
+            if isinstance(hidden, list):  # one tensor per image / video row (Qwen's packed vision)
+                assert ours.shape[0] == len(hidden), "one row per image / video"
+                for row, h in enumerate(hidden):
+                    assert max_diff(ours[row, : h.shape[0]], h) <= ATOL, f"{tower} layer {i}, row {row}"
+            else:
+                assert max_diff(ours, hidden, prompt_positions) <= ATOL, f"{tower} layer {i}"
+    if case == "text":
+        assert not any(n.startswith("vision.") for n in cache.keys()), "a text-only prompt never runs the vision tower"
+
+
+@pytest.mark.parametrize("name", params())
+def test_from_hf_model_shares_weights_and_matches(loaded, name):
+    pair = loaded(name)
+    hf_storages = {p.untyped_storage().data_ptr() for p in pair.hf.parameters()}
+    model = quiet(HookedVLM.from_hf_model, pair.hf, pair.model.processor)
+    copied = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in hf_storages]
+    assert not copied, f"conversion must not copy the weights: {copied[:5]}"
+    with torch.no_grad():
+        assert max_diff(model(pair.batch()), pair.model(pair.batch())) == 0.0, "from_hf_model equals from_pretrained"
+    if pair.model.capabilities.encoder_decoder:
+        return  # weight processing of an encoder-decoder LM is refused (test_blip2)
+    before = {n: p.detach().clone() for n, p in pair.hf.named_parameters()}
+    processed = quiet(HookedVLM.from_hf_model, pair.hf, pair.model.processor, fold_ln=True)
+    assert processed.blocks[0].attn.W_Q.data_ptr() != model.blocks[0].attn.W_Q.data_ptr()
+    for n, p in pair.hf.named_parameters():
+        assert torch.equal(p, before[n]), f"processing wrote into the HF model's {n}"
+
+
+@pytest.mark.parametrize("name", params())
+def test_weight_processing_keeps_probabilities(loaded, name):
+    pair = loaded(name)
+    if pair.model.capabilities.encoder_decoder:
+        pytest.skip("capabilities.encoder_decoder: weight processing is not supported for encoder-decoder LMs")
+    processed = quiet(HookedVLM.from_pretrained, pair.path, fold_ln=True, center_writing_weights=True,
+                      center_unembed=True, fold_value_biases=True)
+    assert processed.cfg.normalization_type in ("RMSPre", "LNPre")
+    assert processed.blocks[0].ln1.w is None and processed.vision.blocks[0].ln1.w is None
+    batch, real = pair.batch(), pair.batch().attention_mask.bool()
+    with torch.no_grad():
+        expected = pair.hf(**batch.as_kwargs()).logits.softmax(-1)
+        logits = processed(batch)
+    assert max_diff(logits.softmax(-1), expected, real) <= ATOL
+    assert logits[real].mean(-1).abs().max() < 1e-4, "center_unembed gives zero-mean logits"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", params())
+def test_half_precision_logits_are_hfs(loaded, name, dtype):
+    """Same kernels, same casts (HF's fp32 modules kept in fp32): in half precision the logits are HF's, not
+    merely close, through both loaders."""
+    pair = loaded(name)
+    hf = quiet(AutoModelForImageTextToText.from_pretrained, pair.path, dtype=dtype).eval()
+    ours, shared = quiet(HookedVLM.from_pretrained, pair.path, dtype=dtype), quiet(HookedVLM.from_hf_model, hf)
+    dtypes = {n: p.dtype for n, p in ours.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in shared.named_parameters()}, "from_pretrained keeps HF's per-module dtypes"
+    assert ours.vision.blocks[0].attn.W_Q.dtype == dtype and ours.embed.W_E.dtype in (dtype, torch.float32)
+    batch = pair.batch()
+    with torch.no_grad():
+        reference = hf(**batch.as_kwargs()).logits.float()
+        for model in (ours, shared):
+            assert max_diff(model(batch).float(), reference, logits_mask(model, batch)) <= ATOL
+
+
+@pytest.mark.parametrize("name, case", params(lambda e: [c for c in e.cases if c in IMAGE_CASES]))
+def test_greedy_generate_equals_hf(loaded, name, case):
+    pair = loaded(name)
+    inputs = generation_inputs(pair.cases[case])
+    with torch.no_grad():
+        expected = pair.hf.generate(**inputs.as_kwargs(), max_new_tokens=8, do_sample=False)
+    assert torch.equal(pair.model.generate(inputs, max_new_tokens=8), expected)
+    assert torch.equal(pair.model.generate(inputs, max_new_tokens=8, use_past_kv_cache=False), expected)
+
+
+SAMPLING = ({"do_sample": True}, {"do_sample": True, "temperature": 0.7, "top_p": 0.8},
+            {"do_sample": False, "repetition_penalty": 1.5})
+
+
+@pytest.mark.parametrize("name, case", params(lambda e: [c for c in e.cases if c in IMAGE_CASES]))
+def test_seeded_sampling_and_penalties_follow_hf(loaded, name, case):
+    """A random tiny model repeats its greedy token while sampled tokens vary, so every decode step's positions
+    and logits have to match HF's for the draws to agree (with and without the KV cache)."""
+    pair = loaded(name)
+    inputs = generation_inputs(pair.cases[case])
+    for settings in SAMPLING:
+        torch.manual_seed(11)
+        expected = pair.hf.generate(**inputs.as_kwargs(), max_new_tokens=6, **settings)
+        for use_cache in (True, False):
+            torch.manual_seed(11)
+            tokens = pair.model.generate(inputs, max_new_tokens=6, use_past_kv_cache=use_cache, **settings)
+            assert torch.equal(tokens, expected), (settings, use_cache)
+    runs = [pair.model.generate(inputs, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+                                generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]), "a generator seeds the sampling"
+    assert int(runs[0].max()) < pair.hf.config.get_text_config().vocab_size
+
+
+@pytest.mark.parametrize("name, attention", params(lambda e: e.attentions))
+def test_head_ablation_equals_hf_surgery(loaded, name, attention):
+    pair = loaded(name)
+    model, batch, layer, head = pair.model, pair.batch(), 0, 1
+    d_head = model.tower(tower_of(attention)).cfg.d_head
+
+    def ablate(z, hook):
+        z[:, :, head] = 0.0
+        return z
+
+    columns = slice(head * d_head, (head + 1) * d_head)
+    with torch.no_grad():
+        clean = model(batch)
+        ablated = model.run_with_hooks(batch, fwd_hooks=[(f"{attention.format(layer)}.hook_z", ablate)])
+        linear = pair.entry.heads(pair.hf)[attention](layer)
+        saved = linear.weight[:, columns].clone()
+        linear.weight[:, columns] = 0.0
+        try:
+            surgery = pair.hf(**batch.as_kwargs()).logits
+        finally:
+            linear.weight[:, columns] = saved
+    mask = logits_mask(model, batch)
+    assert max_diff(ablated, clean, mask) > 1e-3, "ablating a head must change the output"
+    assert max_diff(ablated, surgery, mask) <= ATOL
+
+
+@pytest.mark.parametrize("name, case", params(lambda e: [c for c in e.cases if c != "text"]))
+def test_explicit_attention_matches_sdpa(loaded, name, case):
+    """SDPA (no hooks) and the explicit attention path (patterns cached) agree, in every tower."""
+    pair = loaded(name)
+    model, inputs = pair.model, pair.cases[case]
+    with torch.no_grad():
+        fast = model(inputs)
+        explicit, cache = model.run_with_cache(inputs, names_filter=lambda n: n.endswith("hook_pattern"))
+    for attention in pair.entry.attentions:
+        assert f"{attention.format(0)}.hook_pattern" in cache, attention
+    assert max_diff(fast, explicit, logits_mask(model, inputs)) <= ATOL
