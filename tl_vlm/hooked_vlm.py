@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -246,7 +245,9 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         fold_value_biases: bool = False,
     ) -> "HookedVLM":
         """Convert an in-memory HF model. Weights are shared with it, not copied, where device and dtype
-        agree; weight processing writes new tensors, so it never edits the HF model."""
+        agree; weight processing writes new tensors, so it never edits the HF model. Without ``dtype`` each weight
+        keeps the HF model's dtype (what it loaded in float32 stays so, what it was cast to stays cast); with one,
+        weights are converted as ``from_pretrained`` would load them in that dtype."""
         param = next(hf_model.parameters())
         family = cls._family(hf_model.config, [type(hf_model).__name__])
         state = hf_model.state_dict()
@@ -259,6 +260,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             dtype or _dominant_dtype(hf_model),
             processor,
             getattr(hf_model, "generation_config", None),
+            keep_float32=dtype is None,
         )
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
@@ -275,22 +277,26 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         return family
 
     @classmethod
-    def _convert(cls, hf_config, tensors, device, dtype, processor, generation_config) -> "HookedVLM":
+    def _convert(
+        cls, hf_config, tensors, device, dtype, processor, generation_config, keep_float32: bool = False
+    ) -> "HookedVLM":
+        """``keep_float32``: float32 tensors stay float32 (an in-memory model's own per-weight dtypes); else the
+        family's ``fp32_parameters`` say which weights HF keeps in float32 when loading in ``dtype``."""
         cfg = cls.config_from_hf(hf_config)
         for tower in cfg.towers():
             tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
         model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
-        fp32 = cls.fp32_parameters(cfg, dtype)
-        loaded = load_weights(model, cls.weight_map(cfg), tensors, cls.normalize_key, device, dtype, fp32)
+        fp32 = None if keep_float32 else cls.fp32_parameters(cfg, dtype)
+        loaded = load_weights(model, cls.weight_map(cfg), tensors, cls.normalize_key, device, dtype, fp32, keep_float32)
         if "unembed.W_U" not in loaded and cfg.language.tie_word_embeddings:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
             loaded.add("unembed.W_U")
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
             raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
-        kept = {name: p.data for name, p in model.named_parameters() if fp32 and re.match(fp32, name)}
+        kept = {name: p.data for name, p in model.named_parameters() if p.dtype == torch.float32 != dtype}
         model = model.to(device=device, dtype=dtype)
         for name, p in model.named_parameters():
             if name in kept:

@@ -152,9 +152,11 @@ def load_weights(
     device: torch.device | str | None,
     dtype: torch.dtype,
     fp32: str | None = None,
+    keep_float32: bool = False,
 ) -> set[str]:
     """Stream ``tensors`` into ``root``; returns the TL names that were set. Names the regular expression
-    ``fp32`` matches (from the start) are kept in float32, and so are buffers (rotary frequencies: float32 in
+    ``fp32`` matches (from the start) are kept in float32, so are float32 tensors with ``keep_float32``, and so are
+    buffers (rotary frequencies: float32 in
     HF too, though a HF model cast with ``.to(dtype)`` holds them rounded, and those are the values it uses)."""
     loaded = set()
     for key, tensor in tensors:
@@ -163,7 +165,8 @@ def load_weights(
             continue
         name, transform = matched
         first = name[0] if isinstance(name, tuple) else name
-        target = torch.float32 if (fp32 and re.match(fp32, first)) or _is_buffer(root, first) else dtype
+        float32 = (fp32 and re.match(fp32, first)) or (keep_float32 and tensor.dtype == torch.float32)
+        target = torch.float32 if float32 or _is_buffer(root, first) else dtype
         source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
         for one, value in zip(names, values, strict=True):

@@ -113,11 +113,10 @@ class HookedBlip2(HookedVLM):
     @classmethod
     def fp32_parameters(cls, cfg: Blip2Config, dtype: torch.dtype) -> str | None:
         # Loaded in float16 (not bfloat16), HF's BLIP-2 keeps its Q-Former in float32, and Flan-T5 its feed-forward
-        # output projections ``wo``. InstructBLIP keeps only its query tokens so and rounds them to float16 on use,
-        # which storing them in float16 equals.
+        # output projections ``wo``. InstructBLIP keeps only its query tokens so (rounded to float16 on use).
         if dtype != torch.float16:
             return None
-        kept = [] if cls.text_input else [r"qformer\."]
+        kept = [r"qformer\.query_tokens$"] if cls.text_input else [r"qformer\."]
         if cfg.encoder_decoder:
             kept.append(r"(encoder|decoder)\.blocks\.\d+\.mlp\.W_out$")
             if cls.text_input:  # HF matches T5's "wo" inside "word_embeddings" too: the Q-Former's stay float32
@@ -173,8 +172,7 @@ class HookedBlip2(HookedVLM):
         """The Q-Former's query outputs: what the language model receives (before the projection)."""
         n = self.vision.cfg.n_layers
         image = self.vision.ln_post(self.vision(inputs.pixel_values, keep=[n])[n])
-        qformer_dtype = self.qformer.query_tokens.dtype  # float32 in a half-precision BLIP-2, as in HF
-        out = self.qformer(image.to(qformer_dtype), inputs.qformer_input_ids, inputs.qformer_attention_mask)
+        out = self.qformer(image.to(self.qformer.dtype), inputs.qformer_input_ids, inputs.qformer_attention_mask)
         return out[:, : self.qformer.n_query].to(image.dtype)
 
     def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:

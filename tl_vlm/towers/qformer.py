@@ -43,6 +43,12 @@ class QFormer(StackedWeights, nn.Module):
             ]
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the blocks compute in: float32 in a float16 BLIP-2 (HF keeps its Q-Former so); HF reads its
+        embedding LayerNorm's dtype the same way."""
+        return self.ln_embed.w.dtype
+
     def forward(
         self,
         image: Float[Tensor, "batch patch d_image"],
@@ -71,7 +77,7 @@ class QFormer(StackedWeights, nn.Module):
             if attention_mask is not None and not bool(attention_mask.all()):
                 keep = torch.cat([attention_mask.new_ones(batch, self.n_query), attention_mask], dim=1).bool()
                 mask = keep[:, None, None, :]
-        resid = self.ln_embed(x.to(self.query_tokens.dtype))  # float32 word embeddings (fp32_parameters) round here
+        resid = self.ln_embed(x.to(self.dtype))  # float32 query tokens / word embeddings round here, as in HF
         for block in self.blocks:
             resid = block(resid, image, self.n_query, mask)
         return resid
