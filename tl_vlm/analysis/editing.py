@@ -1,17 +1,27 @@
 """ProjectAway (Jiang et al. 2025): erase objects from the image representations by orthogonalising them
 against the objects' text directions.
 
-Text direction t of an object: the language stream entering layer ``text_layer`` (HF's
-``hidden_states[text_layer]``) at the last token of the word run alone after BOS (no image). Edit: on the
-output of layer ``image_layer`` (``blocks.{image_layer}.hook_resid_post``), at image positions only, for each
-object in turn and each image token h with p = <h, t> / <t, t> > 0: h <- h - alpha * p * t.
+Layers are numbered as in the paper's code (its demo: ``lT=1, lI=2``):
+
+- text direction t of an object: HF's ``hidden_states[text_layer]`` (the stream entering block ``text_layer``;
+  ``text_layer == n_layers``: the final stream through ``ln_final``) at the last token of the word run alone
+  after BOS (no image);
+- edit: on the output of decoder layer ``image_layer`` (where the paper's forward hook on
+  ``model.layers[lI]`` acts: HF's ``hidden_states[image_layer + 1]``, ``blocks.{image_layer}.hook_resid_post``),
+  at image positions only, for each object in turn and each image token h with p = <h, t> / <t, t> > 0:
+  h <- h - alpha * p * t.
+
+Negative indices count from the end, as Python indexing in the paper's code does. The last decoder layer is
+refused as ``image_layer``: no later block reads its image positions, so the edit could not change any output
+(the paper's code runs it as a no-op).
 
     edit = ProjectAway(model, ["dog"], text_layer=1, image_layer=2)
     with edit.applied(inputs):
         tokens = model.generate(inputs, max_new_tokens=40)
 
 The edit acts on passes that cover the prompt (the prefill; every step when generating without a KV cache,
-which recomputes the same edited states); KV-cached decode steps reuse the edited image states as they are.
+which recomputes the same edited states); KV-cached decode steps reuse the edited image states as they are, in
+every beam of a beam search (the beams of a row share its prompt pass, as they share HF's).
 """
 
 from __future__ import annotations
@@ -25,20 +35,28 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_vlm.analysis.hallucination import extract_mentions
-from tl_vlm.analysis.logit_lens import image_positions
+from tl_vlm.analysis.logit_lens import hidden_state, image_positions, lens_hook_names
 from tl_vlm.inputs import VLMInputs
 
 
 def text_direction(model, word: str, layer: int = 1) -> Float[Tensor, " d_model"]:
-    """The stream entering ``layer`` (``layer == n_layers``: the final stream) at the word's last token, run alone."""
+    """HF's ``hidden_states[layer]`` at the word's last token, run alone after BOS (``layer == n_layers``: the
+    final stream through ``ln_final``; negative: from the end)."""
+    layer = _checked_layer(layer, model.cfg.n_layers + 1, "text_layer", "HF hidden_states")
     ids = model.tokenizer.encode(word, add_special_tokens=False)
     if model.tokenizer.bos_token_id is not None:
         ids = [model.tokenizer.bos_token_id, *ids]
-    n = model.cfg.n_layers
-    name = f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+    names = lens_hook_names(model)
     with torch.no_grad():
-        _, cache = model.run_with_cache(torch.tensor([ids], device=model.device), names_filter=name)
-    return cache[name][0, -1]
+        _, cache = model.run_with_cache(torch.tensor([ids], device=model.device), names_filter=names[layer])
+        return hidden_state(model, cache, layer)[0, -1]
+
+
+def _checked_layer(layer: int, count: int, what: str, numbering: str) -> int:
+    """``layer`` as an index into ``count`` entries (negative from the end, as Python indexing)."""
+    if not -count <= layer < count:
+        raise ValueError(f"{what} {layer}: this model has {count} {numbering} (indices {-count} to {count - 1})")
+    return layer % count
 
 
 def project_away(
@@ -52,15 +70,20 @@ def project_away(
 
 
 class ProjectAway:
-    """The edit for a list of objects; ``applied(inputs)`` is the context in which runs and ``generate`` see it."""
+    """The edit for an object or a list of objects; ``applied(inputs)`` is the context in which runs and
+    ``generate`` see it."""
 
-    def __init__(self, model, objects: Sequence[str], text_layer: int = 1, image_layer: int = 2, alpha: float = 1.5):
-        if not 0 <= image_layer < model.cfg.n_layers - 1:
+    def __init__(self, model, objects: str | Sequence[str], text_layer: int = 1, image_layer: int = 2, alpha: float = 1.5):
+        n = model.cfg.n_layers
+        image_layer = _checked_layer(image_layer, n, "image_layer", "decoder layers")
+        if image_layer == n - 1:
             raise ValueError(
-                f"image_layer {image_layer}: the edit needs a later block to read the edited image positions; use a "
-                f"layer from 0 to {model.cfg.n_layers - 2} of this {model.cfg.n_layers}-layer language model"
+                f"image_layer {image_layer} is the last decoder layer: the edit needs a later block to read the edited "
+                f"image positions (the paper's code runs it as a no-op); use a layer from 0 to {n - 2} of this "
+                f"{n}-layer language model"
             )
-        self.model, self.objects, self.alpha = model, list(objects), alpha
+        self.model, self.alpha = model, alpha
+        self.objects = [objects] if isinstance(objects, str) else list(objects)
         self.hook_name = f"blocks.{image_layer}.hook_resid_post"
         self.directions = torch.stack([text_direction(model, word, text_layer) for word in self.objects])
 

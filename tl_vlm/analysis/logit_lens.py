@@ -1,8 +1,13 @@
 """Logit lens read-outs of image positions, for the language and the vision tower.
 
-Language tower: the residual stream entering each layer (and the final one) at image positions,
-through ``ln_final`` and ``W_U`` (``normed=True``), or straight through ``W_U`` keeping the top-k logits
-renormalised (Jiang et al.'s variant, ``normed=False``).
+Language tower: lens layer l reads HF's ``hidden_states[l]``: for l < n the stream entering block l
+(``blocks.{l}.hook_resid_pre``), for l = n the final stream through ``ln_final`` (HF's last hidden state, so
+the last lens layer is the model's own output distribution). Each is unembedded (``unembed``: ``W_U``, ``b_U``)
+and softmaxed, as Jiang et al.'s ``softmax(lm_head(hidden_states[l]))`` (``normed=False``); ``top_k`` keeps the
+k largest logits (ties included, HF's ``TopKLogitsWarper``) and renormalises, as their LLaVA code does with
+k=50. ``normed=True`` (the classic logit lens) also puts layers l < n through ``ln_final``. The paper variant
+reads the raw stream through ``W_U``: on a model loaded with ``fold_ln=True`` the folded ``W_U`` carries the
+final norm's weights, so load without folding to reproduce the paper.
 
 Vision tower (documented choice of path): the vision residual stream after each layer, selected as
 the family selects its feature layer (CLS dropped for "default"), through the projector, then
@@ -15,12 +20,24 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
+from transformers import TopKLogitsWarper
 
 
 def lens_hook_names(model) -> list[str]:
-    """The streams a language logit lens reads: each layer's input, then the final stream (layer n)."""
+    """The streams a language logit lens reads: each layer's input, then the last block's output (layer n)."""
     n = model.cfg.n_layers
     return [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+
+
+def hidden_state(
+    model, cache: ActivationCache | dict[str, Tensor], layer: int, normed: bool = False
+) -> Float[Tensor, "batch pos d_model"]:
+    """HF's ``hidden_states[layer]`` from a cache of ``lens_hook_names``: the stream entering block ``layer``, or
+    for ``layer == n_layers`` the last block's output through ``ln_final``. ``normed``: layers below n through
+    ``ln_final`` too."""
+    n = model.cfg.n_layers
+    stream = cache[lens_hook_names(model)[layer]]
+    return model.ln_final(stream) if normed or layer == n else stream
 
 
 def image_positions(model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -35,19 +52,21 @@ def image_positions(model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, 
 def lens_probs(
     model, resid: Float[Tensor, "... d_model"], normed: bool = True, top_k: int | None = None
 ) -> Float[Tensor, "... d_vocab"]:
-    """Vocabulary distribution of residual-stream vectors: through ``ln_final`` (normed) or not, top-k renormalised."""
-    logits = (model.ln_final(resid) if normed else resid) @ model.W_U
+    """Vocabulary distribution of residual-stream vectors: through ``ln_final`` (normed) or not, then ``unembed``;
+    with ``top_k``, the k largest logits (and any tied with the k-th) renormalised."""
+    logits = model.unembed(model.ln_final(resid) if normed else resid)
     if top_k is not None:
-        values, indices = logits.topk(top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+        logits = TopKLogitsWarper(top_k)(None, logits)  # input ids are unused by this warper
     return logits.softmax(-1)
 
 
 def language_logit_lens(
     model, cache: ActivationCache, normed: bool = True, top_k: int | None = None
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
-    """Probabilities at every position for each layer's input and the final stream (layer n)."""
-    return lens_probs(model, torch.stack([cache[name] for name in lens_hook_names(model)]), normed, top_k)
+    """Probabilities at every position of HF's ``hidden_states[l]`` for l = 0..n (see ``hidden_state``)."""
+    return torch.stack(
+        [lens_probs(model, hidden_state(model, cache, l, normed), False, top_k) for l in range(model.cfg.n_layers + 1)]
+    )
 
 
 def vision_logit_lens(model, cache: ActivationCache) -> Float[Tensor, "layer image patch d_vocab"]:
@@ -61,5 +80,5 @@ def vision_logit_lens(model, cache: ActivationCache) -> Float[Tensor, "layer ima
         for layer in range(model.vision.cfg.n_layers):
             hidden = cache[f"vision.blocks.{layer}.hook_resid_post"]
             features = model.select_features({cfg.feature_layers[0]: hidden})
-            probs.append((model.ln_final(model.projector(features)) @ model.W_U).softmax(-1))
+            probs.append(lens_probs(model, model.projector(features)))
     return torch.stack(probs)
