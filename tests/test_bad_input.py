@@ -100,6 +100,6 @@ def test_generation_defaults_without_generation_config(tmp_path, checkpoints):
     (bare / "generation_config.json").unlink()
     model = HookedVLM.from_pretrained(bare)
     assert model.generation_config.eos_token_id is not None, "falls back to the model config, as HF does"
-    model.generation_config.num_beams = 2
-    with pytest.raises(NotImplementedError, match="num_beams"):
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
         model.generate(model.to_tokens("USER: hi ASSISTANT:"), max_new_tokens=2)

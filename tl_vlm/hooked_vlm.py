@@ -38,6 +38,7 @@ from tl_vlm.components import KVCache
 from tl_vlm.config import VLMConfig
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.beam_search import beam_search
 from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
@@ -465,21 +466,33 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         min_new_tokens: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
+        num_return_sequences: int | None = None,
         use_past_kv_cache: bool = True,
         generator: torch.Generator | None = None,
         **input_kwargs,
     ) -> Int[Tensor, "batch pos"]:
-        """Prompt followed by the new tokens, as HF's ``generate`` returns them.
+        """Prompt followed by the new tokens, as HF's ``generate`` returns them (with ``num_return_sequences``,
+        that many rows per prompt, best beam first).
 
         Unset settings come from ``model.generation_config`` (the checkpoint's), then HF's defaults, so
-        greedy tokens equal HF's and seeded sampling draws from HF's distribution. Hooks fire at every step.
+        greedy tokens and greedy beams equal HF's and seeded sampling draws from HF's distribution. Hooks fire at
+        every step, in every beam; the prompt pass runs once per row and its KV cache is copied to the row's beams
+        (HF runs it once per beam, on identical rows). Beam search needs the KV cache, which follows the beams.
         """
         inputs = self._inputs(input, **input_kwargs)
         settings = resolve_settings(
             self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
         )
+        if settings.num_beams > 1 and not use_past_kv_cache:
+            raise NotImplementedError(
+                "beam search without the KV cache (it would rerun every beam's images); use use_past_kv_cache=True"
+            )
         return self.generate_tokens(inputs.to(self.device), settings, use_past_kv_cache, generator)
 
     def generate_tokens(
@@ -499,7 +512,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
         def step(token: Tensor, ids: Tensor) -> Tensor:
             nonlocal mask, positions
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             positions = torch.cat([positions, self.next_positions(positions)], dim=-1)
             if cache is not None:
                 return self(input_ids=token[:, None], attention_mask=mask, position_ids=positions[..., -1:], cache=cache,
@@ -507,6 +520,14 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             again = dataclasses.replace(inputs, input_ids=ids, attention_mask=mask)
             return self(again, position_ids=positions, logits_to_keep=1, generated_from=prompt_len)
 
+        if settings.num_beams > 1:
+
+            def select(rows: Tensor) -> None:
+                nonlocal mask, positions
+                cache.select_rows(rows)
+                mask, positions = mask[rows], positions[..., rows, :]  # positions: [batch, pos] or M-RoPE's [3, batch, pos]
+
+            return beam_search(logits, ids, n_new, settings, prompt_mask, step, select)
         return decode(logits, ids, n_new, settings, prompt_mask, generator, step)
 
     # ---------------------------------------------------------------- TransformerLens model surface

@@ -2,7 +2,8 @@
 
 Precedence: the call's arguments, then the checkpoint's ``generation_config``, then HF's global
 defaults (e.g. ``top_k=50`` when sampling). Logits processors and warpers are transformers' own.
-Settings this loop does not implement (beam search, n-gram blocking, ...) are an error, not ignored.
+Greedy and sampled tokens come from ``decode`` here; ``num_beams > 1`` is beam search (tl_vlm/beam_search.py,
+greedy beams). Settings neither implements (beam sampling, n-gram blocking, ...) are an error, not ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import (
 
 _SUPPORTED = {
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
-    "top_p", "repetition_penalty", "use_cache",
+    "top_p", "repetition_penalty", "use_cache", "num_beams", "length_penalty", "early_stopping", "num_return_sequences",
 }
 
 
@@ -41,7 +42,13 @@ def resolve_settings(model_config: GenerationConfig, **overrides) -> GenerationC
     if changed:
         raise NotImplementedError(
             f"generation settings {changed} are not implemented by HookedVLM.generate; reset them "
-            "(e.g. model.generation_config.num_beams = 1) or use the HF model's generate"
+            "(e.g. model.generation_config.no_repeat_ngram_size = 0) or use the HF model's generate"
+        )
+    if settings.num_beams > 1 and settings.do_sample:
+        raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True); use greedy beams or sampling")
+    if settings.num_beams == 1 and settings.num_return_sequences > 1:
+        raise NotImplementedError(
+            "num_return_sequences > 1 without beams (several samples per prompt); repeat the prompt's rows instead"
         )
     return settings
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -39,3 +39,9 @@ class KVCache:
 
     def __getitem__(self, layer: int) -> KVCacheEntry:
         return self.entries[layer]
+
+    def select_rows(self, rows: Int[Tensor, " row"]) -> None:
+        """Keep these batch rows, in this order (beam search: a row's prompt copied to each of its beams, then
+        each beam continuing from its parent's keys and values)."""
+        for entry in self.entries:
+            entry.k, entry.v = entry.k[rows], entry.v[rows]

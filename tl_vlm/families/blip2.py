@@ -42,6 +42,7 @@ from tl_vlm.convert.text_lms import (
 from tl_vlm.convert.vits import vit_config, vit_rules
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.beam_search import beam_search
 from tl_vlm.sampling import decode
 from tl_vlm.towers import DecoderLM, LinearProjector, QFormer, ViTTower
 from tl_vlm.towers.t5 import T5LM
@@ -274,6 +275,14 @@ class HookedBlip2(HookedVLM):
             return lm.decode(token[:, None] if cache is not None else ids, encoded, mask, None, cache, logits_to_keep=1)
 
         logits = lm.decode(ids, encoded, mask, None, cache, logits_to_keep=1)
+        if settings.num_beams > 1:
+
+            def select(rows: Tensor) -> None:
+                nonlocal encoded, mask
+                cache.select_rows(rows)
+                encoded, mask = encoded[rows], mask[rows] if mask is not None else None
+
+            return beam_search(logits, ids, n_new, settings, torch.ones_like(ids), step, select)
         return decode(logits, ids, n_new, settings, torch.ones_like(ids), generator, step)
 
 
