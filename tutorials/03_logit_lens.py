@@ -29,7 +29,7 @@ from tl_vlm.analysis.confidence import (
     confidence_map, image_token_probs, internal_confidence, localization, object_token_ids,
 )
 from tl_vlm.analysis.editing import ProjectAway, project_away
-from tl_vlm.analysis.logit_lens import image_positions, lens_hook_names, lens_probs
+from tl_vlm.analysis.logit_lens import hidden_state, image_positions, lens_hook_names, lens_probs
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm import format_prompt
 from tl_vlm.zoo.data import COLOURS, make_examples
@@ -41,8 +41,8 @@ if TOY:
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.float16
 SUFFIX = "" if TOY else " Answer with one word."  # real chat models otherwise answer in sentences
 BATCH = 8  # images per forward pass in the statistics below
-# The paper's lens: unembed without the final norm and renormalise the top-50 logits. The classic logit
-# lens is dict(normed=True, top_k=None).
+# The paper's lens: HF's hidden_states[l] unembedded as they are (the last one is already through the final
+# norm), top-50 logits renormalised. The classic logit lens is dict(normed=True, top_k=None).
 LENS = dict(normed=False, top_k=50)
 
 model = HookedVLM.from_pretrained(MODEL, device=DEVICE, dtype=DTYPE)
@@ -52,7 +52,7 @@ assert model.capabilities.spatial_cells, (
 )
 torch.set_grad_enabled(False)
 colours = sorted(COLOURS)
-n_lens = model.cfg.n_layers + 1  # each layer's input, then the final stream
+n_lens = model.cfg.n_layers + 1  # each layer's input, then the final stream through ln_final (HF's hidden_states)
 print(f"{model.cfg.n_layers} language layers -> {n_lens} lens read-outs:", lens_hook_names(model)[:2], "...",
       lens_hook_names(model)[-1])
 
@@ -72,8 +72,8 @@ answer = model.tokenizer.decode(model.generate(inputs, max_new_tokens=4)[0, inpu
 print(f"shape colour: {ex.answer}; model says {answer.strip()!r}; {int(at_image.sum())} image tokens")
 
 _, cache = model.run_with_cache(inputs, names_filter=lens_hook_names(model))
-for layer, name in enumerate(lens_hook_names(model)):
-    top = lens_probs(model, cache[name][0, at_image], **LENS).argmax(-1)
+for layer in range(n_lens):  # HF's hidden_states[layer]; the last one through the final norm, as HF returns it
+    top = lens_probs(model, hidden_state(model, cache, layer, LENS["normed"])[0, at_image], False, LENS["top_k"]).argmax(-1)
     words, counts = np.unique(model.tokenizer.convert_ids_to_tokens(top.tolist()), return_counts=True)
     order = np.argsort(-counts)[:5]
     print(f"lens layer {layer}: " + ", ".join(f"{str(words[i])!r} x{counts[i]}" for i in order))
