@@ -37,7 +37,8 @@ def test_logit_lens_last_layer_is_the_output(pair):
     assert lens.shape[0] == model.cfg.n_layers + 1
     assert torch.allclose(lens[-1], logits.softmax(-1), atol=1e-5)
     paper = language_logit_lens(model, cache, normed=False, top_k=50)
-    assert torch.allclose(paper.sum(-1), torch.ones(()), atol=1e-5) and ((paper > 0).sum(-1) <= 50).all()
+    real = inputs.attention_mask.bool()  # padding's logits are all tied, and top-k keeps ties (as HF's warper)
+    assert torch.allclose(paper.sum(-1), torch.ones(()), atol=1e-5) and ((paper > 0).sum(-1)[:, real] <= 50).all()
     if len(model.vlm_cfg.feature_layers) == 1:
         vision = vision_logit_lens(model, cache)
         assert vision.shape[0] == model.vision.cfg.n_layers and vision.shape[-1] == model.cfg.d_vocab
