@@ -42,7 +42,9 @@ class Attention(nn.Module):
         self._b_V = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
         self.knockout: Bool[Tensor, "batch 1 q k"] | None = None  # set by analysis.knockout.attention_knockout
-        self.scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
+        scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
+        # OPT scales the projected queries and attends unscaled: in half precision the rounded queries differ.
+        self.q_scale, self.scale = (scale, 1.0) if cfg.scale_queries else (1.0, scale)
         self.repeat = h // kv
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
