@@ -113,9 +113,10 @@ class HookedLlava(HookedVLM):
         """The projector's input from the vision tower's hidden states (by hidden-state index)."""
         cfg = self.vlm_cfg
         features = [hidden[i] for i in cfg.feature_layers]
-        if cfg.vision_feature_select_strategy == "default":
-            features = [f[:, 1:] for f in features]
-        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        selected = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        # Concatenate, then drop the first token, as HF: the projector's matmul then reads the same strided view as
+        # HF's and takes its kernel (in half precision the rounding depends on it).
+        return selected[:, 1:] if cfg.vision_feature_select_strategy == "default" else selected
 
     def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
         hidden = self.vision(inputs.pixel_values, keep=self.vlm_cfg.feature_layers)
