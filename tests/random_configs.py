@@ -159,9 +159,9 @@ def llava_fields(rng: random.Random, vision: PreTrainedConfig, lm: PreTrainedCon
                 tie_word_embeddings=lm.tie_word_embeddings)
 
 
-def draw_llava(seed: int) -> Draw:
+def draw_llava(seed: int, i: int) -> Draw:
     rng = random.Random(seed)
-    tower, lm_kind, strategy = rng.choice(["clip", "siglip"]), rng.choice(["llama", "mistral", "qwen2"]), rng.choice(["default", "full"])
+    tower, lm_kind, strategy = ("clip", "siglip")[i % 2], ("llama", "mistral", "qwen2")[i % 3], rng.choice(["default", "full"])
     vision = vit_config(rng, tower)
     n_features = (vision.image_size // vision.patch_size) ** 2 + (tower == "clip") - (strategy == "default")
     config = LlavaConfig(**llava_fields(rng, vision, lm_config(rng, lm_kind), strategy), image_seq_length=n_features)
@@ -174,9 +174,9 @@ def draw_llava(seed: int) -> Draw:
     return Draw("llava15", label, seed, LlavaForConditionalGeneration, config, make_inputs)
 
 
-def draw_llava_next(seed: int) -> Draw:
+def draw_llava_next(seed: int, i: int) -> Draw:
     rng = random.Random(seed)
-    lm_kind = rng.choice(["llama", "mistral", "qwen2"])
+    lm_kind = ("mistral", "qwen2", "llama")[i % 3]
     vision = vit_config(rng, "clip")
     size = vision.image_size
     pinpoints = rng.sample([[size, 2 * size], [2 * size, size], [2 * size, 2 * size], [size, 3 * size], [3 * size, size]], 3)
@@ -198,7 +198,7 @@ def draw_llava_next(seed: int) -> Draw:
 # -------------------------------------------------------------------------------------------- Qwen-VL
 
 
-def draw_qwen(seed: int, variant: str) -> Draw:
+def draw_qwen(seed: int, i: int, variant: str) -> Draw:
     rng = random.Random(seed)
     heads = rng.choice([2, 4])
     d_head = rng.choice([8, 16])
@@ -261,9 +261,9 @@ def draw_qwen(seed: int, variant: str) -> Draw:
 # ---------------------------------------------------------------------------------- BLIP-2, InstructBLIP
 
 
-def draw_blip2(seed: int, instruct: bool) -> Draw:
+def draw_blip2(seed: int, i: int, instruct: bool) -> Draw:
     rng = random.Random(seed)
-    lm_kind = rng.choice(["llama", "t5"] if instruct else ["opt", "opt", "t5"])
+    lm_kind = (("llama", "t5") if instruct else ("opt", "t5"))[i % 2]
     heads = rng.choice([1, 2, 4])
     patch = rng.choice([4, 6])
     vision = dict(hidden_size=heads * rng.choice([8, 16]), num_attention_heads=heads, num_hidden_layers=2,
@@ -302,17 +302,19 @@ def draw_blip2(seed: int, instruct: bool) -> Draw:
                 config, make_inputs)
 
 
-DRAWERS: dict[str, Callable[[int], Draw]] = {
+# (seed, i) -> the family's i-th draw; its main categorical choices (tower, language model) cycle with i, so a
+# handful of draws covers each of them.
+DRAWERS: dict[str, Callable[[int, int], Draw]] = {
     "llava": draw_llava,
     "llava_next": draw_llava_next,
-    "qwen2_vl": lambda seed: draw_qwen(seed, "qwen2_vl"),
-    "qwen2_5_vl": lambda seed: draw_qwen(seed, "qwen2_5_vl"),
-    "blip2": lambda seed: draw_blip2(seed, instruct=False),
-    "instructblip": lambda seed: draw_blip2(seed, instruct=True),
+    "qwen2_vl": lambda seed, i: draw_qwen(seed, i, "qwen2_vl"),
+    "qwen2_5_vl": lambda seed, i: draw_qwen(seed, i, "qwen2_5_vl"),
+    "blip2": lambda seed, i: draw_blip2(seed, i, instruct=False),
+    "instructblip": lambda seed, i: draw_blip2(seed, i, instruct=True),
 }
 
 
 def draws(per_family: dict[str, int], seed: int) -> list[Draw]:
     """``per_family[f]`` draws of each family, seeded from ``seed`` (same draws every run)."""
     rng = random.Random(seed)
-    return [DRAWERS[family](rng.randrange(2**31)) for family, n in per_family.items() for _ in range(n)]
+    return [DRAWERS[family](rng.randrange(2**31), i) for family, n in per_family.items() for i in range(n)]
