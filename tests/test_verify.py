@@ -18,6 +18,17 @@ def test_verify_with_processing_and_lower_precision(llava15):
     assert half.passed, half.table()
 
 
+def test_verify_half_precision_tells_conversion_error_from_dtype_noise(llava15, capsys):
+    """`tl-vlm verify --dtype bf16`: HF in bfloat16 is the reference (the conversion adds nothing: 0), HF in float32
+    a row of its own, where tl_vlm and HF in bfloat16 sit at the same distance."""
+    assert main(["verify", str(llava15.path), "--dtype", "bf16"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert "vs HF in bfloat16: logits max|d| 0 (bit for bit)" in rows
+    (fp32_row,) = [row for row in rows if row.startswith("vs HF in float32: logits max|d| ")]
+    ours, hf = fp32_row.split("max|d| ")[1].split(",")[0], fp32_row.split("itself is at ")[1].split(",")[0]
+    assert ours == hf and float(ours) > 0, fp32_row
+
+
 def test_verify_cli_exit_status(llava15, tmp_path):
     assert main(["verify", str(llava15.path), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "verify.json").read_text())

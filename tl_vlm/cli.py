@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     verify = sub.add_parser("verify", help="check a converted checkpoint against HF, tower by tower and layer by layer")
     verify.add_argument("model")
-    verify.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    verify.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="fp16/bf16: compared with HF in that dtype (0 = bit for bit), HF in fp32 reported apart")
     verify.add_argument("--device", default=None)
     verify.add_argument("--max-new-tokens", type=int, default=8)
     verify.add_argument("--out", default=None, help="folder for verify.json and verify.md")

@@ -29,6 +29,7 @@ class TowerConfig:
     mlp_bias: bool = False
     attention_dir: str = "causal"  # or "bidirectional"
     use_attn_scale: bool = True  # scores scaled by d_head**-0.5 (False: T5)
+    scale_queries: bool = False  # the scale multiplies the projected queries, not the scores (OPT, as HF's)
     positional_embedding_type: str = "rotary"  # "rotary" or "standard" (learned)
     rotary_base: float = 10000.0
     rotary_dim: Optional[int] = None

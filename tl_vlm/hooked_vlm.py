@@ -258,7 +258,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             hf_model.config,
             itertools.chain(state.items(), frequencies),
             device or param.device,
-            dtype or _dominant_dtype(hf_model),
+            dtype or _loaded_dtype(hf_model),
             processor,
             getattr(hf_model, "generation_config", None),
             keep_float32=dtype is None,
@@ -612,13 +612,11 @@ def _load_processor(family, path: Path, trust_remote_code: bool):
         return None
 
 
-def _dominant_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of most of the weights: a float16 BLIP-2 keeps its Q-Former (its first parameters) in float32."""
-    counts: Counter = Counter()
-    for p in module.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] += p.numel()
-    return counts.most_common(1)[0][0]
+def _loaded_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a model was loaded or cast in: that of most of its non-float32 weights, since HF keeps some
+    modules in float32 (BLIP-2's Q-Former, its first parameters, which in a small model can be most of them)."""
+    counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32)
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:

@@ -442,6 +442,58 @@ def resid_hook(tower: str, layer: int) -> str:
     return f"{prefix}blocks.{layer}.{kind}"
 
 
+def assert_hidden_states_match(model, cache, hf: dict[str, list], inputs: VLMInputs) -> None:
+    """Every block output of every tower in ``cache`` within ATOL of HF's (``hf_run``'s layout); language and
+    encoder states at real prompt positions only."""
+    real = inputs.attention_mask.bool() if inputs.attention_mask is not None else None
+    for tower, layers in hf.items():
+        assert len(layers) == model.tower(tower).cfg.n_layers, tower
+        prompt_positions = real if tower in ("language", "encoder") else None
+        for i, hidden in enumerate(layers):
+            ours = cache[resid_hook(tower, i)]
+            if isinstance(hidden, list):  # one tensor per image / video row (Qwen's packed vision)
+                assert ours.shape[0] == len(hidden), "one row per image / video"
+                for row, h in enumerate(hidden):
+                    assert max_diff(ours[row, : h.shape[0]], h) <= ATOL, f"{tower} layer {i}, row {row}"
+            else:
+                assert max_diff(ours, hidden, prompt_positions) <= ATOL, f"{tower} layer {i}"
+
+
+@dataclass
+class HalfPrecision:
+    """One checkpoint in half precision, each way a user gets there: HF loaded in ``dtype`` with tl_vlm's
+    ``from_pretrained`` and ``from_hf_model`` of it, and a float32 HF model cast with ``.to(dtype)`` (whose
+    rotary frequencies the cast rounds) with ``from_hf_model`` of that."""
+
+    hf: nn.Module
+    ours: nn.Module
+    shared: nn.Module
+    cast: nn.Module
+    from_cast: nn.Module
+
+    @classmethod
+    def load(cls, hf_class: type, path, dtype: torch.dtype) -> HalfPrecision:
+        from transformers import AutoModelForImageTextToText
+
+        from tl_vlm import HookedVLM
+
+        hf = quiet(AutoModelForImageTextToText.from_pretrained, path, dtype=dtype).eval()
+        cast = quiet(hf_class.from_pretrained, path).eval().to(dtype)
+        return cls(hf, quiet(HookedVLM.from_pretrained, path, dtype=dtype), quiet(HookedVLM.from_hf_model, hf),
+                   cast, quiet(HookedVLM.from_hf_model, cast))
+
+    def logit_diffs(self, inputs: VLMInputs) -> dict[str, float]:
+        """Max |ours - HF's| of the logits at real positions, per way (and a full cache); 0 is bit for bit."""
+        mask = logits_mask(self.ours, inputs)
+        with torch.no_grad():
+            reference = self.hf(**inputs.as_kwargs()).logits.float()
+            cached, _ = self.ours.run_with_cache(inputs)
+            runs = {"from_pretrained": self.ours(inputs), "from_hf_model": self.shared(inputs), "cached": cached}
+            diffs = {label: max_diff(logits.float(), reference, mask) for label, logits in runs.items()}
+            diffs["cast"] = max_diff(self.from_cast(inputs).float(), self.cast(**inputs.as_kwargs()).logits.float(), mask)
+        return diffs
+
+
 def quiet(fn, *args, **kwargs):
     """Call ``fn`` with warnings silenced (Qwen's processor warns about torchvision; folding RMSNorm warns)."""
     with warnings.catch_warnings():

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from conformance.registry import (
     ATOL,
+    HalfPrecision,
+    assert_hidden_states_match,
     generation_inputs,
     hf_run,
     logits_mask,
     max_diff,
     params,
     quiet,
-    resid_hook,
     tower_of,
 )
 from tl_vlm import HookedVLM
@@ -35,18 +35,7 @@ def test_logits_and_every_hidden_state_match_hf(loaded, name, case):
     assert max_diff(logits, hf_logits, logits_mask(model, inputs)) <= ATOL
     towers = set(pair.entry.towers) if case != "text" else {"language"}
     assert set(hf) == towers, "every tower is compared"
-    real = inputs.attention_mask.bool() if inputs.attention_mask is not None else None
-    for tower, layers in hf.items():
-        assert len(layers) == model.tower(tower).cfg.n_layers, tower
-        prompt_positions = real if tower in ("language", "encoder") else None
-        for i, hidden in enumerate(layers):
-            ours = cache[resid_hook(tower, i)]
-            if isinstance(hidden, list):  # one tensor per image / video row (Qwen's packed vision)
-                assert ours.shape[0] == len(hidden), "one row per image / video"
-                for row, h in enumerate(hidden):
-                    assert max_diff(ours[row, : h.shape[0]], h) <= ATOL, f"{tower} layer {i}, row {row}"
-            else:
-                assert max_diff(ours, hidden, prompt_positions) <= ATOL, f"{tower} layer {i}"
+    assert_hidden_states_match(model, cache, hf, inputs)
     if case == "text":
         assert not any(n.startswith("vision.") for n in cache.keys()), "a text-only prompt never runs the vision tower"
 
@@ -98,24 +87,13 @@ def test_half_precision_logits_are_hfs(loaded, name, dtype):
     through both loaders, with or without every activation cached, and for a HF model cast after loading (whose
     rotary frequencies .to(dtype) rounds)."""
     pair = loaded(name)
-    hf = quiet(AutoModelForImageTextToText.from_pretrained, pair.path, dtype=dtype).eval()
-    ours, shared = quiet(HookedVLM.from_pretrained, pair.path, dtype=dtype), quiet(HookedVLM.from_hf_model, hf)
-    cast = pair.entry.hf_class.from_pretrained(pair.path).eval().to(dtype)
-    from_cast = quiet(HookedVLM.from_hf_model, cast)
-    dtypes = {n: p.dtype for n, p in ours.named_parameters()}
-    assert dtypes == {n: p.dtype for n, p in shared.named_parameters()}, "from_pretrained keeps HF's per-module dtypes"
-    assert ours.vision.blocks[0].attn.W_Q.dtype == dtype and ours.embed.W_E.dtype in (dtype, torch.float32)
+    runs = HalfPrecision.load(pair.entry.hf_class, pair.path, dtype)
+    dtypes = {n: p.dtype for n, p in runs.ours.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in runs.shared.named_parameters()}, "from_pretrained keeps HF's per-module dtypes"
+    assert runs.ours.vision.blocks[0].attn.W_Q.dtype == dtype and runs.ours.embed.W_E.dtype in (dtype, torch.float32)
     for case, inputs in pair.cases.items():
-        if (name, case) in HALF_PRECISION_EXCEPTIONS:
-            continue
-        mask = logits_mask(ours, inputs)
-        with torch.no_grad():
-            reference = hf(**inputs.as_kwargs()).logits
-            cached, _ = ours.run_with_cache(inputs)
-            for label, logits in (("from_pretrained", ours(inputs)), ("from_hf_model", shared(inputs)), ("cached", cached)):
-                assert max_diff(logits.float(), reference.float(), mask) == 0, (case, label)
-            assert max_diff(from_cast(inputs).float(), cast(**inputs.as_kwargs()).logits.float(), mask) == 0, (case, "cast")
-
+        if (name, case) not in HALF_PRECISION_EXCEPTIONS:
+            assert runs.logit_diffs(inputs) == dict.fromkeys(("from_pretrained", "from_hf_model", "cached", "cast"), 0), case
 
 @pytest.mark.parametrize("name, case", params(lambda e: [c for c in e.cases if c in IMAGE_CASES]))
 def test_greedy_generate_equals_hf(loaded, name, case):

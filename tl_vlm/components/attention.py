@@ -42,7 +42,9 @@ class Attention(nn.Module):
         self._b_V = nn.Parameter(torch.zeros(kv, dh)) if cfg.attn_bias else None
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
         self.knockout: Bool[Tensor, "batch 1 q k"] | None = None  # set by analysis.knockout.attention_knockout
-        self.scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
+        scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
+        # OPT scales the projected queries and attends unscaled: in half precision the rounded queries differ.
+        self.q_scale, self.scale = (scale, 1.0) if cfg.scale_queries else (1.0, scale)
         self.repeat = h // kv
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
@@ -90,6 +92,8 @@ class Attention(nn.Module):
         cache: KVCacheEntry | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         q = run_hook(self.hook_q, self._project(x, self.W_Q, self.b_Q))
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
         v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
         if rotary is not None:
@@ -106,9 +110,10 @@ class Attention(nn.Module):
         """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend), an additive float bias, or
         ``Segments`` (SDPA per segment unless the pattern is asked for or knocked out)."""
         observed = active(self.hook_attn_scores) or active(self.hook_pattern)
-        # fp32: the explicit path is within 1e-6 of SDPA and serves both. Half precision: a pattern that is only
-        # cached is computed beside SDPA, whose z (HF's, bit for bit) flows on; an editing hook makes it explicit.
-        explicit = editing(self.hook_attn_scores) or editing(self.hook_pattern) or (observed and q.dtype == torch.float32)
+        # An fp32 model: the explicit path is within 1e-6 of SDPA and serves both. Half precision (a float32 tower
+        # of a half-precision model too, whose output is rounded): a pattern that is only cached is computed beside
+        # SDPA, whose z (HF's, bit for bit) flows on; an editing hook makes it explicit.
+        explicit = editing(self.hook_attn_scores) or editing(self.hook_pattern) or (observed and q.dtype == self.cfg.dtype == torch.float32)
         if isinstance(mask, Segments):
             if self.knockout is None and not explicit:
                 if observed:
@@ -144,7 +149,7 @@ class Attention(nn.Module):
     def _output(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
         if active(self.hook_result) or self.cfg.use_attn_result:
             result = run_hook(self.hook_result, torch.einsum("bphd,hdm->bphm", z, self.W_O))
-            if editing(self.hook_result) or z.dtype == torch.float32:  # fp32: the sum is within 1e-6 of F.linear
+            if editing(self.hook_result) or z.dtype == self.cfg.dtype == torch.float32:  # fp32: the sum is within 1e-6 of F.linear
                 out = result.sum(2)
                 return out if self.b_O is None else out + self.b_O
         return F.linear(z.reshape(*z.shape[:2], -1), layout.heads_out_linear(self.W_O), self.b_O)

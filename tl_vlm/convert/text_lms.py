@@ -118,6 +118,7 @@ def opt_lm_config(tc, name: str) -> TowerConfig:
         attn_out_bias=bias,
         mlp_bias=bias,
         positional_embedding_type="standard",
+        scale_queries=True,
         original_architecture="opt",
         model_name=name,
         tie_word_embeddings=bool(tc.tie_word_embeddings),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float
@@ -42,6 +43,10 @@ class LlavaConfig(ViTVLMConfig):
 class HookedLlava(HookedVLM):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    # HF's LLaVA drops the first token of each feature layer, then concatenates; LLaVA-NeXT concatenates first.
+    # Same values, but the projector's matmul reads a contiguous tensor or a strided view, and HF's kernel for
+    # each rounds differently in half precision.
+    crop_before_concat: ClassVar[bool] = True
     vlm_cfg: LlavaConfig
 
     # ------------------------------------------------------------------ conversion
@@ -113,9 +118,11 @@ class HookedLlava(HookedVLM):
         """The projector's input from the vision tower's hidden states (by hidden-state index)."""
         cfg = self.vlm_cfg
         features = [hidden[i] for i in cfg.feature_layers]
-        if cfg.vision_feature_select_strategy == "default":
+        crop = cfg.vision_feature_select_strategy == "default"
+        if crop and self.crop_before_concat:
             features = [f[:, 1:] for f in features]
-        return features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        selected = features[0] if len(features) == 1 else torch.cat(features, dim=-1)
+        return selected[:, 1:] if crop and not self.crop_before_concat else selected
 
     def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
         hidden = self.vision(inputs.pixel_values, keep=self.vlm_cfg.feature_layers)

@@ -31,6 +31,7 @@ class HookedLlavaNext(HookedLlava):
     family = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
     input_fields = HookedLlava.input_fields | {"image_sizes"}
+    crop_before_concat = False
     vlm_cfg: LlavaNextConfig
 
     @classmethod
