@@ -50,7 +50,7 @@ class WeightMap:
                 return match.expand(target), transform
         if any(p.fullmatch(key) for p in self.ignore):
             return None
-        raise KeyError(
+        raise ValueError(
             f"checkpoint weight {key!r} has no place in the converted model; the checkpoint does not match "
             "the architecture its config names (a wrong or modified checkpoint?)"
         )
@@ -126,10 +126,16 @@ def mlp_rules(hf: str, tl: str, w_in: str, w_out: str, w_gate: str | None = None
 def set_parameter(root: nn.Module, name: str, value: Tensor) -> None:
     """Replace a parameter by ``value`` (a view of the source), checking the shape it must have."""
     module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
-    old = module._parameters.get(leaf)
+    try:
+        module = root.get_submodule(module_name) if module_name else root
+    except AttributeError:
+        module = None
+    old = module._parameters.get(leaf) if module is not None else None
     if old is None:
-        raise KeyError(f"converted model has no parameter {name!r}")
+        raise ValueError(
+            f"the model built from the config has no parameter {name!r} (more layers or parts in the checkpoint than "
+            "in its config?)"
+        )
     if old.shape != value.shape:
         raise ValueError(f"weight {name!r}: checkpoint gives shape {tuple(value.shape)}, config implies {tuple(old.shape)}")
     module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -152,11 +158,19 @@ def load_weights(
         if matched is None:
             continue
         name, transform = matched
+        if not tensor.is_floating_point():  # e.g. a quantised checkpoint's packed integers
+            raise ValueError(
+                f"checkpoint weight {key!r} is {tensor.dtype}; tl_vlm converts floating-point weights only (quantised "
+                "checkpoints are not supported: load the float16 / bfloat16 / float32 release)"
+            )
         first = name[0] if isinstance(name, tuple) else name
         target = torch.float32 if fp32 and re.match(fp32, first) else dtype
-        source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
+        source = tensor.to(device=device, dtype=target)
         names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
         for one, value in zip(names, values, strict=True):
-            set_parameter(root, one, value)
+            try:
+                set_parameter(root, one, value)
+            except ValueError as err:
+                raise ValueError(f"checkpoint weight {key!r}: {err}") from None
             loaded.add(one)
     return loaded
