@@ -95,18 +95,21 @@ def _dataset(config: ExtractConfig) -> list[Sample]:
             row = {**row, "image": row["image_path"]}
         if "id" not in row or "image" not in row:
             raise ValueError("dataset rows need 'id' and 'image' (or 'image_path') columns (and 'prompt' unless the config gives one)")
-        if isinstance(row["id"], bool) or not isinstance(row["id"], (int, str)):
-            raise ValueError(f"dataset ids must be integers or strings, got {row['id']!r}; fill in or fix the id column")
+        ident = row["id"]
+        if isinstance(ident, float) and ident.is_integer():  # a CSV id column with a gap is read as floats
+            ident = int(ident)
+        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
+            raise ValueError(f"dataset ids must be integers or strings, got {ident!r}; fill in or fix the id column")
         prompt = row.get("prompt") or config.prompt
         if prompt is None:
-            raise ValueError(f"row {row['id']} has no prompt and the config gives none")
+            raise ValueError(f"row {ident} has no prompt and the config gives none")
         image, path, stamp = row["image"], None, None
         if isinstance(image, str):
             path, image = str((image_root / image).resolve()), None
             stamp = fingerprint(path)
         label = row.get("label")
         found.append(
-            Sample(str(row["id"]), prompt, path, row["id"], None if label is None else str(label), image, stamp)
+            Sample(str(ident), prompt, path, ident, None if label is None else str(label), image, stamp)
         )
     return found
 

@@ -24,9 +24,9 @@ from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
+from tl_vlm.store.lock import writer_lock
 from tl_vlm.store.merge import merge
 from tl_vlm.store.pooling import pool
-from tl_vlm.store.lock import writer_lock
 from tl_vlm.store.schema import connect, done_samples, drop_sample, finish, has_side_tables
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

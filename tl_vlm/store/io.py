@@ -17,8 +17,10 @@ def to_blob(tensor: Tensor) -> bytes:
 
 def from_blob(blob: bytes) -> Tensor:
     """A DB is untrusted input: ``weights_only`` loading refuses anything but tensors and plain data."""
-    if not isinstance(blob, bytes) or not blob:
-        raise ValueError(f"refused a stored blob that is empty or not bytes ({type(blob).__name__})")
+    if not isinstance(blob, bytes):
+        raise ValueError(f"refused a stored value of type {type(blob).__name__}; tensors are stored as BLOBs")
+    if not blob:
+        raise ValueError("refused an empty stored blob")
     try:
         tensor = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, ValueError) as err:
