@@ -143,6 +143,10 @@ CASES = [
      ValueError, "--trust-remote-code"),
     ("model kwarg not a flag", lambda t: from_yaml(t, f"input_dir: {t}\nprompt: p\nmodel:\n- fold_ln: 'yes'\n"),
      ValueError, "true or false"),
+    ("YAML syntax error", lambda t: ExtractConfig.from_yaml(Path(t / "c.yaml").write_text("a: [") and t / "c.yaml"),
+     ValueError, "not valid YAML"),
+    ("YAML python tag", lambda t: ExtractConfig.from_yaml(Path(t / "c.yaml").write_text("!!python/object:os.system {}")
+                                                          and t / "c.yaml"), ValueError, "not valid YAML"),
     # store: reading and merging
     ("blob claiming 1e12 elements", lambda t: from_blob(blob(torch.zeros(1).expand(10**12))), ValueError, "claims"),
     ("empty blob", lambda t: from_blob(b""), ValueError, "empty"),
@@ -154,6 +158,10 @@ CASES = [
     ("merge into itself", lambda t: merge(_vlm_lens_db(t), [_vlm_lens_db(t)]), StoreError, "itself"),
     ("read a folder", lambda t: load(t), StoreError, "folder"),
     # model inputs
+    ("token id past the vocabulary", lambda t: toy("llava")(torch.tensor([[10**6]])), ValueError, "outside the vocabulary"),
+    ("negative token id", lambda t: toy("llava")(torch.tensor([[-5]])), ValueError, "outside the vocabulary"),
+    ("float token ids", lambda t: toy("llava")(torch.tensor([[1.5]])), ValueError, "integer token ids"),
+    ("no tokens", lambda t: toy("llava")(torch.zeros(1, 0, dtype=torch.long)), ValueError, "at least one token"),
     ("Qwen mm_token_type_ids disagree", lambda t: qwen_types_disagree(), ValueError, "mm_token_type_ids"),
     ("attention_mask too short", lambda t: wrong_mask(lambda s: (s[0], 3)), ValueError, "attention_mask has shape"),
     ("attention_mask of another batch", lambda t: wrong_mask(lambda s: (2, s[1])), ValueError, "attention_mask has shape"),
@@ -170,6 +178,8 @@ CASES = [
         edited_checkpoint(t, lambda w: {k: v for k, v in w.items() if ".layers.1." not in k or "vision" in k})),
      ValueError, "fewer layers"),
     ("integer weights", lambda t: HookedVLM.from_pretrained(edited_checkpoint(t, integer_weight)), ValueError, "torch.int8"),
+    ("weight of the wrong shape", lambda t: HookedVLM.from_pretrained(edited_checkpoint(t, _wrong_q_shape)), ValueError,
+     "does not fit"),
 ]
 
 
@@ -196,14 +206,6 @@ def _vlm_lens_db(tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, tmp_path):
-    _, run, error, fragment = case
-    with pytest.raises(error) as caught:
-        run(tmp_path)
-    assert fragment in str(caught.value), str(caught.value)
-
-
 def test_fifo_in_a_dataset_is_an_error_row_not_a_hang(tmp_path):
     (tmp_path / "images").mkdir()
     os.mkfifo(tmp_path / "images" / "0.png")
@@ -218,3 +220,16 @@ def test_cli_prints_the_message_and_debug_the_traceback(tmp_path, debug):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0 and "does not exist" in result.stderr
     assert ("Traceback" in result.stderr) == debug, result.stderr[-2000:]
+
+
+def _wrong_q_shape(weights: dict) -> dict:
+    key = next(k for k in weights if k.endswith("q_proj.weight"))
+    return {**weights, key: torch.zeros(3, 3)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, tmp_path):
+    _, run, error, fragment = case
+    with pytest.raises(error) as caught:
+        run(tmp_path)
+    assert fragment in str(caught.value), str(caught.value)

@@ -339,6 +339,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                 f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
                 f"(it takes {sorted(self.input_fields)})"
             )
+        _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
         if inputs.input_ids.ndim == 1:
             inputs.input_ids = inputs.input_ids[None]
             for name in ("attention_mask", "mm_token_type_ids"):
@@ -565,6 +566,21 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
         return ids[0]
+
+
+def _check_token_ids(ids: Tensor, d_vocab: int, image_token_mask: Callable[[Tensor], Tensor]) -> None:
+    """Integer ids inside the vocabulary (image placeholders aside: they are replaced by features, never
+    embedded), so a bad id is a clear error rather than an IndexError deep inside the embedding."""
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}; build them with model.prepare or the tokenizer")
+    if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+        raise ValueError(f"input_ids must be [batch, pos] (or [pos]) with at least one token, got shape {tuple(ids.shape)}")
+    text = ids[~image_token_mask(ids.reshape(-1, ids.shape[-1])).reshape(ids.shape)]
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= d_vocab):
+        raise ValueError(
+            f"input_ids hold ids outside the vocabulary [0, {d_vocab}) (min {int(text.min())}, max {int(text.max())}); "
+            "tokenize with this model's tokenizer"
+        )
 
 
 def _name_predicate(names_filter) -> Callable[[str], bool]:

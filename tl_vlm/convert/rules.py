@@ -166,7 +166,14 @@ def load_weights(
         first = name[0] if isinstance(name, tuple) else name
         target = torch.float32 if fp32 and re.match(fp32, first) else dtype
         source = tensor.to(device=device, dtype=target)
-        names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
+        try:
+            converted = transform(source)
+        except RuntimeError as err:  # a layout reshape that the checkpoint's shape cannot fill
+            raise ValueError(
+                f"checkpoint weight {key!r} has shape {tuple(tensor.shape)}, which does not fit {first!r} as the "
+                f"config describes it ({err})"
+            ) from None
+        names, values = (name, converted) if isinstance(name, tuple) else ((name,), (converted,))
         for one, value in zip(names, values, strict=True):
             try:
                 set_parameter(root, one, value)

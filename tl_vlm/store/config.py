@@ -77,7 +77,10 @@ class ExtractConfig:
             raise FileNotFoundError(f"config {path} does not exist or is not a regular file")
         if path.stat().st_size > MAX_BYTES:
             raise ValueError(f"config {path} is {path.stat().st_size} bytes; a config is at most {MAX_BYTES}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML (plain keys and values only): {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config {path} must be a mapping of keys to values, got a {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
