@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
+
+import yaml
+
+# Errors a user causes and can fix (a bad path, config, input or checkpoint): print the message, no traceback.
+EXPECTED = (ValueError, OSError, NotImplementedError, KeyError, sqlite3.Error, yaml.YAMLError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except EXPECTED as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tl-vlm {args.command}: error: {message} ({type(err).__name__}; --debug shows the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-vlm", description="TransformerLens for vision-language models")
+    debug = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's default must not overwrite a --debug given before the subcommand.
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="check a model against HF, answer a question about a generated scene, "
+    demo = sub.add_parser("demo", parents=[debug], help="check a model against HF, answer a question about a generated scene, "
                                        "patch, localise with the logit lens, ablate, write an HTML report")
     demo.add_argument("model", nargs="?", default="tl-vlm/toy-llava",
                       help="checkpoint dir or hub id (default: the trained toy LLaVA shipped with the package)")
@@ -18,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None)
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated scene")
 
-    hooks = sub.add_parser("hooks", help="list a model's hook names (with --shapes: their shapes on a sample input)")
+    hooks = sub.add_parser("hooks", parents=[debug], help="list a model's hook names (with --shapes: their shapes on a sample input)")
     hooks.add_argument("model")
     hooks.add_argument("--filter", default=None, help="regular expression on hook names")
     hooks.add_argument("--shapes", action="store_true", help="run a generated image and prompt and print each shape")
@@ -26,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype (a 7B model "
                        "needs 28 GB in fp32)")
 
-    extract = sub.add_parser("extract", help="extract hook activations to a VLM-Lens-compatible SQLite store")
+    extract = sub.add_parser("extract", parents=[debug], help="extract hook activations to a VLM-Lens-compatible SQLite store")
     extract.add_argument("config", help="YAML config (VLM-Lens keys plus batch_size, float16, dtype, device)")
     extract.add_argument("--output-db", dest="output_db")
     extract.add_argument("--batch-size", dest="batch_size", type=int)
@@ -34,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     extract.add_argument("--modules", nargs="+", help="regular expressions or globs over hook names")
     extract.add_argument("--device")
     extract.add_argument("--float16", action="store_true", default=None, help="store tensors as float16")
+    extract.add_argument("--trust-remote-code", action="store_true",
+                         help="allow code shipped with the checkpoint to run (a config file alone cannot allow it)")
 
-    verify = sub.add_parser("verify", help="check a converted checkpoint against HF, tower by tower and layer by layer")
+    verify = sub.add_parser("verify", parents=[debug], help="check a converted checkpoint against HF, tower by tower and layer by layer")
     verify.add_argument("model")
     verify.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="fp16/bf16: compared with HF in that dtype (0 = bit for bit), HF in fp32 reported apart")
@@ -44,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--out", default=None, help="folder for verify.json and verify.md")
     verify.add_argument("--no-fp32-reference", action="store_true", help="skip the fp32 HF run in fp16/bf16")
 
-    merge = sub.add_parser("merge", help="merge shard stores into one without duplicates")
+    merge = sub.add_parser("merge", parents=[debug], help="merge shard stores into one without duplicates")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from tl_vlm.demo import run_demo
 
@@ -59,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         from tl_vlm.store import ExtractConfig, extract
 
         overrides = {k: getattr(args, k) for k in ("output_db", "batch_size", "pooling_method", "modules", "device", "float16")}
-        counts = extract(ExtractConfig.from_yaml(args.config, **overrides))
+        counts = extract(ExtractConfig.from_yaml(args.config, **overrides), trust_remote_code=args.trust_remote_code)
         print(f"extracted {counts['done']} samples, {counts['skipped']} already stored, {counts['failed']} failed (see errors table)")
         return 1 if counts["failed"] else 0
     elif args.command == "verify":

@@ -35,6 +35,7 @@ from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
+from tl_vlm.components.kv_cache import check_context
 from tl_vlm.config import VLMConfig
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
@@ -296,7 +297,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             loaded.add("unembed.W_U")
         missing = {name for name, _ in model.named_parameters()} - loaded
         if missing:
-            raise ValueError(f"checkpoint lacks weights the config requires: {sorted(missing)[:8]} ...")
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} weights the config requires (fewer layers or parts than its config "
+                f"says?): {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         kept = {name: p.data for name, p in model.named_parameters() if p.dtype == torch.float32 != dtype}
         model = model.to(device=device, dtype=dtype)
         for name, p in model.named_parameters():
@@ -357,11 +361,39 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                 f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
                 f"(it takes {sorted(self.input_fields)})"
             )
+        _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
         if inputs.input_ids.ndim == 1:
             inputs.input_ids = inputs.input_ids[None]
-            if inputs.attention_mask is not None and inputs.attention_mask.ndim == 1:
-                inputs.attention_mask = inputs.attention_mask[None]
+            for name in ("attention_mask", "mm_token_type_ids"):
+                value = getattr(inputs, name)
+                if value is not None and value.ndim == 1:
+                    setattr(inputs, name, value[None])
         return inputs
+
+    def prompt_offset(self) -> int:
+        """Positions a family puts before ``input_ids`` (legacy BLIP-2's queries), which the attention mask of a
+        cached decode step need not cover."""
+        return 0
+
+    def check_masks(self, inputs: VLMInputs, past: int) -> None:
+        """Each mask must match its token ids: a mask of the wrong shape that is all ones would otherwise be
+        ignored, and a padded one would mask the wrong positions. ``past``: positions already in the KV cache."""
+        batch, pos = inputs.input_ids.shape
+        widths = {past + pos} | ({past + pos - self.prompt_offset()} if past else set())
+        pairs = (("attention_mask", "input_ids", widths), ("qformer_attention_mask", "qformer_input_ids", None),
+                 ("decoder_attention_mask", "decoder_input_ids", None))
+        for mask_name, ids_name, allowed in pairs:
+            mask, ids = getattr(inputs, mask_name), getattr(inputs, ids_name)
+            if mask is None or ids is None:
+                continue
+            allowed = allowed or {ids.shape[-1]}
+            if mask.ndim != 2 or mask.shape[0] != ids.shape[0] or mask.shape[1] not in allowed:
+                expected = " or ".join(f"({ids.shape[0]}, {w})" for w in sorted(allowed))
+                raise ValueError(
+                    f"{mask_name} has shape {tuple(mask.shape)} but {ids_name} {tuple(ids.shape)} needs {expected}"
+                    f"{f' (with {past} cached positions)' if past else ''}; build both with the processor "
+                    "(model.prepare)"
+                )
 
     # ---------------------------------------------------------------- forward
 
@@ -387,6 +419,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         new positions are generated text.
         """
         inputs = self._inputs(input, **hf_inputs).to(self.device)
+        self.check_masks(inputs, cache.length if cache is not None else 0)
         if cache is not None and cache.length > 0:
             generated_from = 0
         out = self.run_vlm(inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
@@ -506,6 +539,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         mask, positions = prompt_mask, self.prefill_positions(inputs, prompt_mask)
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
+        check_context(self.cfg, n_cached)
         cache = KVCache(self.cfg, batch, n_cached, ids.device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
@@ -574,6 +608,21 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
         return ids[0]
+
+
+def _check_token_ids(ids: Tensor, d_vocab: int, image_token_mask: Callable[[Tensor], Tensor]) -> None:
+    """Integer ids inside the vocabulary (image placeholders aside: they are replaced by features, never
+    embedded), so a bad id is a clear error rather than an IndexError deep inside the embedding."""
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}; build them with model.prepare or the tokenizer")
+    if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+        raise ValueError(f"input_ids must be [batch, pos] (or [pos]) with at least one token, got shape {tuple(ids.shape)}")
+    text = ids[~image_token_mask(ids.reshape(-1, ids.shape[-1])).reshape(ids.shape)]
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= d_vocab):
+        raise ValueError(
+            f"input_ids hold ids outside the vocabulary [0, {d_vocab}) (min {int(text.min())}, max {int(text.max())}); "
+            "tokenize with this model's tokenizer"
+        )
 
 
 def _name_predicate(names_filter) -> Callable[[str], bool]:

@@ -25,6 +25,17 @@ class KVCacheEntry:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def check_context(cfg, needed: int) -> None:
+    """Refuse generation longer than the language model's context before allocating a cache for it: HF's
+    ``max_new_tokens=10**9`` would otherwise ask for terabytes at once."""
+    if needed > cfg.n_ctx:
+        raise ValueError(
+            f"generation needs {needed} positions (prompt + max_new_tokens) but the language model's context is "
+            f"{cfg.n_ctx} positions (n_ctx, from max_position_embeddings); lower max_new_tokens to at most "
+            f"{cfg.n_ctx} minus the prompt length"
+        )
+
+
 class KVCache:
     """Past keys/values of every block plus the attention mask seen so far."""
 

@@ -50,7 +50,7 @@ class WeightMap:
                 return match.expand(target), transform
         if any(p.fullmatch(key) for p in self.ignore):
             return None
-        raise KeyError(
+        raise ValueError(
             f"checkpoint weight {key!r} has no place in the converted model; the checkpoint does not match "
             "the architecture its config names (a wrong or modified checkpoint?)"
         )
@@ -127,10 +127,16 @@ def set_parameter(root: nn.Module, name: str, value: Tensor) -> None:
     """Replace a parameter (or a buffer: rotary frequencies) by ``value`` (a view of the source), checking the
     shape it must have."""
     module_name, _, leaf = name.rpartition(".")
-    module = root.get_submodule(module_name) if module_name else root
-    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    try:
+        module = root.get_submodule(module_name) if module_name else root
+    except AttributeError:
+        module = None
+    old = module._parameters.get(leaf, module._buffers.get(leaf)) if module is not None else None
     if old is None:
-        raise KeyError(f"converted model has no parameter {name!r}")
+        raise ValueError(
+            f"the model built from the config has no parameter {name!r} (more layers or parts in the checkpoint than "
+            "in its config?)"
+        )
     if old.shape != value.shape:
         raise ValueError(f"weight {name!r}: checkpoint gives shape {tuple(value.shape)}, config implies {tuple(old.shape)}")
     if leaf in module._buffers:
@@ -141,7 +147,10 @@ def set_parameter(root: nn.Module, name: str, value: Tensor) -> None:
 
 def _is_buffer(root: nn.Module, name: str) -> bool:
     module_name, _, leaf = name.rpartition(".")
-    return leaf in (root.get_submodule(module_name) if module_name else root)._buffers
+    try:
+        return leaf in (root.get_submodule(module_name) if module_name else root)._buffers
+    except AttributeError:  # no such module (a checkpoint with more layers): set_parameter names it
+        return False
 
 
 def load_weights(
@@ -156,20 +165,35 @@ def load_weights(
 ) -> set[str]:
     """Stream ``tensors`` into ``root``; returns the TL names that were set. Names the regular expression
     ``fp32`` matches (from the start) are kept in float32, so are float32 tensors with ``keep_float32``, and so are
-    buffers (rotary frequencies: float32 in
-    HF too, though a HF model cast with ``.to(dtype)`` holds them rounded, and those are the values it uses)."""
+    buffers (rotary frequencies: float32 in HF too, though a HF model cast with ``.to(dtype)`` holds them rounded,
+    and those are the values it uses)."""
     loaded = set()
     for key, tensor in tensors:
         matched = weight_map.match(normalize_key(key))
         if matched is None:
             continue
         name, transform = matched
+        if not tensor.is_floating_point():  # e.g. a quantised checkpoint's packed integers
+            raise ValueError(
+                f"checkpoint weight {key!r} is {tensor.dtype}; tl_vlm converts floating-point weights only (quantised "
+                "checkpoints are not supported: load the float16 / bfloat16 / float32 release)"
+            )
         first = name[0] if isinstance(name, tuple) else name
         float32 = (fp32 and re.match(fp32, first)) or (keep_float32 and tensor.dtype == torch.float32)
         target = torch.float32 if float32 or _is_buffer(root, first) else dtype
-        source = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
-        names, values = (name, transform(source)) if isinstance(name, tuple) else ((name,), (transform(source),))
+        source = tensor.to(device=device, dtype=target)
+        try:
+            converted = transform(source)
+        except RuntimeError as err:  # a layout reshape that the checkpoint's shape cannot fill
+            raise ValueError(
+                f"checkpoint weight {key!r} has shape {tuple(tensor.shape)}, which does not fit {first!r} as the "
+                f"config describes it ({err})"
+            ) from None
+        names, values = (name, converted) if isinstance(name, tuple) else ((name,), (converted,))
         for one, value in zip(names, values, strict=True):
-            set_parameter(root, one, value)
+            try:
+                set_parameter(root, one, value)
+            except ValueError as err:
+                raise ValueError(f"checkpoint weight {key!r}: {err}") from None
             loaded.add(one)
     return loaded

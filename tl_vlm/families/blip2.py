@@ -29,6 +29,7 @@ from transformer_lens import ActivationCache
 
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, Rotary
+from tl_vlm.components.kv_cache import check_context
 from tl_vlm.config import QFormerConfig, T5Config, ViTVLMConfig
 from tl_vlm.convert.qformer import qformer_config, qformer_rules
 from tl_vlm.convert.rules import WeightMap, linear_rules
@@ -251,6 +252,10 @@ class HookedBlip2(HookedVLM):
         embeds = self.language.embed_inputs(torch.cat([ids.new_zeros(batch, n_query), ids], dim=1), features, image_mask)
         return embeds, None if mask is None else torch.cat([queries.to(mask.dtype), mask], dim=1)
 
+    def prompt_offset(self) -> int:
+        legacy = self.vlm_cfg.image_token_id is None and not self.vlm_cfg.encoder_decoder
+        return self.qformer.n_query if legacy else 0
+
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         if self.vlm_cfg.image_token_id is None and inputs.pixel_values is not None:
             mask = torch.cat([mask.new_ones(mask.shape[0], self.qformer.n_query), mask], dim=1)
@@ -269,6 +274,7 @@ class HookedBlip2(HookedVLM):
             start = lm.cfg.decoder_start_token_id
         ids = torch.full((batch, 1), start, dtype=torch.long, device=encoded.device)
         n_new = settings.max_new_tokens if settings.max_new_tokens is not None else max(settings.max_length - 1, 1)
+        check_context(lm.decoder.cfg, 1 + n_new)
         cache = KVCache(lm.decoder.cfg, batch, 1 + n_new, ids.device, encoded.dtype) if use_past_kv_cache else None
 
         def step(token: Tensor, ids: Tensor) -> Tensor:

@@ -223,9 +223,18 @@ class HookedQwen2VL(HookedVLM):
         """3D positions from HF's own ``get_rope_index`` (images, videos, text, left padding)."""
         cfg = self.vlm_cfg
         ids = inputs.input_ids
-        types = inputs.mm_token_type_ids
-        if types is None:  # what the processor returns: 1 at image, 2 at video placeholders
-            types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+        # What the processor returns: 1 at image, 2 at video placeholders. Given ones must say the same, or the
+        # positions (and so the logits) change with no error.
+        types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+        given = inputs.mm_token_type_ids
+        if given is not None:
+            wrong = given.shape != ids.shape or bool((given.to(types.device) != types).any())
+            if wrong:
+                raise ValueError(
+                    f"mm_token_type_ids (shape {tuple(given.shape)}) disagree with the image / video placeholders in "
+                    f"input_ids (shape {tuple(ids.shape)}); pass the processor's mm_token_type_ids with its input_ids, "
+                    "or leave them out (they follow from the placeholders)"
+                )
         return qwen_rope_index(
             self.hf_class, cfg.hf_config, ids, mm_token_type_ids=types.to(ids.device),
             image_grid_thw=inputs.image_grid_thw, video_grid_thw=inputs.video_grid_thw, attention_mask=mask,

@@ -1,37 +1,53 @@
-"""Extraction config: VLM-Lens's YAML keys, plus tl_vlm's (batch size, float16 storage, dtype, device)."""
+"""Extraction config: VLM-Lens's YAML keys, plus tl_vlm's (batch size, float16 storage, dtype, device).
+
+Validated by pydantic against the field types below (strictly for flags and numbers: YAML's ``"false"`` is a
+string, not False), and bounded: a config file over ``MAX_BYTES`` or one whose YAML aliases expand to more than
+``MAX_NODES`` values (an "alias bomb", which hashing the run id would expand) is refused.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, StrictBool, StrictInt, ValidationError
+from pydantic.dataclasses import dataclass
 
 from tl_vlm.store.pooling import POOLING
 
+MAX_BYTES = 1 << 20
+MAX_NODES = 100_000
 
-@dataclass
+# Paths may be given as str or os.PathLike from Python; YAML gives strings.
+PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class ExtractConfig:
-    model_path: str
-    output_db: str
-    modules: list[str]
+    model_path: PathStr
+    output_db: PathStr
+    modules: list[str] | str
     architecture: str | None = None
-    model: list[dict] | dict = field(default_factory=list)  # VLM-Lens: from_pretrained kwargs
-    forward: dict = field(default_factory=dict)
+    model: list[dict[str, Any]] | dict[str, Any] = field(default_factory=list)  # VLM-Lens: from_pretrained kwargs
+    forward: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
-    input_dir: str | None = None
-    dataset: list[dict] | dict | None = None  # VLM-Lens writes it, like model, as a list of one-key dicts
-    pooling_method: str = "none"
-    batch_size: int = 8
-    float16: bool = False
+    input_dir: PathStr | None = None
+    # VLM-Lens writes it, like model, as a list of one-key dicts
+    dataset: list[dict[str, Any]] | dict[str, Any] | None = None
+    pooling_method: str | None = "none"
+    batch_size: StrictInt = 8
+    float16: StrictBool = False
     device: str | None = None
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        _check_size({f.name: getattr(self, f.name) for f in fields(self)})
         if self.pooling_method in (None, "None"):
             self.pooling_method = "none"
         if self.pooling_method not in POOLING:
@@ -56,13 +72,27 @@ class ExtractConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ExtractConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} does not exist or is not a regular file")
+        if path.stat().st_size > MAX_BYTES:
+            raise ValueError(f"config {path} is {path.stat().st_size} bytes; a config is at most {MAX_BYTES}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {path} is not valid YAML (plain keys and values only): {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path} must be a mapping of keys to values, got a {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
+        _check_size(raw)
+        try:
+            return cls(**raw)
+        except ValidationError as err:
+            raise ValueError(f"config {path}: " + "; ".join(_describe(e) for e in err.errors())) from None
 
     def model_kwargs(self) -> dict:
         """VLM-Lens lists from_pretrained kwargs as a list of one-key dicts; accept both forms."""
@@ -79,3 +109,26 @@ class ExtractConfig:
         for volatile in ("output_db", "batch_size", "device"):
             keys.pop(volatile)
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    return f"{where}: {error['msg']} (got {error['input']!r:.80})"
+
+
+def _check_size(value: Any) -> None:
+    """Count values as YAML aliases would expand them, stopping at MAX_NODES (never expanding a bomb)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ValueError(
+                f"the config holds more than {MAX_NODES} values once YAML aliases are expanded; "
+                "write the values out (an alias bomb?)"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)

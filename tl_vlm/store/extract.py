@@ -24,9 +24,10 @@ from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
+from tl_vlm.store.lock import writer_lock
 from tl_vlm.store.merge import merge
 from tl_vlm.store.pooling import pool
-from tl_vlm.store.schema import connect
+from tl_vlm.store.schema import connect, done_samples, drop_sample, finish, has_side_tables
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MULTI_POSITION = ("hook_attn_scores", "hook_pattern")  # [batch, head, q, k]: stored whole, never pooled
@@ -45,75 +46,129 @@ def select_hooks(names: list[str], patterns: list[str]) -> list[str]:
     return chosen
 
 
-def extract(config: ExtractConfig, progress: bool = True) -> dict:
-    """Run (or resume) an extraction; returns counts of samples done, skipped and failed."""
+def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Run (or resume) an extraction; returns counts of samples done, skipped and failed.
+
+    ``trust_remote_code``: the caller's permission to run code shipped with the checkpoint; a config that asks
+    for it (``model: [{trust_remote_code: true}]``) is refused without it, since a config file may come from
+    anyone. Samples, ids and the model kwargs are checked before the model loads, and the output file is held
+    by one writer at a time (another ``extract`` or ``merge`` on it is refused up front).
+    """
     from tl_vlm import HookedVLM, __version__
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model = HookedVLM.from_pretrained(
-        config.model_path, device=device, revision=config.revision, **_load_kwargs(config)
-    )
-    hooks = select_hooks(list(model.hook_dict), config.modules)
-    if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
-        raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
-
+    every = samples(config)
+    load_kwargs = _load_kwargs(config, trust_remote_code)
     run_id = config.run_id()
     db = Path(config.output_db)
     out = db.with_name(f"{db.name}.rank{rank}") if world > 1 else db
-    done = _done(db, run_id) | (_done(out, run_id) if out != db else set())
-    todo = [s for i, s in enumerate(samples(config)) if i % world == rank and s.key not in done]
-    conn = connect(out)
-    with conn:
-        conn.execute(
-            "INSERT OR IGNORE INTO runs (run_id, model, revision, config_hash, tl_vlm_version, dtype, pooling, hooks, config) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            (run_id, config.model_path, config.revision, run_id, __version__, config.dtype, config.pooling_method,
-             json.dumps(hooks), json.dumps(asdict(config), default=str)),
-        )
-    counts = {"done": 0, "skipped": len(done), "failed": 0}
-    architecture = config.architecture or model.vlm_cfg.family
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"extract{f' rank {rank}' if world > 1 else ''}")
-    try:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start : start + config.batch_size]
-            loaded = _load_images(conn, run_id, batch, counts)
-            if loaded:
-                rows = _extract_batch(model, hooks, config, loaded)
-                _write(conn, run_id, config, architecture, loaded, rows)
-                counts["done"] += len(loaded)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        conn.close()
+    with writer_lock(out):
+        if world == 1:
+            _adopt_shards(db)
+        done: dict[str, str | None] = {}
+        for store in [db, *_shards(db)] if world > 1 else [db]:
+            done.update(_done(store, run_id))
+        mine = [s for i, s in enumerate(every) if i % world == rank]
+        todo = [s for s in mine if s.key not in done or _changed(done[s.key], s.fingerprint)]
+        model = HookedVLM.from_pretrained(config.model_path, device=device, revision=config.revision, **load_kwargs)
+        hooks = select_hooks(list(model.hook_dict), config.modules)
+        if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
+            raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
+        conn = connect(out)
+        try:
+            with conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO runs (run_id, model, revision, config_hash, tl_vlm_version, dtype, pooling, "
+                    "hooks, config) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (run_id, config.model_path, config.revision, run_id, __version__, config.dtype,
+                     config.pooling_method, json.dumps(hooks), json.dumps(asdict(config), default=str)),
+                )
+            counts = {"done": 0, "skipped": len(mine) - len(todo), "failed": 0}
+            architecture = config.architecture or model.vlm_cfg.family
+            bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"extract{f' rank {rank}' if world > 1 else ''}")
+            try:
+                for start in range(0, len(todo), config.batch_size):
+                    batch = todo[start : start + config.batch_size]
+                    loaded = _load_images(conn, run_id, batch, counts)
+                    if loaded:
+                        rows = _extract_batch(model, hooks, config, loaded)
+                        _write(conn, run_id, config, architecture, loaded, rows)
+                        counts["done"] += len(loaded)
+                    bar.update(len(batch))
+            finally:
+                bar.close()
+            finish(conn)
+        finally:
+            conn.close()
     if world > 1:
-        _merge_ranks(db, world, rank)
+        _merge_ranks(db, rank)
     return counts
+
+
+def _changed(stored: str | None, current: str | None) -> bool:
+    """Resume keys on the sample key; a file whose size or modification time changed is extracted again."""
+    return stored is not None and current is not None and stored != current
+
+
+def _shards(db: Path) -> list[Path]:
+    """Per-rank stores of a torchrun job writing ``db`` (``<db>.rank<r>``), finished or killed."""
+    pattern = re.compile(re.escape(db.name) + r"\.rank\d+")
+    return sorted(p for p in db.parent.glob(f"{db.name}.rank*") if pattern.fullmatch(p.name))
+
+
+def _adopt_shards(db: Path) -> None:
+    """A single process resuming a killed torchrun job: merge what the ranks finished into ``db`` first (so it is
+    not extracted again) and remove the shards. A shard still being written is refused by its lock."""
+    for shard in _shards(db):
+        with writer_lock(shard):
+            merge(db, [shard], lock=False)
+            _remove_store(shard)
+
+
+def _remove_store(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 _LOAD_KEYS = {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases", "trust_remote_code"}
 
 
-def _load_kwargs(config: ExtractConfig) -> dict:
+def _load_kwargs(config: ExtractConfig, trust_remote_code: bool) -> dict:
     """VLM-Lens's ``model`` kwargs mapped onto HookedVLM.from_pretrained; anything else is an error."""
     kwargs = config.model_kwargs()
+    asked = kwargs.pop("trust_remote_code", False)
+    if not isinstance(asked, bool):
+        raise ValueError(f"model kwarg trust_remote_code must be true or false, got {asked!r}")
+    if asked and not trust_remote_code:
+        raise ValueError(
+            "the config sets trust_remote_code: true, which runs Python code shipped with the checkpoint; a config "
+            "file alone cannot allow that: if you trust model_path, pass --trust-remote-code to tl-vlm extract "
+            "(extract(config, trust_remote_code=True) from Python)"
+        )
     dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None) or config.dtype
     unknown = set(kwargs) - _LOAD_KEYS
     if unknown:
         raise ValueError(f"model kwargs {sorted(unknown)} are not supported; use {sorted(_LOAD_KEYS | {'torch_dtype'})}")
     if str(dtype).removeprefix("torch.") not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    return {**kwargs, "dtype": DTYPES[str(dtype).removeprefix("torch.")]}
+    for flag, value in kwargs.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"model kwarg {flag} must be true or false, got {value!r}")
+    return {**kwargs, "trust_remote_code": trust_remote_code, "dtype": DTYPES[str(dtype).removeprefix("torch.")]}
 
 
-def _done(db: Path, run_id: str) -> set[str]:
-    if not db.exists():
-        return set()
-    conn = connect(db)
+def _done(db: Path, run_id: str) -> dict[str, str | None]:
+    """Sample key -> fingerprint of what ``db`` holds for this run (nothing for a missing or new file)."""
+    if not db.exists() or db.stat().st_size == 0:
+        return {}
+    conn = connect(db, create=False)
     try:
-        return {r[0] for r in conn.execute("SELECT sample_key FROM samples_done WHERE run_id = ?", (run_id,))}
+        if not has_side_tables(conn):  # new, or a VLM-Lens store: nothing of ours is finished in it
+            return {}
+        return done_samples(conn, run_id)
     finally:
         conn.close()
 
@@ -192,6 +247,7 @@ def _sample_rows(n_rows: int, batch: int, hook: str) -> list[slice]:
 def _write(conn, run_id, config, architecture, loaded, rows) -> None:
     with conn:  # one transaction: the batch's tensors and its done marks land together or not at all
         for (sample, _), hooks in zip(loaded, rows):
+            drop_sample(conn, run_id, sample.key)  # rows of an earlier version of this image, if any
             for hook, tensor in hooks:
                 cursor = conn.execute(
                     "INSERT INTO tensors (name, architecture, image_path, image_id, prompt, label, layer, pooling_method, "
@@ -200,21 +256,20 @@ def _write(conn, run_id, config, architecture, loaded, rows) -> None:
                      hook, config.pooling_method, int(tensor.shape[-1]), to_blob(tensor)),
                 )
                 conn.execute("INSERT INTO tensor_samples VALUES (?,?,?)", (cursor.lastrowid, run_id, sample.key))
-            conn.execute("INSERT INTO samples_done VALUES (?,?)", (run_id, sample.key))
+            conn.execute("INSERT INTO samples_done VALUES (?,?,?)", (run_id, sample.key, sample.fingerprint))
             conn.execute("DELETE FROM errors WHERE run_id = ? AND sample_key = ?", (run_id, sample.key))
 
 
-def _merge_ranks(db: Path, world: int, rank: int) -> None:
+def _merge_ranks(db: Path, rank: int) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    dist.barrier()
+    dist.barrier()  # every rank has closed (and unlocked) its shard
     if rank == 0:
-        shards = [db.with_name(f"{db.name}.rank{r}") for r in range(world)]
-        merge(db, [s for s in shards if s.exists()])
+        shards = _shards(db)
+        merge(db, shards)
         for shard in shards:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{shard}{suffix}").unlink(missing_ok=True)
+            _remove_store(shard)
     dist.barrier()
     dist.destroy_process_group()

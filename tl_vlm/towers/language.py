@@ -84,6 +84,11 @@ class DecoderLM(MergedEmbeds, LanguageWeights, StackedWeights, nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         elif position_ids is None:
             position_ids = torch.arange(past, past + pos, device=embeds.device).expand(batch, -1)
+        if learned and past + pos > self.cfg.n_ctx and int(position_ids.max()) >= self.cfg.n_ctx:
+            raise ValueError(
+                f"the sequence reaches position {int(position_ids.max())} but this language model has "
+                f"{self.cfg.n_ctx} learned positions (max_position_embeddings); shorten the prompt or generate fewer tokens"
+            )
         rotary = None if learned else self.rotary(position_ids, embeds.dtype)
         mask, causal = self._mask(attention_mask, batch, pos, past, embeds)
         resid = embeds

@@ -68,6 +68,11 @@ class QFormer(StackedWeights, nn.Module):
                     f"qformer_input_ids hold {input_ids.shape[0]} rows for {batch} images; InstructBLIP reads one "
                     "instruction per image (build them together with the processor)"
                 )
+            if input_ids.shape[1] > self.cfg.n_ctx:
+                raise ValueError(
+                    f"qformer_input_ids hold {input_ids.shape[1]} tokens but the Q-Former has {self.cfg.n_ctx} learned "
+                    "positions (qformer_config.max_position_embeddings); shorten the instruction"
+                )
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
             text = run_hook(self.hook_text_embed, self.embed(input_ids))
             pos = self.pos_embed(positions)
