@@ -18,7 +18,9 @@ import os
 import re
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -35,6 +37,7 @@ from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
+from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
@@ -69,6 +72,14 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         for name, child in language.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A module put in a top-level slot (SAELens swapping ``hook_embed`` for an SAE) is also the language
+        # tower's: the tower calls its own attribute.
+        language = self.__dict__.get("language")
+        if language is not None and isinstance(value, nn.Module) and name in language._modules:
+            setattr(language, name, value)
 
     def tower(self, name: str) -> TowerView:
         """One tower as a TransformerLens model (tower-relative hook names; runs the whole VLM)."""
@@ -378,14 +389,18 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
-        chosen = [hook for name, hook in self.hook_dict.items() if wanted(name)]
-        previous = [hook.__dict__.get("cache_into") for hook in chosen]
-        for hook in chosen:
+        chosen = [(name, hook) for name, hook in self.hook_dict.items() if wanted(name)]
+        direct = [hook for name, hook in chosen if not nested(name)]
+        # HookPoints inside a swapped-in module (an SAE's own hooks) are called by it, not by run_hook.
+        inner = [(name, partial(_store, cache)) for name, _ in chosen if nested(name)]
+        previous = [hook.__dict__.get("cache_into") for hook in direct]
+        for hook in direct:
             hook.cache_into = cache
         try:
-            out = self(*model_args, **kwargs)
+            with self.hooks(fwd_hooks=inner) if inner else nullcontext():
+                out = self(*model_args, **kwargs)
         finally:
-            for hook, before in zip(chosen, previous):
+            for hook, before in zip(direct, previous):
                 hook.cache_into = before
         return out, cache
 
@@ -544,6 +559,10 @@ def _name_predicate(names_filter) -> Callable[[str], bool]:
         return names_filter
     names = set(names_filter)
     return lambda name: name in names
+
+
+def _store(cache: dict[str, Tensor], x: Tensor, hook) -> None:
+    cache[hook.name] = x.detach()
 
 
 def _not_result(name: str) -> bool:
