@@ -321,7 +321,13 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if isinstance(text, list) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
         batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
-        return VLMInputs.from_mapping(batch).to(self.device)
+        texts = text if isinstance(text, list) else [text]
+        # Q-Former families take one image per prompt; their processors insert the placeholders themselves.
+        image_token = None if self.capabilities.queries else self.processor.image_token
+        layout = {"row_images": _placeholders_per_row(image_token, texts, images),
+                  "row_videos": _placeholders_per_row(getattr(self.processor, "video_token", None), texts,
+                                                      processor_kwargs.get("videos"))}
+        return dataclasses.replace(VLMInputs.from_mapping(batch), **layout).to(self.device)
 
     def _inputs(self, input: Any, **kwargs) -> VLMInputs:
         given = {k: v for k, v in kwargs.items() if v is not None}
@@ -346,11 +352,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                 f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
                 f"(it takes {sorted(self.input_fields)})"
             )
-        if inputs.input_ids.ndim == 1:
-            inputs.input_ids = inputs.input_ids[None]
-            if inputs.attention_mask is not None and inputs.attention_mask.ndim == 1:
-                inputs.attention_mask = inputs.attention_mask[None]
-        return inputs
+        return inputs.unsqueezed()
 
     # ---------------------------------------------------------------- forward
 
@@ -408,6 +410,20 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""
         for tower in self.towers().values():
             tower.cfg.use_attn_result = use_attn_result
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TL's per-head Q/K/V input hooks are not built here: refuse (edge attribution and direct path patching
+        ask for them) rather than run without them."""
+        if use_split_qkv_input:
+            raise NotImplementedError(
+                "tl_vlm's attention has no per-head Q/K/V inputs (hook_q_input / hook_k_input / hook_v_input), which "
+                "edge attribution patching and direct path patching need; node attribution "
+                "(EdgeAttributionConfig(granularity='node')) and tl_vlm.analysis.attribution work"
+            )
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        if use_hook_mlp_in:
+            raise NotImplementedError("tl_vlm's blocks have no hook_mlp_in; use ln2.hook_normalized (the MLP's input)")
 
     def run_with_cache(
         self,
@@ -559,6 +575,16 @@ def _name_predicate(names_filter) -> Callable[[str], bool]:
         return names_filter
     names = set(names_filter)
     return lambda name: name in names
+
+
+def _placeholders_per_row(token, texts: list[str], media) -> tuple[int, ...]:
+    """Images (videos) of each prompt, counted from its placeholders before the processor expands them; without a
+    placeholder token, one per prompt."""
+    if media is None:
+        return (0,) * len(texts)
+    if token is None:
+        return (1,) * len(texts)
+    return tuple(t.count(str(token)) for t in texts)
 
 
 def _store(cache: dict[str, Tensor], x: Tensor, hook) -> None:

@@ -16,6 +16,10 @@ from tl_vlm.config import TowerConfig
 
 
 class TransformerBlock(nn.Module):
+    # TL's analysis tools read the stream through ln_final -> unembed only from blocks that say their
+    # hook_resid_post is the whole residual stream (not a stack the model combines later).
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: TowerConfig, layer: int):
         super().__init__()
         self.layer = layer
