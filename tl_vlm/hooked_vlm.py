@@ -306,6 +306,15 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     # ---------------------------------------------------------------- properties
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to`` / ``.half()`` / ``.cuda()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
+        super()._apply(fn, recurse)
+        if "language" in self.__dict__:
+            for tower in self.towers().values():
+                tower.cfg.dtype = _dominant_dtype(tower)
+                tower.cfg.device = str(next(tower.parameters()).device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed.W_E.device
@@ -329,8 +338,12 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                                                       processor_kwargs.get("videos"))}
         return dataclasses.replace(VLMInputs.from_mapping(batch), **layout).to(self.device)
 
-    def _inputs(self, input: Any, **kwargs) -> VLMInputs:
+    def _inputs(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None, **kwargs) -> VLMInputs:
+        """Whatever a caller passes as the model's input, as VLMInputs. Text is text only, as TL tokenizes it
+        (image placeholders in it then raise at the run: a prompt with images goes through ``model.prepare``)."""
         given = {k: v for k, v in kwargs.items() if v is not None}
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         if input is None:
             batch = given
         elif isinstance(input, VLMInputs):
@@ -339,8 +352,6 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             batch = {**input, **given}
         elif isinstance(input, Tensor):
             batch = {"input_ids": input, **given}
-        elif isinstance(input, (str, list)):
-            raise TypeError("pass token ids or VLMInputs; build them from text and images with model.prepare(images=, text=)")
         else:
             raise TypeError(f"unsupported input of type {type(input).__name__}")
         if "input_ids" not in batch:
@@ -366,18 +377,21 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         generated_from: int | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         **hf_inputs: Tensor,
     ):
         """Logits (or loss) of the language model on text with images merged in.
 
         Inputs come as a ``VLMInputs``, a mapping (e.g. the HF processor's output), token ids, and/or
         HF-style keywords (``input_ids=, pixel_values=, attention_mask=, image_sizes=, image_grid_thw=``...).
+        Text runs text only, tokenized as ``to_tokens`` does (``prepend_bos=``, ``padding_side=``).
 
         ``generated_from``: positions from here on are generated text, where an image placeholder id is a
         plain token (as in HF's decode steps). A non-empty ``cache`` already holds the images, so all its
         new positions are generated text.
         """
-        inputs = self._inputs(input, **hf_inputs).to(self.device)
+        inputs = self._inputs(input, prepend_bos, padding_side, **hf_inputs).to(self.device)
         if cache is not None and cache.length > 0:
             generated_from = 0
         out = self.run_vlm(inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
@@ -485,6 +499,12 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         greedy tokens equal HF's and seeded sampling draws from HF's distribution. Hooks fire at every step.
         """
         inputs = self._inputs(input, **input_kwargs)
+        if inputs.pixel_values is None and isinstance(input, str):  # TL: text in, text out
+            return self.to_string(self.generate(inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                                repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                                use_past_kv_cache=use_past_kv_cache, generator=generator)[0])
         settings = resolve_settings(
             self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
@@ -539,8 +559,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     # ---------------------------------------------------------------- tokens
 
-    def to_tokens(self, text: str | list[str], prepend_bos: bool = True, padding_side: str | None = None) -> Tensor:
+    def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None) -> Tensor:
         """Text-only token ids. Prompts with images go through ``model.prepare(images=, text=)``."""
+        if prepend_bos is None:
+            prepend_bos = self.cfg.default_prepend_bos
         batch = self.tokenizer(
             text if isinstance(text, list) else [text], return_tensors="pt", padding=True,
             add_special_tokens=prepend_bos, **({"padding_side": padding_side} if padding_side else {}),
@@ -553,10 +575,36 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             return self.tokenizer.decode(tokens.reshape(-1))
         return self.tokenizer.batch_decode(tokens)
 
-    def to_str_tokens(self, tokens: Tensor) -> list[str] | list[list[str]]:
+    def to_str_tokens(
+        self, tokens: Tensor | VLMInputs | str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> list[str] | list[list[str]]:
+        if isinstance(tokens, VLMInputs):
+            tokens = tokens.input_ids
+        if isinstance(tokens, list):
+            return [self.to_str_tokens(text, prepend_bos, padding_side) for text in tokens]
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens, prepend_bos, padding_side)[0]
         if tokens.ndim > 1:
             return [self.to_str_tokens(row) for row in tokens]
         return self.tokenizer.convert_ids_to_tokens(tokens.reshape(-1).tolist())
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | Tensor | VLMInputs,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> int:
+        """TL's: where ``single_token`` first (or last) occurs in one prompt."""
+        tokens = self._inputs(input, prepend_bos, padding_side).input_ids
+        if tokens.shape[0] != 1:
+            raise ValueError(f"get_token_position takes one prompt, got a batch of {tokens.shape[0]}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        where = (tokens[0] == token).nonzero()[:, 0]
+        if not len(where):
+            raise ValueError(f"token {single_token!r} does not occur in the input")
+        return int(where[0] if mode == "first" else where[-1])
 
     def to_single_token(self, word: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
