@@ -39,6 +39,7 @@ from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
+from tl_vlm.dtypes import resolve_dtype
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.sampling import decode, resolve_settings
@@ -209,7 +210,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         model_name: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         fold_ln: bool = False,
         center_writing_weights: bool = False,
         center_unembed: bool = False,
@@ -218,9 +219,11 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         trust_remote_code: bool = False,
         load_processor: bool = True,
     ) -> "HookedVLM":
-        """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
+        """Load a HF checkpoint (local directory or hub id) straight from its safetensors files. ``dtype``: a torch
+        dtype, its name ("bfloat16", "fp16", ...) or "auto" (the checkpoint's ``dtype``)."""
         path = resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dtype = resolve_dtype(dtype, _config_dtype(hf_config))
         family = cls._family(hf_config, hf_config.architectures)
         processor = _load_processor(family, path, trust_remote_code) if load_processor else None
         generation_config = (
@@ -238,7 +241,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         processor=None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         fold_ln: bool = False,
         center_writing_weights: bool = False,
         center_unembed: bool = False,
@@ -252,7 +255,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             hf_model.config,
             iter(hf_model.state_dict().items()),
             device or param.device,
-            dtype or _dominant_dtype(hf_model),
+            resolve_dtype(dtype or "auto", _dominant_dtype(hf_model)),
             processor,
             getattr(hf_model, "generation_config", None),
         )
@@ -661,6 +664,12 @@ def _load_processor(family, path: Path, trust_remote_code: bool):
     except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a video processor needing torchvision
         warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
         return None
+
+
+def _config_dtype(hf_config) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (``dtype``; ``torch_dtype`` in older configs)."""
+    dtype = hf_config.dtype if hf_config.dtype is not None else getattr(hf_config, "torch_dtype", None)
+    return resolve_dtype(dtype, None) if dtype is not None else None
 
 
 def _dominant_dtype(module: nn.Module) -> torch.dtype:
