@@ -42,6 +42,7 @@ from tl_vlm.config import VLMConfig
 from tl_vlm.dtypes import resolve_dtype
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.saes import SAEMethods
 from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
@@ -49,7 +50,7 @@ from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
+class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     # The family's short name (``vlm_cfg.family``) and the HF architecture names it converts.
     family: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
