@@ -1,10 +1,13 @@
 # Set-up, main job and tests on a fresh machine: `make demo`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# A second environment with transformer-lens 3.9 and SAELens (which pins transformer-lens <4): both are supported.
+VENV_TL39 ?= .venv-tl39
+PY_TL39 := $(VENV_TL39)/bin/python
 # The CPU build of torch first: an open range would otherwise pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-tl39 demo test test-tl39 bench
 
 setup: $(VENV)/.installed
 
@@ -15,11 +18,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+setup-tl39: $(VENV_TL39)/.installed
+
+$(VENV_TL39)/.installed: pyproject.toml
+	python3 -m venv $(VENV_TL39)
+	$(PY_TL39) -m pip install -q --upgrade pip
+	$(PY_TL39) -m pip install -q "$(TORCH)"
+	$(PY_TL39) -m pip install -q -e ".[dev,sae]" "transformer-lens==3.9.*"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/tl-vlm demo
 
-test: setup
+# Both supported transformer-lens lines: 4.x (tools.analysis) and 3.9 with SAELens.
+test: setup setup-tl39
 	$(PY) -m pytest -q tests
+	$(PY_TL39) -m pytest -q tests
+
+test-tl39: setup-tl39
+	$(PY_TL39) -m pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/overhead.py

@@ -33,9 +33,16 @@ def test_wrong_image_size(llava15):
         llava15.model(VLMInputs(batch.input_ids, torch.zeros(2, 3, 31, 31), batch.attention_mask))
 
 
-def test_text_instead_of_tokens(llava15):
-    with pytest.raises(TypeError, match="prepare"):
-        llava15.model("USER: hi")
+def test_unknown_input_is_not_dropped(llava15):
+    batch = llava15.batch()
+    with pytest.raises(ValueError, match="refusing to drop"):
+        llava15.model({**batch.as_kwargs(), "pixel_values_videos": batch.pixel_values})
+
+
+def test_text_with_an_image_placeholder_never_runs_without_the_image(llava15):
+    # Text runs text only (as TL's model("text")); a placeholder in it without pixels points to prepare.
+    with pytest.raises(ValueError, match=r"model\.prepare"):
+        llava15.model("USER: <image> hi")
 
 
 def test_missing_weight_is_reported(tmp_path, checkpoints):

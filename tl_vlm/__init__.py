@@ -5,7 +5,8 @@ from tl_vlm.config import TowerConfig, VLMConfig
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.prompts import format_prompt
+from tl_vlm.verify import verify  # the function: tl_vlm.verify(name, images=, prompts=)
 
 __version__ = "0.1.0"
 
-__all__ = ["Capabilities", "HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__", "format_prompt"]
+__all__ = ["Capabilities", "HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__", "format_prompt", "verify"]

@@ -111,7 +111,7 @@ def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str |
     import re
 
     from tl_vlm import HookedVLM
-    from tl_vlm.verify import DTYPES
+    from tl_vlm.dtypes import DTYPES
 
     model = HookedVLM.from_pretrained(model_name, device=device, dtype=DTYPES[dtype])
     pattern = re.compile(name_filter) if name_filter else None

@@ -52,6 +52,11 @@ class TowerConfig:
     # The HF (text / vision) config this tower was converted from; rotary embeddings read their settings from it.
     hf_config: Any = None
 
+    @property
+    def d_vocab_out(self) -> int:
+        """TL's output vocabulary (the unembedding's width), the input vocabulary here."""
+        return self.d_vocab
+
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads

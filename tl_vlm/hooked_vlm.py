@@ -18,7 +18,9 @@ import itertools
 import os
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,10 +38,13 @@ from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
 from tl_vlm.components.kv_cache import check_context
+from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
+from tl_vlm.dtypes import resolve_dtype
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.beam_search import beam_search
+from tl_vlm.saes import SAEMethods
 from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
@@ -47,7 +52,7 @@ from tl_vlm.towers.stacked import LanguageWeights, StackedWeights
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
+class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     # The family's short name (``vlm_cfg.family``) and the HF architecture names it converts.
     family: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -73,6 +78,14 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         for name, child in language.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "language", language)  # a view of the top-level modules, not a second child
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A module put in a top-level slot (SAELens swapping ``hook_embed`` for an SAE) is also the language
+        # tower's: the tower calls its own attribute.
+        language = self.__dict__.get("language")
+        if language is not None and isinstance(value, nn.Module) and name in language._modules:
+            setattr(language, name, value)
 
     def tower(self, name: str) -> TowerView:
         """One tower as a TransformerLens model (tower-relative hook names; runs the whole VLM)."""
@@ -211,7 +224,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         model_name: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         fold_ln: bool = False,
         center_writing_weights: bool = False,
         center_unembed: bool = False,
@@ -220,9 +233,11 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         trust_remote_code: bool = False,
         load_processor: bool = True,
     ) -> "HookedVLM":
-        """Load a HF checkpoint (local directory or hub id) straight from its safetensors files."""
+        """Load a HF checkpoint (local directory or hub id) straight from its safetensors files. ``dtype``: a torch
+        dtype, its name ("bfloat16", "fp16", ...) or "auto" (the checkpoint's ``dtype``)."""
         path = resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dtype = resolve_dtype(dtype, _config_dtype(hf_config))
         family = cls._family(hf_config, hf_config.architectures)
         processor = _load_processor(family, path, trust_remote_code) if load_processor else None
         generation_config = (
@@ -240,7 +255,7 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         processor=None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         fold_ln: bool = False,
         center_writing_weights: bool = False,
         center_unembed: bool = False,
@@ -259,10 +274,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             hf_model.config,
             itertools.chain(state.items(), frequencies),
             device or param.device,
-            dtype or _loaded_dtype(hf_model),
+            resolve_dtype(dtype or "auto", _loaded_dtype(hf_model)),
             processor,
             getattr(hf_model, "generation_config", None),
-            keep_float32=dtype is None,
+            keep_float32=dtype in (None, "auto"),
         )
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
@@ -321,6 +336,15 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     # ---------------------------------------------------------------- properties
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to`` / ``.half()`` / ``.cuda()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
+        super()._apply(fn, recurse)
+        if "language" in self.__dict__:
+            for tower in self.towers().values():
+                tower.cfg.dtype = _dominant_dtype(tower)
+                tower.cfg.device = str(next(tower.parameters()).device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed.W_E.device
@@ -336,10 +360,20 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         if isinstance(text, list) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
         batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
-        return VLMInputs.from_mapping(batch).to(self.device)
+        texts = text if isinstance(text, list) else [text]
+        # Q-Former families take one image per prompt; their processors insert the placeholders themselves.
+        image_token = None if self.capabilities.queries else self.processor.image_token
+        layout = {"row_images": _placeholders_per_row(image_token, texts, images),
+                  "row_videos": _placeholders_per_row(getattr(self.processor, "video_token", None), texts,
+                                                      processor_kwargs.get("videos"))}
+        return dataclasses.replace(VLMInputs.from_mapping(batch), **layout).to(self.device)
 
-    def _inputs(self, input: Any, **kwargs) -> VLMInputs:
+    def _inputs(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None, **kwargs) -> VLMInputs:
+        """Whatever a caller passes as the model's input, as VLMInputs. Text is text only, as TL tokenizes it
+        (image placeholders in it then raise at the run: a prompt with images goes through ``model.prepare``)."""
         given = {k: v for k, v in kwargs.items() if v is not None}
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         if input is None:
             batch = given
         elif isinstance(input, VLMInputs):
@@ -348,8 +382,6 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             batch = {**input, **given}
         elif isinstance(input, Tensor):
             batch = {"input_ids": input, **given}
-        elif isinstance(input, (str, list)):
-            raise TypeError("pass token ids or VLMInputs; build them from text and images with model.prepare(images=, text=)")
         else:
             raise TypeError(f"unsupported input of type {type(input).__name__}")
         if "input_ids" not in batch:
@@ -361,13 +393,8 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
                 f"{self.vlm_cfg.architecture} does not use {unused}; refusing to drop them silently "
                 f"(it takes {sorted(self.input_fields)})"
             )
+        inputs = inputs.unsqueezed()
         _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
-        if inputs.input_ids.ndim == 1:
-            inputs.input_ids = inputs.input_ids[None]
-            for name in ("attention_mask", "mm_token_type_ids"):
-                value = getattr(inputs, name)
-                if value is not None and value.ndim == 1:
-                    setattr(inputs, name, value[None])
         return inputs
 
     def prompt_offset(self) -> int:
@@ -407,18 +434,21 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         generated_from: int | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         **hf_inputs: Tensor,
     ):
         """Logits (or loss) of the language model on text with images merged in.
 
         Inputs come as a ``VLMInputs``, a mapping (e.g. the HF processor's output), token ids, and/or
         HF-style keywords (``input_ids=, pixel_values=, attention_mask=, image_sizes=, image_grid_thw=``...).
+        Text runs text only, tokenized as ``to_tokens`` does (``prepend_bos=``, ``padding_side=``).
 
         ``generated_from``: positions from here on are generated text, where an image placeholder id is a
         plain token (as in HF's decode steps). A non-empty ``cache`` already holds the images, so all its
         new positions are generated text.
         """
-        inputs = self._inputs(input, **hf_inputs).to(self.device)
+        inputs = self._inputs(input, prepend_bos, padding_side, **hf_inputs).to(self.device)
         self.check_masks(inputs, cache.length if cache is not None else 0)
         if cache is not None and cache.length > 0:
             generated_from = 0
@@ -433,14 +463,18 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
-        chosen = [hook for name, hook in self.hook_dict.items() if wanted(name)]
-        previous = [hook.__dict__.get("cache_into") for hook in chosen]
-        for hook in chosen:
+        chosen = [(name, hook) for name, hook in self.hook_dict.items() if wanted(name)]
+        direct = [hook for name, hook in chosen if not nested(name)]
+        # HookPoints inside a swapped-in module (an SAE's own hooks) are called by it, not by run_hook.
+        inner = [(name, partial(_store, cache)) for name, _ in chosen if nested(name)]
+        previous = [hook.__dict__.get("cache_into") for hook in direct]
+        for hook in direct:
             hook.cache_into = cache
         try:
-            out = self(*model_args, **kwargs)
+            with self.hooks(fwd_hooks=inner) if inner else nullcontext():
+                out = self(*model_args, **kwargs)
         finally:
-            for hook, before in zip(chosen, previous):
+            for hook, before in zip(direct, previous):
                 hook.cache_into = before
         return out, cache
 
@@ -448,6 +482,20 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""
         for tower in self.towers().values():
             tower.cfg.use_attn_result = use_attn_result
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TL's per-head Q/K/V input hooks are not built here: refuse (edge attribution and direct path patching
+        ask for them) rather than run without them."""
+        if use_split_qkv_input:
+            raise NotImplementedError(
+                "tl_vlm's attention has no per-head Q/K/V inputs (hook_q_input / hook_k_input / hook_v_input), which "
+                "edge attribution patching and direct path patching need; node attribution "
+                "(EdgeAttributionConfig(granularity='node')) and tl_vlm.analysis.attribution work"
+            )
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        if use_hook_mlp_in:
+            raise NotImplementedError("tl_vlm's blocks have no hook_mlp_in; use ln2.hook_normalized (the MLP's input)")
 
     def run_with_cache(
         self,
@@ -516,6 +564,12 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
         (HF runs it once per beam, on identical rows). Beam search needs the KV cache, which follows the beams.
         """
         inputs = self._inputs(input, **input_kwargs)
+        if inputs.pixel_values is None and isinstance(input, str):  # TL: text in, text out
+            return self.to_string(self.generate(inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                                repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                                use_past_kv_cache=use_past_kv_cache, generator=generator)[0])
         settings = resolve_settings(
             self.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
@@ -584,8 +638,10 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
 
     # ---------------------------------------------------------------- tokens
 
-    def to_tokens(self, text: str | list[str], prepend_bos: bool = True, padding_side: str | None = None) -> Tensor:
+    def to_tokens(self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None) -> Tensor:
         """Text-only token ids. Prompts with images go through ``model.prepare(images=, text=)``."""
+        if prepend_bos is None:
+            prepend_bos = self.cfg.default_prepend_bos
         batch = self.tokenizer(
             text if isinstance(text, list) else [text], return_tensors="pt", padding=True,
             add_special_tokens=prepend_bos, **({"padding_side": padding_side} if padding_side else {}),
@@ -598,10 +654,36 @@ class HookedVLM(LanguageWeights, StackedWeights, HookedRootModule):
             return self.tokenizer.decode(tokens.reshape(-1))
         return self.tokenizer.batch_decode(tokens)
 
-    def to_str_tokens(self, tokens: Tensor) -> list[str] | list[list[str]]:
+    def to_str_tokens(
+        self, tokens: Tensor | VLMInputs | str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None
+    ) -> list[str] | list[list[str]]:
+        if isinstance(tokens, VLMInputs):
+            tokens = tokens.input_ids
+        if isinstance(tokens, list):
+            return [self.to_str_tokens(text, prepend_bos, padding_side) for text in tokens]
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens, prepend_bos, padding_side)[0]
         if tokens.ndim > 1:
             return [self.to_str_tokens(row) for row in tokens]
         return self.tokenizer.convert_ids_to_tokens(tokens.reshape(-1).tolist())
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: str | Tensor | VLMInputs,
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> int:
+        """TL's: where ``single_token`` first (or last) occurs in one prompt."""
+        tokens = self._inputs(input, prepend_bos, padding_side).input_ids
+        if tokens.shape[0] != 1:
+            raise ValueError(f"get_token_position takes one prompt, got a batch of {tokens.shape[0]}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        where = (tokens[0] == token).nonzero()[:, 0]
+        if not len(where):
+            raise ValueError(f"token {single_token!r} does not occur in the input")
+        return int(where[0] if mode == "first" else where[-1])
 
     def to_single_token(self, word: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
@@ -637,6 +719,20 @@ def _name_predicate(names_filter) -> Callable[[str], bool]:
     return lambda name: name in names
 
 
+def _placeholders_per_row(token, texts: list[str], media) -> tuple[int, ...]:
+    """Images (videos) of each prompt, counted from its placeholders before the processor expands them; without a
+    placeholder token, one per prompt."""
+    if media is None:
+        return (0,) * len(texts)
+    if token is None:
+        return (1,) * len(texts)
+    return tuple(t.count(str(token)) for t in texts)
+
+
+def _store(cache: dict[str, Tensor], x: Tensor, hook) -> None:
+    cache[hook.name] = x.detach()
+
+
 def _not_result(name: str) -> bool:
     return not name.endswith("hook_result")
 
@@ -666,6 +762,21 @@ def _loaded_dtype(module: nn.Module) -> torch.dtype:
     modules in float32 (BLIP-2's Q-Former, its first parameters, which in a small model can be most of them)."""
     counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32)
     return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _config_dtype(hf_config) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (``dtype``; ``torch_dtype`` in older configs)."""
+    dtype = hf_config.dtype if hf_config.dtype is not None else getattr(hf_config, "torch_dtype", None)
+    return resolve_dtype(dtype, None) if dtype is not None else None
+
+
+def _dominant_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of most of the weights: a float16 BLIP-2 keeps its Q-Former (its first parameters) in float32."""
+    counts: Counter = Counter()
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0]
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:

@@ -34,7 +34,9 @@ _HIDDEN = ("hook_embed", "hook_pos_embed")
 
 @dataclass
 class TowerInputs:
-    """VLM inputs whose ``shape`` is the tower's ``[batch, pos]`` (images x patches for vision)."""
+    """VLM inputs whose ``shape`` is the tower's ``[batch, pos]`` (images x patches for vision). Rows are images;
+    taking some of them (as TL's tools do, ``tokens[i:i + 1]``) takes their prompts, where each prompt holds one
+    image."""
 
     inputs: VLMInputs
     shape: torch.Size
@@ -42,6 +44,27 @@ class TowerInputs:
     @property
     def device(self) -> torch.device:
         return self.inputs.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def to(self, device) -> "TowerInputs":
+        return TowerInputs(self.inputs.to(device), self.shape)
+
+    def __getitem__(self, index) -> "TowerInputs":
+        rows = torch.arange(len(self))[index].reshape(-1).tolist()
+        if rows == list(range(len(self))):
+            return self
+        if len(self) != len(self.inputs) or self.inputs.ndim != 2:
+            raise ValueError(
+                f"these {len(self)} tower rows come from {len(self.inputs)} prompts, so a subset of rows is not a subset "
+                "of prompts; index the VLMInputs (one image per prompt) and call tower.inputs on the result"
+            )
+        return TowerInputs(self.inputs[rows], torch.Size([len(rows), *self.shape[1:]]))
 
 
 class TowerView:

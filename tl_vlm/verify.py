@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+from tl_vlm.dtypes import resolve_dtype
+
 # Per dtype: hidden-state relative error, logits (or probabilities) max abs diff, mean KL, top-1 agreement.
 TOLERANCES = {
     torch.float32: {"hidden_rel": 1e-4, "logits": 1e-4, "kl": 1e-6, "top1": 1.0},
@@ -111,7 +111,7 @@ def verify(
     from tl_vlm.prompts import format_prompt
     from tl_vlm.zoo.data import sample_images
 
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    dtype = resolve_dtype(dtype or torch.float32, None)
     ours = model_or_name if isinstance(model_or_name, HookedVLM) else None
     name = ours.name_or_path if ours is not None else str(model_or_name)
     name = str(bundled_checkpoint(name) or name)  # HF's loader does not know the bundled models' names

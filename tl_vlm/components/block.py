@@ -16,6 +16,10 @@ from tl_vlm.config import TowerConfig
 
 
 class TransformerBlock(nn.Module):
+    # TL's analysis tools read the stream through ln_final -> unembed only from blocks that say their
+    # hook_resid_post is the whole residual stream (not a stack the model combines later).
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: TowerConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -36,22 +40,13 @@ class TransformerBlock(nn.Module):
         mask: AttentionMask = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
+        resid_pre_hooked: bool = False,
     ) -> Float[Tensor, "batch pos d_model"]:
-        return self.from_resid_pre(run_hook(self.hook_resid_pre, resid), rotary, mask, causal, cache)
-
-    def from_resid_pre(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        rotary: tuple[Tensor, Tensor] | None = None,
-        mask: AttentionMask = None,
-        causal: bool = False,
-        cache: KVCacheEntry | None = None,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """The block after its ``hook_resid_pre`` (for towers that read the hooked input themselves)."""
+        """``resid_pre_hooked``: the tower already ran ``hook_resid_pre`` (it keeps the hooked stream as a hidden
+        state); the block is still called as a module, so PyTorch hooks on it fire."""
+        if not resid_pre_hooked:
+            resid = run_hook(self.hook_resid_pre, resid)
         attn_out = run_hook(self.hook_attn_out, self.attn(self.ln1(resid), rotary, mask, causal, cache))
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
         mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln2(resid)))
         return run_hook(self.hook_resid_post, resid + mlp_out)
-
-    def hook_points(self) -> list[HookPoint]:
-        return [m for m in self.modules() if isinstance(m, HookPoint)]

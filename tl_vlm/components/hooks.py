@@ -1,30 +1,67 @@
 """Skip a HookPoint's module call when nothing is attached: the forward pass stays as cheap as HF's.
 
+A hook slot (``blocks.0.hook_resid_pre``) is called as a PyTorch module whenever anything could observe or
+change the call: a PyTorch hook on it (TL's ``add_hook``, ``register_forward_hook``, nnsight), a patched
+``forward``, or another module swapped in for the HookPoint (SAELens' ``add_sae`` puts an SAE there). Only an
+idle, plain HookPoint is skipped, so tools that work the PyTorch way see exactly what they would on TL.
+
 ``run_with_cache`` does not register a PyTorch hook per cached point: it gives each chosen HookPoint a
 ``cache_into`` dict and ``run_hook`` stores the (detached) activation there directly, which saves the
 ~12 us per point of registering, calling and removing TL's caching hooks. User hooks run first, so the
-cache holds what flows on, as with TL's own caching hooks.
+cache holds what flows on, as with TL's own caching hooks. HookPoints inside a swapped-in module are called by
+that module, not by ``run_hook``; ``nested`` names them, and they are cached with TL's hooks.
 """
 
 from __future__ import annotations
 
+import torch.nn as nn
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 
-def active(hook: HookPoint) -> bool:
-    return bool(hook._forward_hooks or hook._backward_hooks) or hook.__dict__.get("cache_into") is not None
+def has_torch_hooks(module: nn.Module) -> bool:
+    """Anything PyTorch would run around this module's call (hooks of either direction, a patched forward)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or "forward" in module.__dict__
+    )
 
 
-def editing(hook: HookPoint) -> bool:
-    """Whether what is attached may change the activation (a forward hook); caching alone cannot."""
-    return bool(hook._forward_hooks)
+def editing(hook: nn.Module) -> bool:
+    """Whether what is attached may change the activation (a forward hook or pre-hook, a patched forward, a
+    module swapped in); caching alone cannot."""
+    return type(hook) is not HookPoint or bool(hook._forward_hooks or hook._forward_pre_hooks or "forward" in hook.__dict__)
 
 
-def run_hook(hook: HookPoint, x: Tensor) -> Tensor:
-    if hook._forward_hooks or hook._backward_hooks:
+def must_call(hook: nn.Module) -> bool:
+    """The slot holds something other than an idle, plain HookPoint."""
+    return type(hook) is not HookPoint or has_torch_hooks(hook)
+
+
+def active(hook: nn.Module) -> bool:
+    """Whether the slot's value is observed or changed (so a lazily computed activation must be computed)."""
+    return must_call(hook) or hook.__dict__.get("cache_into") is not None
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether any hook slot in ``module`` is active or any of its modules has PyTorch hooks (a tower skips
+    blocks that cannot change its output only when nothing would notice)."""
+    return any(
+        active(m) if name.rpartition(".")[2].startswith("hook_") else has_torch_hooks(m)
+        for name, m in module.named_modules()
+    )
+
+
+def run_hook(hook: nn.Module, x: Tensor) -> Tensor:
+    if type(hook) is not HookPoint or has_torch_hooks(hook):
         x = hook(x)
     store = hook.__dict__.get("cache_into")
     if store is not None:
         store[hook.name] = x.detach()
     return x
+
+
+def nested(name: str) -> bool:
+    """A hook name below another hook slot (``blocks.0.hook_resid_pre.hook_sae_acts_post``): it lives inside a
+    module swapped in for a HookPoint, which calls it itself."""
+    return "hook_" in name.rpartition(".")[0]

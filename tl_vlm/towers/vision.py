@@ -16,7 +16,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import PatchEmbed, TransformerBlock, make_norm
-from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.components.hooks import active, observed, run_hook
 from tl_vlm.config import ViTConfig
 from tl_vlm.towers.stacked import StackedWeights
 
@@ -56,13 +56,13 @@ class ViTTower(StackedWeights, nn.Module):
             resid = run_hook(self.blocks[i].hook_resid_pre, resid)
             if i in keep:
                 out[i] = resid
-            resid = self.blocks[i].from_resid_pre(resid)
+            resid = self.blocks[i](resid, resid_pre_hooked=True)
         if stop in keep:
             out[stop] = resid
         return out
 
     def _last_hooked_block(self) -> int:
         for i in range(self.cfg.n_layers - 1, -1, -1):
-            if any(active(hook) for hook in self.blocks[i].hook_points()):
+            if observed(self.blocks[i]):
                 return i
         return -1
