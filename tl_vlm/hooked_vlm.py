@@ -208,6 +208,10 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             )
         return features
 
+    def scoring_inputs(self, inputs: VLMInputs) -> VLMInputs:
+        """What one forward pass over a prompt needs (extraction, verify): the prompt itself, here."""
+        return inputs
+
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         """Prompt positions as HF's generate computes them: left padding does not shift them."""
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

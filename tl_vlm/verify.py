@@ -127,10 +127,7 @@ def verify(
 
     images = images if images is not None else sample_images(len(prompts or DEFAULT_PROMPTS), seed=0)
     texts = [format_prompt(processor, p) for p in (prompts or DEFAULT_PROMPTS)]
-    inputs = ours.prepare(images=images, text=texts)
-    if ours.capabilities.encoder_decoder:  # encoder-decoder LMs: score the first decoder step, as generate starts
-        start = hf.generation_config.decoder_start_token_id
-        inputs.decoder_input_ids = torch.full((inputs.shape[0], 1), start, dtype=torch.long, device=inputs.device)
+    inputs = ours.scoring_inputs(ours.prepare(images=images, text=texts))  # T5: the first decoder step
     real = inputs.attention_mask.bool()
 
     hf_logits, hf_layers = _hf_run(ours, hf, inputs)

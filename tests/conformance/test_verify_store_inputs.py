@@ -40,9 +40,6 @@ def test_verify_passes_then_names_the_broken_layer(loaded, name):
 def test_extraction_round_trip_matches_run_with_cache(loaded, dataset, tmp_path, name):
     pair = loaded(name)
     model = pair.model
-    if model.capabilities.encoder_decoder:
-        pytest.skip("capabilities.encoder_decoder: tl_vlm.store.extract runs the forward without decoder_input_ids "
-                    "and Flan-T5 refuses that (a gap in the store, not in the model)")
     hooks = [resid_hook(t, 0) for t in pair.entry.towers]
     config = ExtractConfig(model_path=str(pair.path), output_db=str(tmp_path / "out.db"), modules=hooks, batch_size=2,
                            dataset={"local_dataset_path": str(dataset / "data.csv"),
@@ -52,7 +49,9 @@ def test_extraction_round_trip_matches_run_with_cache(loaded, dataset, tmp_path,
     assert len(frame) == 5 * len(hooks) and set(frame["layer"]) == set(hooks)
     images = sample_images(5, seed=21)
     for row in frame.itertuples():
-        inputs = model.prepare(images=images[row.image_id], text=format_prompt(model.processor, row.prompt))
+        inputs = model.scoring_inputs(
+            model.prepare(images=images[row.image_id], text=format_prompt(model.processor, row.prompt))
+        )
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names_filter=row.layer)
         expected = cache[row.layer]

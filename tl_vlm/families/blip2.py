@@ -18,6 +18,7 @@ much each query reads from each image patch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -255,6 +256,15 @@ class HookedBlip2(HookedVLM):
     def prompt_offset(self) -> int:
         legacy = self.vlm_cfg.image_token_id is None and not self.vlm_cfg.encoder_decoder
         return self.qformer.n_query if legacy else 0
+
+    def scoring_inputs(self, inputs: VLMInputs) -> VLMInputs:
+        """Flan-T5's forward needs decoder ids: the decoder start token, the first step generate takes."""
+        if not self.vlm_cfg.encoder_decoder or inputs.decoder_input_ids is not None:
+            return inputs
+        start = self.generation_config.decoder_start_token_id
+        start = self.vlm_cfg.language.decoder_start_token_id if start is None else start
+        ids = torch.full((inputs.input_ids.shape[0], 1), start, dtype=torch.long, device=inputs.input_ids.device)
+        return dataclasses.replace(inputs, decoder_input_ids=ids)
 
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         if self.vlm_cfg.image_token_id is None and inputs.pixel_values is not None:

@@ -191,13 +191,15 @@ def _load_images(conn: sqlite3.Connection, run_id: str, batch: list[Sample], cou
 def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
     """Per sample, (hook, pooled activation) pairs."""
     texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
-    inputs = model.prepare(images=[image for _, image in loaded], text=texts)
+    inputs = model.scoring_inputs(model.prepare(images=[image for _, image in loaded], text=texts))
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks, stop_at_layer=_stop_layer(model, hooks))
     batch = inputs.input_ids.shape[0]
     real = inputs.attention_mask.bool() if inputs.attention_mask is not None else torch.ones_like(inputs.input_ids, dtype=torch.bool)
     image = model.image_token_mask(inputs.input_ids)
-    language = set(model.tower("language").hook_dict)
+    # The tower over prompt positions: pooled by image / text tokens (a T5 decoder's one step is pooled plainly).
+    prompt_tower = "encoder" if model.capabilities.encoder_decoder else "language"
+    language = set(model.tower(prompt_tower).hook_dict)
     per_sample: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(batch)]
     for hook in hooks:
         act = cache[hook]
