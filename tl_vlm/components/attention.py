@@ -113,7 +113,8 @@ class Attention(nn.Module):
         # An fp32 model: the explicit path is within 1e-6 of SDPA and serves both. Half precision (a float32 tower
         # of a half-precision model too, whose output is rounded): a pattern that is only cached is computed beside
         # SDPA, whose z (HF's, bit for bit) flows on; an editing hook makes it explicit.
-        explicit = editing(self.hook_attn_scores) or editing(self.hook_pattern) or (observed and q.dtype == self.cfg.dtype == torch.float32)
+        fp32 = q.dtype == self.cfg.dtype == torch.float32
+        explicit = editing(self.hook_attn_scores) or editing(self.hook_pattern) or (observed and fp32)
         if isinstance(mask, Segments):
             if self.knockout is None and not explicit:
                 if observed:
