@@ -34,6 +34,7 @@ class TowerConfig:
     rotary_base: float = 10000.0
     rotary_dim: Optional[int] = None
     sliding_window: Optional[int] = None
+    use_qk_norm: bool = False  # RMSNorm over d_head on each query / key head before rotary (Qwen3, Gemma 3), as TL
     final_rms: bool = False
     original_architecture: str = ""
     model_name: str = ""

@@ -18,6 +18,7 @@ from transformer_lens.hook_points import HookPoint
 from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import active, editing, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
+from tl_vlm.components.norms import RMSNorm
 from tl_vlm.components.rotary import apply_rotary
 from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
@@ -46,6 +47,9 @@ class Attention(nn.Module):
         # OPT scales the projected queries and attends unscaled: in half precision the rounded queries differ.
         self.q_scale, self.scale = (scale, 1.0) if cfg.scale_queries else (1.0, scale)
         self.repeat = h // kv
+        # As TL's use_qk_norm: hook_q / hook_k hold the projections, q_norm / k_norm (with their own hooks) follow.
+        self.q_norm = RMSNorm(dh, cfg.eps) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(dh, cfg.eps) if cfg.use_qk_norm else None
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -96,6 +100,8 @@ class Attention(nn.Module):
             q = q * self.q_scale
         k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
         v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q = run_hook(self.hook_rot_q, apply_rotary(q, *rotary))
             k = run_hook(self.hook_rot_k, apply_rotary(k, *rotary))

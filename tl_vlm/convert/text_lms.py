@@ -15,7 +15,9 @@ _DECODER_BIASES = {
     "llama": lambda c: (("q", "k", "v", "o") if c.attention_bias else (), bool(getattr(c, "mlp_bias", False))),
     "mistral": lambda c: ((), False),
     "qwen2": lambda c: (("q", "k", "v"), False),
+    "qwen3": lambda c: (("q", "k", "v", "o") if c.attention_bias else (), False),
 }
+_QK_NORM = ("qwen3",)
 
 
 def text_lm_config(tc, name: str) -> TowerConfig:
@@ -36,10 +38,11 @@ def attention_biases(cfg: TowerConfig) -> tuple[str, ...]:
 
 
 def decoder_lm_config(
-    tc, name: str, attn_biases: tuple[str, ...] | None = None, head_dim: int | None = None, tie: bool | None = None
+    tc, name: str, attn_biases: tuple[str, ...] | None = None, head_dim: int | None = None, tie: bool | None = None,
+    qk_norm: bool | None = None,
 ) -> TowerConfig:
     """HF Llama-style decoder config -> TowerConfig. Families whose text config has its own model type
-    (Qwen-VL's) pass the biases, head size and tying HF actually uses."""
+    (Qwen-VL's) pass the biases, head size, tying and QK-norm HF actually uses."""
     if attn_biases is None and tc.model_type not in _DECODER_BIASES:
         raise NotImplementedError(
             f"language model {tc.model_type!r} is not supported yet; supported: {supported_language_models()}"
@@ -71,6 +74,7 @@ def decoder_lm_config(
         original_architecture=tc.model_type,
         model_name=name,
         tie_word_embeddings=bool(tc.tie_word_embeddings) if tie is None else tie,
+        use_qk_norm=tc.model_type in _QK_NORM if qk_norm is None else qk_norm,
         hf_config=tc,
     )
 
@@ -81,6 +85,8 @@ def decoder_lm_rules(hf: str, cfg: TowerConfig) -> list[Rule]:
     return [
         Rule(rf"{hf}\.embed_tokens\.weight", "embed.W_E"),
         *attention_rules(rf"{layer}\.self_attn", rf"{block}.attn", cfg.d_head, biases=attention_biases(cfg)),
+        *norm_rules(rf"{layer}\.self_attn\.q_norm", rf"{block}.attn.q_norm"),
+        *norm_rules(rf"{layer}\.self_attn\.k_norm", rf"{block}.attn.k_norm"),
         *norm_rules(rf"{layer}\.input_layernorm", rf"{block}.ln1"),
         *norm_rules(rf"{layer}\.post_attention_layernorm", rf"{block}.ln2"),
         *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", "up_proj", "down_proj", "gate_proj", bias=cfg.mlp_bias),
