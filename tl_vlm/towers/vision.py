@@ -22,6 +22,8 @@ from tl_vlm.towers.stacked import StackedWeights
 
 
 class ViTTower(StackedWeights, nn.Module):
+    block: type[nn.Module] = TransformerBlock  # InternViT's blocks add layer scale
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg, self.image_size = cfg, cfg.image_size
@@ -32,7 +34,7 @@ class ViTTower(StackedWeights, nn.Module):
         self.hook_embed = HookPoint()  # [image, (1 +) patch, d_model]: the class token (if any), then patches
         self.hook_pos_embed = HookPoint()
         self.ln_pre = make_norm("LN", cfg.d_model, cfg.eps) if cfg.ln_pre else None
-        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([self.block(cfg, i) for i in range(cfg.n_layers)])
         self.ln_post = make_norm("LN", cfg.d_model, cfg.eps) if cfg.ln_post else None
 
     def forward(
