@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     Blip2ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
+    InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -37,6 +38,8 @@ from tl_vlm import VLMInputs
 from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+from tl_vlm.zoo.tiny_internvl import build_tiny_internvl
+from tl_vlm.zoo.tiny_internvl import chat as internvl_chat
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 
@@ -166,6 +169,22 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+INTERNVL_SIZES = [(60, 30), (20, 20)]  # (w, h): 2x1 crops + thumbnail, and one tile
+INTERNVL_PROMPTS = [internvl_chat("<IMG_CONTEXT>\nWhat is the colour?"),
+                    internvl_chat("Describe <IMG_CONTEXT>\n the shape in the image please.")]
+
+
+def internvl_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    images = sample_images(2, seed=1, sizes=INTERNVL_SIZES)
+    a, b = sample_images(2, seed=3, sizes=[(30, 70), (50, 50)])  # 1x2 crops + thumbnail; 2x2 crops + thumbnail
+    return {
+        "batch": model.prepare(images=images, text=INTERNVL_PROMPTS),
+        "batch_right": model.prepare(images=images, text=INTERNVL_PROMPTS, padding_side="right"),
+        "multi_image": model.prepare(images=[a, b], text=[internvl_chat("<IMG_CONTEXT>\n<IMG_CONTEXT>\nWhich one is red?")]),
+        "text": VLMInputs(**dict(model.tokenizer([internvl_chat("What is the colour of a red square?")], return_tensors="pt"))),
+    }
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
@@ -194,6 +213,10 @@ def blip2_hf_layers(hf) -> dict[str, list[nn.Module]]:
         return {**layers, "encoder": list(lm.encoder.block), "decoder": list(lm.decoder.block)}
     inner = lm.model
     return {**layers, "language": list(inner.decoder.layers if hasattr(inner, "decoder") else inner.layers)}
+
+
+def internvl_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layer)}
 
 
 def qwen_hf_layers(hf) -> dict[str, list[nn.Module]]:
@@ -284,6 +307,13 @@ def blip2_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
 def qwen_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.visual.blocks[i].attn.proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def internvl_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layer[i].attention.projection_layer,
         "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
     }
 
@@ -388,6 +418,22 @@ def qwen(name: str) -> Entry:
     )
 
 
+INTERNVL_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "vision.hook_embed", "vision.hook_pos_embed",
+                  "projector.hook_in", "projector.hook_shuffled", "projector.ln.hook_scale", "projector.ln.hook_normalized",
+                  "projector.mlp.hook_pre", "projector.mlp.hook_post", "projector.hook_out", "blocks.0.attn.hook_rot_q")
+
+
+def internvl() -> Entry:
+    return Entry(
+        "internvl3", build_tiny_internvl, InternVLForConditionalGeneration, internvl_cases, internvl_hf_layers,
+        internvl_heads, ("language", "vision"), cases=("batch", "batch_right", "multi_image", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=INTERNVL_HOOKS,
+        absent_hooks=("vision.ln_pre.hook_scale", "vision.ln_post.hook_scale", "vision.blocks.0.attn.q_norm.hook_scale"),
+        errors={"no_pixels": "no pixel_values", "no_placeholders": "no image placeholder", "count": "whole number of tiles"},
+        verify_images=lambda: sample_images(2, sizes=INTERNVL_SIZES),
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
@@ -395,6 +441,7 @@ REGISTRY: dict[str, Entry] = {
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
         qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+        internvl(),
     ]
 }
 NAMES = tuple(REGISTRY)

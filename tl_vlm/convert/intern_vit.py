@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tl_vlm.convert.rules import Rule, attention_rules, mlp_rules, norm_rules
+import functools
+
+from tl_vlm.components import param_layout as layout
+from tl_vlm.convert.rules import Rule, attention_rules, linear_rules, norm_rules
 from tl_vlm.towers.intern_vit import InternViTConfig
 
 
@@ -45,20 +48,27 @@ def intern_vit_config(vc) -> InternViTConfig:
 def intern_vit_rules(hf: str, tl: str, cfg: InternViTConfig) -> list[Rule]:
     """HF ``InternVLVisionModel`` (under ``hf``) -> ``InternViTTower`` (under ``tl``)."""
     layer, block = rf"{hf}\.encoder\.layer\.(\d+)", rf"{tl}.blocks.\1"
-    biases = ("q", "k", "v", "o") if cfg.attn_bias else ("o",)
+    # Listed first: the first matching rule wins, and attention_rules would place projection_layer as W_O.
     return [
         Rule(rf"{hf}\.embeddings\.cls_token", f"{tl}.embed.class_embedding", lambda t: t.reshape(-1)),
         Rule(rf"{hf}\.embeddings\.patch_embeddings\.projection\.weight", f"{tl}.embed.W_patch"),
         Rule(rf"{hf}\.embeddings\.patch_embeddings\.projection\.bias", f"{tl}.embed.b_patch"),
         Rule(rf"{hf}\.embeddings\.position_embeddings", f"{tl}.embed.W_pos", lambda t: t[0]),
-        *attention_rules(rf"{layer}\.attention", rf"{block}.attn", cfg.d_head, o="projection_layer", biases=biases),
+        # The attention's and MLP's output weights load unscaled (HF's); W_O / W_out read them scaled.
+        Rule(rf"{layer}\.attention\.projection_layer\.weight", rf"{block}.attn.W_O_unscaled",
+             functools.partial(layout.heads_out, d_head=cfg.d_head)),
+        Rule(rf"{layer}\.attention\.projection_layer\.bias", rf"{block}.attn.b_O_unscaled"),
+        *attention_rules(rf"{layer}\.attention", rf"{block}.attn", cfg.d_head, o="projection_layer",
+                          biases=("q", "k", "v") if cfg.attn_bias else ()),
+        Rule(rf"{layer}\.mlp\.fc2\.weight", rf"{block}.mlp.W_out_unscaled", layout.transposed),
+        Rule(rf"{layer}\.mlp\.fc2\.bias", rf"{block}.mlp.b_out_unscaled"),
         *norm_rules(rf"{layer}\.attention\.q_norm", rf"{block}.attn.q_norm"),
         *norm_rules(rf"{layer}\.attention\.k_norm", rf"{block}.attn.k_norm"),
-        Rule(rf"{layer}\.lambda_1", rf"{block}.ls_attn"),
-        Rule(rf"{layer}\.lambda_2", rf"{block}.ls_mlp"),
+        Rule(rf"{layer}\.lambda_1", rf"{block}.attn.layer_scale"),
+        Rule(rf"{layer}\.lambda_2", rf"{block}.mlp.layer_scale"),
         *norm_rules(rf"{layer}\.layernorm_before", rf"{block}.ln1"),
         *norm_rules(rf"{layer}\.layernorm_after", rf"{block}.ln2"),
-        *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", "fc1", "fc2"),
+        *linear_rules(rf"{layer}\.mlp\.fc1", rf"{block}.mlp.W_in", rf"{block}.mlp.b_in"),
         *norm_rules(rf"{hf}\.layernorm", f"{tl}.ln_post"),
     ]
 
