@@ -140,19 +140,18 @@ class HookedInternVL(HookedVLM):
 
     def image_features(self, inputs: VLMInputs) -> Float[Tensor, "n_image_tokens d_model"]:
         cfg = self.vlm_cfg
-        pixel_values = inputs.pixel_values
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"InternVL pixel_values must be [tile, channel, height, width] (all tiles of all images), got "
-                f"{tuple(pixel_values.shape)}; build them with the model's processor (model.prepare)"
-            )
         layer = cfg.feature_layer
-        features = self.vision(pixel_values, keep=[layer])[layer]
+        features = self.vision(inputs.pixel_values, keep=[layer])[layer]
         if layer == cfg.vision.n_layers and self.vision.ln_post is not None:  # HF's last_hidden_state
             features = self.vision.ln_post(features)
         return self.projector(features[:, 1:]).flatten(0, 1)
 
     def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
+        if inputs.pixel_values is not None and inputs.pixel_values.ndim != 4:
+            raise ValueError(
+                f"InternVL pixel_values must be [tile, channel, height, width] (all tiles of all images), got "
+                f"{tuple(inputs.pixel_values.shape)}; build them with the model's processor (model.prepare)"
+            )
         if inputs.pixel_values is not None and image_mask.any():
             tiles = sum(self.tiles_per_image(image_mask))
             if tiles != inputs.pixel_values.shape[0]:
