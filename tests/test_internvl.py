@@ -34,7 +34,6 @@ from tl_vlm.zoo.tiny_internvl import (
     build_internvl_tokenizer,
     build_tiny_internvl,
     chat,
-    image_processor,
 )
 
 ATOL = 1e-4
