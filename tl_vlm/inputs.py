@@ -25,7 +25,7 @@ _IGNORED_KEYS = {"token_type_ids"}
 # Fields with one entry per row, per image, per video; and the row layout, which is no model input.
 _PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "qformer_input_ids",
             "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask"}
-_PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw"}
+_PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask"}
 _LAYOUT = {"row_images", "row_videos"}
 
 
@@ -47,6 +47,7 @@ class VLMInputs:
     qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
     decoder_input_ids: Int[Tensor, "batch dec_pos"] | None = None  # encoder-decoder LMs (Flan-T5)
     decoder_attention_mask: Int[Tensor, "batch dec_pos"] | None = None
+    pixel_attention_mask: Int[Tensor, "..."] | None = None  # Idefics3 / SmolVLM: real (1) and padding (0) pixels
     # Images / videos of each row, in order (set by model.prepare); not model inputs.
     row_images: tuple[int, ...] | None = None
     row_videos: tuple[int, ...] | None = None

@@ -24,6 +24,7 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     Blip2ForConditionalGeneration,
+    Idefics3ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
@@ -31,6 +32,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -38,6 +40,8 @@ from tl_vlm import VLMInputs
 from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+from tl_vlm.zoo.tiny_idefics3 import build_tiny_idefics3
+from tl_vlm.zoo.tiny_idefics3 import chat as idefics3_chat
 from tl_vlm.zoo.tiny_internvl import build_tiny_internvl
 from tl_vlm.zoo.tiny_internvl import chat as internvl_chat
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
@@ -185,11 +189,27 @@ def internvl_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+IDEFICS3_PROMPTS = [idefics3_chat("<image>What is the colour?"), idefics3_chat("Describe <image> the shape in the image please.")]
+
+
+def idefics3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    """Row 0 has 3 sub-images (2x1 + global) and 2 all-zero padding slots, row 1 has 5 (2x2 + global); "padded":
+    the batch with the bottom-right of row 1's first sub-image padded as the processor pads (zero pixels, mask 0)."""
+    batch = model.prepare(images=sample_images(2, seed=1, sizes=INTERNVL_SIZES), text=IDEFICS3_PROMPTS)
+    pixels, mask = batch.pixel_values.clone(), batch.pixel_attention_mask.clone()
+    pixels[1, 0, :, 10:, 7:], mask[1, 0, 10:, 7:] = 0, 0
+    cases = {"batch": batch, "padded": dataclasses.replace(batch, pixel_values=pixels, pixel_attention_mask=mask),
+             "text": VLMInputs(**dict(model.tokenizer([idefics3_chat("What colour is a red square?")], return_tensors="pt")))}
+    return {name: cases[name] for name in entry.cases}
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
-    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)]}.get(entry.name)
+    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
+             # few tiles keep the prompt (and the per-position patching loops) short
+             "internvl3": [(20, 20)], "idefics3": [(60, 30)], "smolvlm": [(60, 30)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -217,6 +237,10 @@ def blip2_hf_layers(hf) -> dict[str, list[nn.Module]]:
 
 def internvl_hf_layers(hf) -> dict[str, list[nn.Module]]:
     return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layer)}
+
+
+def idefics3_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.text_model.layers), "vision": list(hf.model.vision_model.encoder.layers)}
 
 
 def qwen_hf_layers(hf) -> dict[str, list[nn.Module]]:
@@ -315,6 +339,13 @@ def internvl_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layer[i].attention.projection_layer,
         "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def idefics3_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_model.encoder.layers[i].self_attn.out_proj,
+        "blocks.{}.attn": lambda i: hf.model.text_model.layers[i].self_attn.o_proj,
     }
 
 
@@ -434,6 +465,23 @@ def internvl() -> Entry:
     )
 
 
+IDEFICS3_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "vision.hook_embed", "vision.hook_pos_embed",
+                  "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_shuffled", "projector.hook_out",
+                  "blocks.0.attn.hook_rot_q")
+
+
+def idefics3(name: str) -> Entry:
+    return Entry(
+        name, build_tiny_idefics3,
+        Idefics3ForConditionalGeneration if name == "idefics3" else SmolVLMForConditionalGeneration,
+        idefics3_cases, idefics3_hf_layers, idefics3_heads, ("language", "vision"),
+        cases=("batch", "padded", "text") if name == "idefics3" else ("batch", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=IDEFICS3_HOOKS,
+        absent_hooks=("vision.ln_pre.hook_scale", "projector.mlp.hook_pre", "projector.ln.hook_scale"),
+        errors={"no_pixels": "no pixel_values", "no_placeholders": "no image placeholder", "count": "real sub-images"},
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
@@ -441,7 +489,7 @@ REGISTRY: dict[str, Entry] = {
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
         qwen("qwen2_vl"), qwen("qwen2_5_vl"),
-        internvl(),
+        internvl(), idefics3("idefics3"), idefics3("smolvlm"),
     ]
 }
 NAMES = tuple(REGISTRY)

@@ -8,7 +8,8 @@ names; ``tests/test_pixel_shuffle.py`` checks both against this one function on 
 
 Hooks: ``projector.hook_in`` [row, patch, d_vision] (the vision features, class token already dropped),
 ``projector.hook_shuffled`` [row, token, scale**2 * d_vision], ``projector.ln.*`` (InternVL's LayerNorm),
-``projector.mlp.hook_pre|post`` (InternVL's two linears) and ``projector.hook_out`` [row, token, d_out].
+``projector.mlp.hook_pre|post`` (InternVL's two linears; Idefics3 has one linear map, ``projector.W``, and no
+MLP) and ``projector.hook_out`` [row, token, d_out].
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import math
 from dataclasses import dataclass
 
 import torch.nn as nn
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import MLP, make_norm
+from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import run_hook
 
 
@@ -51,7 +54,7 @@ class PixelShuffleConfig:
     d_vision: int
     scale: int
     d_out: int
-    d_hidden: int  # the MLP's hidden width
+    d_hidden: int | None  # the MLP's hidden width; None: one linear map without bias (Idefics3)
     act_fn: str
     ln: bool  # InternVL normalises the shuffled vector first
     ln_eps: float = 1e-5
@@ -65,11 +68,14 @@ class PixelShuffleProjector(nn.Module):
         self.hook_in = HookPoint()
         self.hook_shuffled = HookPoint()
         self.ln = make_norm("LN", d_in, cfg.ln_eps) if cfg.ln else None
-        self.mlp = MLP(d_in, cfg.d_hidden, cfg.act_fn, gated=False, bias=True, d_out=cfg.d_out)
+        if cfg.d_hidden is None:
+            self.W = nn.Parameter(layout.empty_in_out(d_in, cfg.d_out))
+        else:
+            self.mlp = MLP(d_in, cfg.d_hidden, cfg.act_fn, gated=False, bias=True, d_out=cfg.d_out)
         self.hook_out = HookPoint()
 
     def forward(self, x: Float[Tensor, "row patch d_vision"]) -> Float[Tensor, "row token d_out"]:
         x = run_hook(self.hook_shuffled, pixel_shuffle(run_hook(self.hook_in, x), self.cfg.scale))
         if self.ln is not None:
             x = self.ln(x)
-        return run_hook(self.hook_out, self.mlp(x))
+        return run_hook(self.hook_out, self.mlp(x) if self.cfg.d_hidden is not None else F.linear(x, self.W.T))
