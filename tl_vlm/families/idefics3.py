@@ -194,23 +194,61 @@ class HookedIdefics3(HookedVLM):
     # ------------------------------------------------------------------ analysis
 
     def image_token_cells(self, inputs: VLMInputs, original_sizes) -> list[dict]:
-        """Per image token: its vision row (``tile``: the real sub-image), the top-left patch and all the patches it
-        holds, its (row, col) in the sub-image's token grid, and its box in the sub-image's pixels; ``kind`` is
-        "padding" for a token whose patches are all padding. Boxes stay in sub-image pixels: the processor's
-        resizing to its canvas is not recorded in the inputs."""
+        """Per image token: its image, vision row (``tile``: the real sub-image), ``crop`` ("global" or (row, col) of
+        the split grid, read from the ``<row_r_col_c>`` / ``<global-img>`` token before it), the top-left patch and
+        all the patches it holds, its (row, col) in the sub-image's token grid, and its pixel box in the original
+        image (sub-image pixels when ``original_sizes`` is None). ``kind`` is "padding" for a token whose patches
+        are all padding. The split grid covers the whole image (the processor resizes it to the grid), the global
+        image is the whole image resized to its real pixels."""
         cfg = self.vlm_cfg
         pixels, patches = self.real_sub_images(inputs)
-        side, ps = pixels.shape[-1] // cfg.vision.patch_size, cfg.vision.patch_size
-        blocks = token_patches(side, cfg.scale)
+        ps = cfg.vision.patch_size
+        side = pixels.shape[-1] // ps
+        blocks, g = token_patches(side, cfg.scale), side // cfg.scale
+        crops = self._crops(inputs.input_ids)
+        if len(crops) != pixels.shape[0]:
+            raise ValueError(f"input_ids hold {len(crops)} runs of <image> tokens for {pixels.shape[0]} real sub-images; "
+                             "build prompt and images together with the model's processor (model.prepare)")
         cells = []
-        for tile in range(pixels.shape[0]):
-            mask = patches[tile].flatten()
+        for tile, (image, crop) in enumerate(crops):
+            mask = patches[tile]
+            geometry = lambda x, y: (float(x), float(y))  # noqa: E731  (sub-image pixels)
+            if original_sizes is not None:
+                w, h = original_sizes[image]
+                if crop == "global":  # real extent: the processor pads a smaller image bottom-right
+                    real_w, real_h = float(mask[0].sum() * ps), float(mask[:, 0].sum() * ps)
+                    geometry = lambda x, y, w=w, h=h, a=real_w, b=real_h: (x * w / a, y * h / b)  # noqa: E731
+                else:
+                    rows = max(c[0] for i, c in crops if i == image and c != "global")
+                    cols = max(c[1] for i, c in crops if i == image and c != "global")
+                    size = pixels.shape[-1]
+                    ox, oy = (crop[1] - 1) * size, (crop[0] - 1) * size
+                    geometry = lambda x, y, w=w, h=h, ox=ox, oy=oy, W=cols * size, H=rows * size: (  # noqa: E731
+                        (x + ox) * w / W, (y + oy) * h / H)
+            flat = mask.flatten()
             for t, block in enumerate(blocks):
                 (r0, c0), (r1, c1) = block[0], block[-1]
                 index = [r * side + c for r, c in block]
-                cells.append(dict(image=-1, tile=tile, patch=index[0], patches=tuple(index), row=t // (side // cfg.scale),
-                                  col=t % (side // cfg.scale), kind="patch" if bool(mask[index].any()) else "padding",
-                                  x0=float(c0 * ps), y0=float(r0 * ps), x1=float((c1 + 1) * ps), y1=float((r1 + 1) * ps)))
+                x0, y0 = geometry(c0 * ps, r0 * ps)
+                x1, y1 = geometry((c1 + 1) * ps, (r1 + 1) * ps)
+                cells.append(dict(image=image, tile=tile, crop=crop, patch=index[0], patches=tuple(index), row=t // g,
+                                  col=t % g, kind="patch" if bool(flat[index].any()) else "padding",
+                                  x0=x0, y0=y0, x1=x1, y1=y1))
+        return cells
+
+    def _crops(self, input_ids) -> list[tuple[int, str | tuple[int, int]]]:
+        """(image, crop) of each run of <image> tokens, batch-major: the run's preceding token names the crop;
+        an image ends with its global crop."""
+        cells, image = [], 0
+        mask = self.image_token_mask(input_ids)
+        for row, ids in zip(mask, input_ids):
+            where = row.nonzero()[:, 0].tolist()
+            starts = [p for k, p in enumerate(where) if k == 0 or where[k - 1] != p - 1]
+            for start in starts:
+                token = self.tokenizer.convert_ids_to_tokens(int(ids[start - 1])) if start else ""
+                found = re.fullmatch(r"<row_(\d+)_col_(\d+)>", token)
+                cells.append((image, (int(found[1]), int(found[2])) if found else "global"))
+                image += not found
         return cells
 
 
