@@ -6,6 +6,7 @@ the spatial index, rows keeping their sub-images, and bad input.
 from __future__ import annotations
 
 import dataclasses
+import random
 import warnings
 from unittest import mock
 
@@ -15,15 +16,22 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoTokenizer,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
+    LlamaConfig,
     ProcessorMixin,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
     SmolVLMProcessor,
+    SmolVLMVisionConfig,
 )
 
 from tl_vlm import HookedVLM
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.towers.patch_mask_vit import bucketed_position_ids
 from tl_vlm.zoo.data import sample_images
-from tl_vlm.zoo.tiny_idefics3 import build_tiny_idefics3, chat, geometry
+from tl_vlm.zoo.tiny_idefics3 import build_idefics3_tokenizer, build_tiny_idefics3, chat, geometry
 
 ATOL = 1e-4
 PROMPTS = [chat("<image>What is the colour?"), chat("Describe <image> the shape please.")]
@@ -149,3 +157,48 @@ def test_bad_sub_images_are_clear_errors(pair):
         model({**kwargs, "pixel_values": dropped})
     with pytest.raises(ValueError, match=r"\[prompt, sub-image, channel, height, width\]"):
         model({**kwargs, "pixel_values": pixels.flatten(0, 1)})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs_match_hf(seed):
+    """Random small Idefics3 / SmolVLM models (shuffle scale, grid, widths, activation, GQA, tying) on random
+    sub-images with padding slots and partly padded pixel masks, against HF."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tok = build_idefics3_tokenizer()
+    scale, patch = rng.choice([2, 3, 4]), rng.choice([2, 4])
+    side = scale * rng.choice([1, 2])
+    heads = rng.choice([2, 4])
+    smol = rng.random() < 0.5
+    vision = dict(hidden_size=8 * heads, intermediate_size=40, num_hidden_layers=rng.choice([1, 2]), num_attention_heads=heads,
+                  image_size=side * patch, patch_size=patch, hidden_act=rng.choice(["gelu_pytorch_tanh", "gelu"]),
+                  layer_norm_eps=rng.choice([1e-6, 1e-5]), initializer_range=0.1)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=rng.choice([1, 2, 4]), tie_word_embeddings=smol, initializer_range=0.1,
+                       pad_token_id=tok.pad_token_id)
+    common = dict(text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale, tie_word_embeddings=smol)
+    hf = (SmolVLMForConditionalGeneration(SmolVLMConfig(vision_config=SmolVLMVisionConfig(**vision), **common)) if smol
+          else Idefics3ForConditionalGeneration(Idefics3Config(vision_config=Idefics3VisionConfig(**vision), **common))).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = quiet(HookedVLM.from_hf_model, hf)
+    per = side * side // scale**2
+    counts = [rng.choice([1, 3]), 2]  # real sub-images per prompt; the rest of the slots are padding
+    ids = [tok(chat("".join("<fake_token_around_image><global-img>" + "<image>" * per for _ in range(n)) + "colour?"))["input_ids"]
+           for n in counts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in ids])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in ids])[:, None]).long()
+    size = side * patch
+    pixels = torch.zeros(2, max(counts), 3, size, size)
+    pixel_mask = torch.zeros(2, max(counts), size, size, dtype=torch.long)
+    for row, n in enumerate(counts):
+        for k in range(n):
+            h, w = rng.randint(1, size), rng.randint(1, size)  # the real extent, top-left
+            pixels[row, k, :, :h, :w] = torch.randn(3, h, w)
+            pixel_mask[row, k, :h, :w] = 1
+    inputs = dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    with torch.no_grad():
+        assert max_diff(model(**inputs), hf(**inputs).logits, mask.bool()) <= ATOL

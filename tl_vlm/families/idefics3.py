@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class Idefics3Config(ViTVLMConfig):
         return (self.vision.grid // self.scale) ** 2
 
 
-class Idefics3TextProcessor:
+class SmolVLMImageTextProcessor:
     """SmolVLM's processor without its video processor (which needs torchvision): HF's ``Idefics3Processor`` over
     the checkpoint's tokenizer and image processor, whose image prompts SmolVLM's processor writes the same way."""
 
@@ -126,7 +127,8 @@ class HookedIdefics3(HookedVLM):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(tiles=True, patches_per_token=self.vlm_cfg.scale**2, padded_vision_rows=True)
+        # Rows are whole canvases (padding inside them is in the spatial index), not padded to the longest image.
+        return Capabilities(tiles=True, patches_per_token=self.vlm_cfg.scale**2)
 
     def hf_layers(self, hf_model) -> dict[str, list]:
         return {"language": list(hf_model.model.text_model.layers), "vision": list(hf_model.model.vision_model.encoder.layers)}
@@ -255,7 +257,7 @@ class HookedIdefics3(HookedVLM):
 class HookedSmolVLM(HookedIdefics3):
     family = "smolvlm"
     architectures = ("SmolVLMForConditionalGeneration",)
-    fallback_processor = Idefics3TextProcessor  # HF's SmolVLMProcessor needs torchvision (its video processor)
+    fallback_processor = SmolVLMImageTextProcessor  # HF's SmolVLMProcessor needs torchvision (its video processor)
 
     @classmethod
     def load_processor(cls, path, trust_remote_code: bool):
@@ -266,4 +268,5 @@ class HookedSmolVLM(HookedIdefics3):
         except ValueError as err:
             if "torchvision" not in str(err):
                 raise
+            warnings.warn(f"HF's processor for SmolVLM cannot load ({err}); using HF's Idefics3Processor over its files")
             return cls.fallback_processor.from_pretrained(path)
