@@ -173,7 +173,7 @@ class HookedIdefics3(HookedVLM):
         return self.projector(self.vision.ln_post(hidden)).flatten(0, 1)
 
     def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
-        features = None
+        """Sub-images against ``<image>`` tokens first, so a mismatch names sub-images, not feature vectors."""
         if inputs.pixel_values is not None and image_mask.any():
             n_sub = self.real_sub_images(inputs)[0].shape[0]
             per = self.vlm_cfg.image_seq_len
@@ -183,8 +183,7 @@ class HookedIdefics3(HookedVLM):
                     f"hold {int(image_mask.sum())} <image> tokens; build prompt and images together with the model's "
                     "processor (model.prepare)"
                 )
-        features = super().checked_image_features(inputs, image_mask)
-        return features
+        return super().checked_image_features(inputs, image_mask)
 
     def prepare(self, images=None, text=None, **processor_kwargs) -> VLMInputs:
         """As HookedVLM's; ``row_images`` is 1 per prompt, since ``pixel_values`` holds each prompt's sub-images."""
