@@ -638,6 +638,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             for i, block in enumerate(tower.blocks):
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
+                # What writes into the stream: InternViT's are its weights times the layer scale (properties)
+                params[f"{prefix}blocks.{i}.attn.W_O"] = block.attn.W_O
+                params[f"{prefix}blocks.{i}.mlp.W_out"] = block.mlp.W_out
         return params
 
     # ---------------------------------------------------------------- tokens

@@ -183,7 +183,6 @@ def internvl_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     a, b = sample_images(2, seed=3, sizes=[(30, 70), (50, 50)])  # 1x2 crops + thumbnail; 2x2 crops + thumbnail
     return {
         "batch": model.prepare(images=images, text=INTERNVL_PROMPTS),
-        "batch_right": model.prepare(images=images, text=INTERNVL_PROMPTS, padding_side="right"),
         "multi_image": model.prepare(images=[a, b], text=[internvl_chat("<IMG_CONTEXT>\n<IMG_CONTEXT>\nWhich one is red?")]),
         "text": VLMInputs(**dict(model.tokenizer([internvl_chat("What is the colour of a red square?")], return_tensors="pt"))),
     }
@@ -457,7 +456,7 @@ INTERNVL_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "vision.h
 def internvl() -> Entry:
     return Entry(
         "internvl3", build_tiny_internvl, InternVLForConditionalGeneration, internvl_cases, internvl_hf_layers,
-        internvl_heads, ("language", "vision"), cases=("batch", "batch_right", "multi_image", "text"),
+        internvl_heads, ("language", "vision"), cases=("batch", "multi_image", "text"),
         attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=INTERNVL_HOOKS,
         absent_hooks=("vision.ln_pre.hook_scale", "vision.ln_post.hook_scale", "vision.blocks.0.attn.q_norm.hook_scale"),
         errors={"no_pixels": "no pixel_values", "no_placeholders": "no image placeholder", "count": "whole number of tiles"},
