@@ -36,7 +36,7 @@ from transformers import AutoConfig, GenerationConfig
 from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
-from tl_vlm.components import KVCache
+from tl_vlm.components import KVCache, TransformerBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
@@ -538,18 +538,26 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             tower.cfg.use_attn_result = use_attn_result
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """TL's per-head Q/K/V input hooks are not built here: refuse (edge attribution and direct path patching
-        ask for them) rather than run without them."""
-        if use_split_qkv_input:
-            raise NotImplementedError(
-                "tl_vlm's attention has no per-head Q/K/V inputs (hook_q_input / hook_k_input / hook_v_input), which "
-                "edge attribution patching and direct path patching need; node attribution "
-                "(EdgeAttributionConfig(granularity='node')) and tl_vlm.analysis.attribution work"
-            )
+        """TL's per-head Q/K/V inputs (``blocks.{i}.attn.hook_q_input|k_input|v_input``, before ``ln1``) in the
+        language tower; edge attribution and direct path patching turn them on."""
+        for block in self._decoder_blocks("use_split_qkv_input"):
+            block.attn.split_inputs(use_split_qkv_input)
+        self.cfg.use_split_qkv_input = use_split_qkv_input
+        self.setup()
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        if use_hook_mlp_in:
-            raise NotImplementedError("tl_vlm's blocks have no hook_mlp_in; use ln2.hook_normalized (the MLP's input)")
+        """TL's ``blocks.{i}.hook_mlp_in`` (the stream the MLP reads, before ``ln2``) in the language tower."""
+        for block in self._decoder_blocks("use_hook_mlp_in"):
+            block.mlp_input_hook(use_hook_mlp_in)
+        self.cfg.use_hook_mlp_in = use_hook_mlp_in
+        self.setup()
+
+    def _decoder_blocks(self, flag: str) -> list[TransformerBlock]:
+        blocks = [] if self.capabilities.encoder_decoder else list(self.blocks)
+        if not blocks or not all(isinstance(b, TransformerBlock) for b in blocks):
+            raise NotImplementedError(f"{flag} needs a decoder-only language tower of pre-norm blocks; "
+                                      f"{type(self).__name__}'s language model has none")
+        return blocks
 
     def run_with_cache(
         self,
