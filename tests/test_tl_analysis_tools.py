@@ -10,6 +10,7 @@ import torch
 from toy_batches import toy, toy_batch
 
 from tl_vlm import HookedVLM
+from tl_vlm.zoo.data import sample_images
 
 if tuple(int(part) for part in version("transformer-lens").split(".")[:2]) < (4, 3):
     pytest.skip("the tools.analysis suite tested here is TransformerLens 4.3's", allow_module_level=True)
@@ -84,18 +85,16 @@ def _metric(answer):
     return lambda logits: logits[0, -1, answer]
 
 
-def test_edge_attribution_equals_a_hand_gradient(setup):
-    model, batch, answer = setup
-    clean, corrupt = batch[0:1], batch[2:3]
-    metric = _metric(answer)
-    result = analysis.attribution_patch(model, clean, corrupt, metric, analysis.EdgeAttributionConfig(granularity="edge"))
-    assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in  # the caller's flags come back
-    assert "blocks.1.attn.hook_q_input" not in model.hook_dict
-    # By hand: clean-minus-corrupt write of head (0, s) dotted with the gradient at head (1, d)'s own query input.
-    model.set_use_split_qkv_input(True)
+def _check_edges_by_hand(model, tool_model, clean, corrupt, metric) -> None:
+    """Edge scores from head (0, s) to head (1, d)'s query input against clean-minus-corrupt write of (0, s) dotted
+    with the gradient at (1, d)'s own query input; ``tool_model`` is a model or a tower view."""
+    result = analysis.attribution_patch(tool_model, clean, corrupt, metric, analysis.EdgeAttributionConfig(granularity="edge"))
+    assert not tool_model.cfg.use_split_qkv_input and not tool_model.cfg.use_hook_mlp_in  # the caller's flags come back
+    assert "blocks.1.attn.hook_q_input" not in tool_model.hook_dict
+    tool_model.set_use_split_qkv_input(True)
     try:
         with torch.no_grad():
-            _, clean_cache = model.run_with_cache(clean)
+            _, clean_cache = tool_model.run_with_cache(clean)
         acts = {}
 
         def keep(key):
@@ -105,12 +104,12 @@ def test_edge_attribution_equals_a_hand_gradient(setup):
 
         writes = [("blocks.0.attn.hook_z", keep("z"))]
         reads = [("blocks.1.attn.hook_q_input", keep("grad"))]
-        with model.hooks(fwd_hooks=writes, bwd_hooks=reads):
-            metric(model(corrupt)).backward()
+        with tool_model.hooks(fwd_hooks=writes, bwd_hooks=reads):
+            metric(tool_model(corrupt)).backward()
     finally:
-        model.set_use_split_qkv_input(False)
+        tool_model.set_use_split_qkv_input(False)
         model.zero_grad(set_to_none=True)
-    W_O = model.blocks[0].attn.W_O.detach()  # [head, d_head, d_model]
+    W_O = tool_model.blocks[0].attn.W_O.detach()  # [head, d_head, d_model]
     delta = torch.einsum("phd,hdm->phm", clean_cache["blocks.0.attn.hook_z"][0] - acts["z"][0], W_O)
     hand = torch.einsum("psm,pdm->psd", delta, acts["grad"][0])  # [pos, src head, dst head]
     checked = 0
@@ -120,6 +119,26 @@ def test_edge_attribution_equals_a_hand_gradient(setup):
             assert score == pytest.approx(float(hand[src.position, src.head, dst.head]), abs=1e-4)
             checked += 1
     assert checked == hand.numel()
+    everything = analysis.faithfulness(tool_model, clean, corrupt, metric, list(result.edge_scores))
+    nothing = analysis.faithfulness(tool_model, clean, corrupt, metric, [])
+    # every edge kept is the clean run, none kept the corrupt run (exact ablations, not linearised)
+    assert everything.recovered == pytest.approx(1.0, abs=1e-3) and nothing.recovered == pytest.approx(0.0, abs=1e-3)
+    assert everything.circuit_size == everything.total_edges == len(result.edge_scores)
+
+
+def test_edge_attribution_equals_a_hand_gradient(setup):
+    model, batch, answer = setup
+    _check_edges_by_hand(model, model, batch[0:1], batch[2:3], _metric(answer))
+
+
+def test_edge_attribution_in_the_vision_tower_through_its_view():
+    # BLIP-2 reads its ViT's last layer (LLaVA's last vision layer reaches no logit, which the tool refuses).
+    model = HookedVLM.from_pretrained("tl-vlm/toy-blip2")
+    batch = model.prepare(images=sample_images(2, seed=3), text=["Question: what colour? Answer:"] * 2)
+    answer = int(model(batch[0:1])[0, -1].argmax())
+    view = model.tower("vision")
+    _check_edges_by_hand(model, view, view.inputs(batch[0:1]), view.inputs(batch[1:2]), _metric(answer))
+    assert "vision.blocks.1.attn.hook_q_input" not in model.hook_dict
 
 
 def test_direct_path_patching_equals_a_hand_patched_query(setup):
@@ -147,22 +166,6 @@ def test_direct_path_patching_equals_a_hand_patched_query(setup):
 
             expected = metric(model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_q", patch)]))
             assert float(result[1, d]) == pytest.approx(float(expected), abs=1e-4)
-
-
-def test_faithfulness_recovers_all_with_every_edge_and_nothing_without(setup):
-    model, batch, answer = setup
-    clean, corrupt = batch[0:1], batch[2:3]
-    metric = _metric(answer)
-    edges = analysis.attribution_patch(model, clean, corrupt, metric, analysis.EdgeAttributionConfig(granularity="edge"))
-    everything = analysis.faithfulness(model, clean, corrupt, metric, list(edges.edge_scores))
-    nothing = analysis.faithfulness(model, clean, corrupt, metric, [])
-    with torch.no_grad():
-        clean_metric, corrupt_metric = float(metric(model(clean))), float(metric(model(corrupt)))
-    assert everything.full_metric == pytest.approx(clean_metric, abs=1e-4)
-    assert everything.corrupt_metric == pytest.approx(corrupt_metric, abs=1e-4)
-    # every edge kept is the clean run, none kept the corrupt run (exact ablations, not linearised)
-    assert everything.recovered == pytest.approx(1.0, abs=1e-3) and nothing.recovered == pytest.approx(0.0, abs=1e-3)
-    assert everything.circuit_size == everything.total_edges == len(edges.edge_scores)
 
 
 def test_split_inputs_leave_the_model_unchanged_and_edit_one_head(setup):

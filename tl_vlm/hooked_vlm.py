@@ -537,26 +537,29 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         for tower in self.towers().values():
             tower.cfg.use_attn_result = use_attn_result
 
-    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """TL's per-head Q/K/V inputs (``blocks.{i}.attn.hook_q_input|k_input|v_input``, before ``ln1``) in the
-        language tower; edge attribution and direct path patching turn them on."""
-        for block in self._decoder_blocks("use_split_qkv_input"):
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool, tower: str = "language") -> None:
+        """TL's per-head Q/K/V inputs (``blocks.{i}.attn.hook_q_input|k_input|v_input``, before ``ln1``) in one
+        tower (tower views pass theirs); edge attribution and direct path patching turn them on."""
+        for block in self._pre_norm_blocks(tower, "use_split_qkv_input"):
             block.attn.split_inputs(use_split_qkv_input)
-        self.cfg.use_split_qkv_input = use_split_qkv_input
+        self.towers()[tower].cfg.use_split_qkv_input = use_split_qkv_input
         self.setup()
 
-    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        """TL's ``blocks.{i}.hook_mlp_in`` (the stream the MLP reads, before ``ln2``) in the language tower."""
-        for block in self._decoder_blocks("use_hook_mlp_in"):
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool, tower: str = "language") -> None:
+        """TL's ``blocks.{i}.hook_mlp_in`` (the stream the MLP reads, before ``ln2``) in one tower."""
+        for block in self._pre_norm_blocks(tower, "use_hook_mlp_in"):
             block.mlp_input_hook(use_hook_mlp_in)
-        self.cfg.use_hook_mlp_in = use_hook_mlp_in
+        self.towers()[tower].cfg.use_hook_mlp_in = use_hook_mlp_in
         self.setup()
 
-    def _decoder_blocks(self, flag: str) -> list[TransformerBlock]:
-        blocks = [] if self.capabilities.encoder_decoder else list(self.blocks)
+    def _pre_norm_blocks(self, tower: str, flag: str) -> list[TransformerBlock]:
+        towers = self.towers()
+        blocks = list(towers[tower].blocks) if tower in towers else []
         if not blocks or not all(isinstance(b, TransformerBlock) for b in blocks):
-            raise NotImplementedError(f"{flag} needs a decoder-only language tower of pre-norm blocks; "
-                                      f"{type(self).__name__}'s language model has none")
+            raise NotImplementedError(
+                f"{flag} needs a tower of pre-norm transformer blocks; {type(self).__name__}'s {tower!r} has none "
+                f"(its towers: {', '.join(towers)})"
+            )
         return blocks
 
     def run_with_cache(
