@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", parents=[debug], help="merge shard stores into one without duplicates")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
+
+    explore = sub.add_parser("explore", parents=[debug], help="a local web explorer: attention, logit lens, patching by "
+                             "region, head ablations (needs pip install 'tl-vlm[explore]')")
+    explore.add_argument("model", nargs="?", default="tl-vlm/toy-llava")
+    explore.add_argument("--port", type=int, default=7860, help="another free port is used if this one is taken")
+    explore.add_argument("--host", default="127.0.0.1")
+    explore.add_argument("--device", default=None)
     return parser
 
 
@@ -104,6 +111,12 @@ def _run(args: argparse.Namespace) -> int:
         from tl_vlm.store import merge
 
         print(f"merged {merge(args.target, args.sources)} tensor rows into {args.target}")
+    elif args.command == "explore":
+        try:
+            from tl_vlm.explore.app import serve
+        except ModuleNotFoundError as err:
+            raise ValueError(f"the explorer needs {err.name}: pip install 'tl-vlm[explore]'") from None
+        serve(args.model, args.host, args.port, args.device)
     return 0
 
 
