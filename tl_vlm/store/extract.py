@@ -165,12 +165,13 @@ def _load_kwargs(config: ExtractConfig, trust_remote_code: bool) -> dict:
     unknown = set(kwargs) - _LOAD_KEYS
     if unknown:
         raise ValueError(f"model kwargs {sorted(unknown)} are not supported; use {sorted(_LOAD_KEYS | {'torch_dtype'})}")
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    if str(dtype).removeprefix("torch.") not in DTYPES and dtype != "auto":  # auto: the checkpoint's (VLM-Lens)
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)} or auto")
     for flag, value in kwargs.items():
         if not isinstance(value, bool):
             raise ValueError(f"model kwarg {flag} must be true or false, got {value!r}")
-    return {**kwargs, "trust_remote_code": trust_remote_code, "dtype": DTYPES[str(dtype).removeprefix("torch.")]}
+    return {**kwargs, "trust_remote_code": trust_remote_code,
+            "dtype": "auto" if dtype == "auto" else DTYPES[str(dtype).removeprefix("torch.")]}
 
 
 def _done(db: Path, run_id: str) -> dict[str, str | None]:
