@@ -151,6 +151,13 @@ def test_unmapped_module_and_download_path_are_refused(clevr_like, checkpoints, 
     assert "never downloads" in capsys.readouterr().err
 
 
+def test_processed_weights_refuse_hf_names(clevr_like, checkpoints, tmp_path, capsys):
+    """Folded norms would give a norm module's output without HF's weight: refused, not stored."""
+    cfg = vlm_lens_config(tmp_path / "fold.yaml", clevr_like, checkpoints["llava15"], model=[{"fold_ln": True}])
+    assert main(["extract", "-c", cfg]) == 2
+    assert "change by design" in capsys.readouterr().err
+
+
 def test_hf_names_listing(checkpoints, capsys):
     assert main(["hooks", str(checkpoints["llava15"]), "--hf-names", "--filter", r"layers\.1$"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]

@@ -88,6 +88,12 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
         todo = [s for s in mine if s.key not in done or _changed(done[s.key], s.fingerprint)]
         model = HookedVLM.from_pretrained(config.model_path, device=device, revision=config.revision, **load_kwargs)
         layers = select_layers(model, config.modules)
+        changed = [k for k in ("fold_ln", "center_writing_weights", "center_unembed") if load_kwargs.get(k)]
+        if changed and any(name != target for name, target in layers.items()):
+            raise ValueError(
+                f"HF module names read HF's outputs, which {changed} change by design (folded norms, centred "
+                "streams); drop those model kwargs or select hook names"
+            )
         if config.pooling_method != "none" and any(t.endswith(_MULTI_POSITION) for t in layers.values()):
             raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
         conn = connect(out)
