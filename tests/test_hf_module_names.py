@@ -48,14 +48,14 @@ def qwen_rows(entry, hf, packed: torch.Tensor, grid: torch.Tensor, merged: bool)
     return list(packed.split(sizes.tolist()))
 
 
-def assert_same(entry, hf, inputs, name: str, target: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_same(entry, hf, inputs, name: str, target: str, ours: torch.Tensor, ref: torch.Tensor, atol=ATOL) -> None:
     real = inputs.attention_mask.bool() if inputs.attention_mask is not None else None
     if entry.name.startswith("qwen") and ours.shape != ref.shape:  # packed vision rows
         rows = qwen_rows(entry, hf, ref, inputs.image_grid_thw, merged=target == "projector.hook_out")
         assert ours.shape[0] == len(rows), name
         for r, row in enumerate(rows):
-            diff = (ours[r, : row.shape[0]] - row).abs().max().item()
-            assert diff <= ATOL, (name, target, r, diff)
+            diff = (ours[r, : row.shape[0]].float() - row.float()).abs().max().item()
+            assert diff <= atol, (name, target, r, diff)
         return
     if ours.shape != ref.shape:  # OPT's MLP on [batch * pos, d]
         assert ours.shape[0] * ours.shape[1] == ref.shape[0], (name, ours.shape, ref.shape)
@@ -63,8 +63,8 @@ def assert_same(entry, hf, inputs, name: str, target: str, ours: torch.Tensor, r
         keep = real.reshape(-1)
     else:
         keep = real if real is not None and ours.shape[:2] == real.shape else None
-    diff = (ours - ref).abs()
-    assert (diff[keep] if keep is not None else diff).max().item() <= ATOL, (name, target)
+    diff = (ours.float() - ref.float()).abs()
+    assert (diff[keep] if keep is not None else diff).max().item() <= atol, (name, target)
 
 
 @pytest.mark.parametrize("name", params())
@@ -79,6 +79,25 @@ def test_every_mapped_module_equals_hf(loaded, name):
     _, ours = run_with_outputs(model, inputs, [e.target for e in table])
     for e in table:
         assert_same(entry, pair.hf, inputs, e.name, e.target, ours[e.target], reference[e.name])
+
+
+@pytest.mark.parametrize("name", ["llava15", "blip2_opt", "qwen2_vl"])
+def test_half_precision_is_hf_bit_for_bit(checkpoint, name):
+    """Reading norms through forward hooks on our modules switches no explicit path: bfloat16 outputs are HF's."""
+    from conformance.registry import REGISTRY, quiet
+    from transformers import AutoModelForImageTextToText
+
+    from tl_vlm import HookedVLM
+
+    entry, path = REGISTRY[name], checkpoint(name)
+    hf = quiet(AutoModelForImageTextToText.from_pretrained, path, dtype=torch.bfloat16).eval()
+    model = quiet(HookedVLM.from_pretrained, path, dtype=torch.bfloat16)
+    inputs = quiet(entry.make_cases, model, entry)["batch"]
+    table = hf_names(model)
+    reference = hf_outputs(hf, [e.name for e in table], inputs)
+    _, ours = run_with_outputs(model, inputs, [e.target for e in table])
+    for e in table:
+        assert_same(entry, hf, inputs, e.name, e.target, ours[e.target], reference[e.name], atol=0)
 
 
 @pytest.mark.parametrize("name", params())
