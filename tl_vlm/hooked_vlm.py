@@ -41,6 +41,7 @@ from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
 from tl_vlm.dtypes import resolve_dtype
+from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
@@ -61,6 +62,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
     # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
     fallback_processor: ClassVar[type | None] = None
+    # HF module-name prefixes as transformers < 4.52 wrote them (VLM-Lens configs): (today's prefix, older prefix).
+    legacy_module_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vlm_cfg: VLMConfig
 
     def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
@@ -110,6 +113,12 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     def normalize_key(cls, key: str) -> str:
         """Map any historical checkpoint key layout onto one canonical HF layout."""
         return key
+
+    @classmethod
+    def hf_module_rules(cls, cfg: VLMConfig) -> list[ModuleRule]:
+        """HF module names (today's in-memory layout) -> the hook point or module holding the same output
+        (``convert/hf_modules.py``; ``tl_vlm.hf_names`` resolves them)."""
+        raise NotImplementedError(f"{cls.__name__} declares no HF module names")
 
     @classmethod
     def fp32_parameters(cls, cfg: VLMConfig, dtype: torch.dtype) -> str | None:
