@@ -216,6 +216,10 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         """Prompt positions as HF's generate computes them: left padding does not shift them."""
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
+    def new_kv_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache for generation (a family whose layers cache more than keys and values overrides it)."""
+        return KVCache(self.cfg, batch, max_len, device, dtype)
+
     def next_positions(self, positions: Tensor) -> Tensor:
         """Positions of the next generated token (last axis is the sequence)."""
         return positions[..., -1:] + 1
@@ -598,7 +602,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
         check_context(self.cfg, n_cached)
-        cache = KVCache(self.cfg, batch, n_cached, ids.device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = self.new_kv_cache(batch, n_cached, ids.device, self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
 
