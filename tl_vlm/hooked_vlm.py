@@ -37,6 +37,7 @@ from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache
+from tl_vlm.components.gated_cross_block import GatedCrossBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
@@ -640,6 +641,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         for name, tower in self.towers().items():
             prefix = "" if name == "language" else f"{name}."
             for i, block in enumerate(tower.blocks):
+                if isinstance(block, GatedCrossBlock):  # no self-attention (Mllama)
+                    continue
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
         return params

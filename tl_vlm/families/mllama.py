@@ -158,7 +158,15 @@ class HookedMllama(HookedVLM):
         return CrossAttentionKVCache(self.cfg, batch, max_len, device, dtype, self.vlm_cfg.cross_attention_layers)
 
     def prepare(self, images=None, text=None, **processor_kwargs) -> VLMInputs:
-        """As HookedVLM's; ``pixel_values`` hold one entry per prompt (all its image slots), so each row owns one."""
+        """As HookedVLM's; a flat list of images for a list of prompts is split by each prompt's ``<|image|>``
+        tokens (HF's processor would take it as one prompt's images). ``pixel_values`` hold one entry per prompt
+        (all its image slots), so each row owns one."""
+        flat = isinstance(images, (list, tuple)) and not any(isinstance(i, (list, tuple)) for i in images)
+        if flat and isinstance(text, list) and self.processor is not None:
+            counts = [t.count(self.processor.image_token) for t in text]
+            if sum(counts) == len(images):
+                starts = list(itertools.accumulate([0, *counts]))
+                images = [list(images[a:b]) for a, b in zip(starts, starts[1:])]
         inputs = super().prepare(images=images, text=text, **processor_kwargs)
         return dataclasses.replace(inputs, row_images=(1,) * len(inputs) if inputs.pixel_values is not None else None)
 
