@@ -8,8 +8,9 @@ gated cross-attention, never as token positions.
   dropped, class token kept).
 - Language: a Llama-3 decoder with ``GatedCrossBlock`` at ``cross_attention_layers`` (``towers/cross_attention_lm.py``).
   Which text positions see which image tiles is ``cross_attention_mask`` ``[batch, pos, image, tile]`` (the
-  processor's: each ``<|image|>`` token and the text after it, up to the next image); rows that see no image
-  attend uniformly to every image position and their cross-layer MLP output is dropped (HF's full-text-row mask).
+  processor's: each ``<|image|>`` token and the text after it, up to the next image); rows that see no image get
+  no mask at all (they attend to every image position, padding tiles included) and their cross-layer MLP output
+  is dropped (HF's full-text-row mask).
 - Generation: the image keys / values are computed at the prompt pass and cached; each generated token reuses
   the prompt's last mask row, as HF's generate does.
 """
@@ -308,6 +309,40 @@ class HookedMllama(HookedVLM):
         return token or f"image (id {self.vlm_cfg.image_token_id})"
 
     # ------------------------------------------------------------------ analysis
+
+    def image_token_cells(self, inputs: VLMInputs, original_sizes) -> list[dict]:
+        raise NotImplementedError(
+            "Mllama's language positions hold no image features (images enter by cross-attention), so there is no "
+            "spatial index of language tokens; model.vision_cells(inputs) indexes the vision towers' positions"
+        )
+
+    def vision_cells(self, inputs: VLMInputs) -> list[dict]:
+        """One dict per position of the vision towers' rows (``[image, tile * n_pos]``, row-major): ``image`` (the
+        row: batch row * image slots + slot), ``batch``, ``slot``, ``tile``, ``position`` (in the tile),
+        ``kind`` ("cls", "patch", "pad": a padding position, or any position of a padding tile), patch ``row`` /
+        ``col`` and the pixel box ``x0, y0, x1, y1`` on the processor's tile canvas (the resized image, tiles in
+        row-major order; -1 where there is no box), and ``key``: the position's index among the cross-attention
+        keys of its batch row (``blocks.{i}.cross_attn.hook_pattern``'s last axis; padding tiles are keys too, as
+        in HF), -1 for the padding positions the projector drops."""
+        cfg, v = self.vlm_cfg, self.vlm_cfg.vision
+        cells = []
+        for b, slot in itertools.product(range(inputs.aspect_ratio_ids.shape[0]), range(inputs.aspect_ratio_ids.shape[1])):
+            ratio = int(inputs.aspect_ratio_ids[b, slot])
+            cols = cfg.supported_aspect_ratios[ratio - 1][1] if ratio > 0 else 1
+            for tile, position in itertools.product(range(v.max_num_tiles), range(v.padded_positions)):
+                real = bool(inputs.aspect_ratio_mask[b, slot, tile]) and ratio > 0
+                patch = position - 1
+                kind = "pad" if not real or position >= v.n_positions else ("cls" if position == 0 else "patch")
+                key = (slot * v.max_num_tiles + tile) * v.n_positions + position if position < v.n_positions else -1
+                cell = dict(image=b * inputs.aspect_ratio_ids.shape[1] + slot, batch=b, slot=slot, tile=tile,
+                            position=position, kind=kind, key=key, row=-1, col=-1, x0=-1, y0=-1, x1=-1, y1=-1)
+                if kind == "patch":
+                    row, col = divmod(patch, v.grid)
+                    x0 = (tile % cols) * v.image_size + col * v.patch_size
+                    y0 = (tile // cols) * v.image_size + row * v.patch_size
+                    cell.update(row=row, col=col, x0=x0, y0=y0, x1=x0 + v.patch_size, y1=y0 + v.patch_size)
+                cells.append(cell)
+        return cells
 
     def hf_layers(self, hf_model) -> dict[str, list[torch.nn.Module]]:
         vision = hf_model.model.vision_model
