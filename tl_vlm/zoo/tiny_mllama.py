@@ -1,8 +1,7 @@
 """A tiny, random-init Llama 3.2 Vision (``MllamaForConditionalGeneration``) built fully offline.
 
 It keeps Llama-3.2-11B-Vision's flags at toy sizes: tiles of a fixed size with up to 4 tiles per image and the
-8 default aspect ratios, a class token, patches padded to a multiple of 8 per tile (7 padding patches, as
-1025 -> 1032), gelu ViT layers (local) then gated global layers, intermediate local layers concatenated to the
+8 default aspect ratios, a class token, positions padded to a multiple of 8 per tile (5 -> 8, as 1025 -> 1032), gelu ViT layers (local) then gated global layers, intermediate local layers concatenated to the
 output (interleaved, as HF stacks them), a linear projector, and a Llama-3 language model (GQA, llama3 RoPE, RMS
 eps 1e-5) with gated cross-attention layers in between self-attention layers. The ``<|image|>`` token is the last
 id, one past the output vocabulary, as in the real checkpoints (its embedding row is one of the 8 extra ones).
@@ -30,9 +29,9 @@ from tl_vlm.zoo.tiny import _WORDS
 
 __all__ = ["IMAGE_TOKEN", "TILE_SIZE", "build_mllama_tokenizer", "build_tiny_mllama"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 IMAGE_TOKEN = "<|image|>"
-TILE_SIZE = 24  # 4x4 patches of 6 px + the class token = 17 positions, padded to 24 (as 1025 to 1032)
+TILE_SIZE = 12  # 2x2 patches of 6 px + the class token = 5 positions, padded to 8 (as 1025 to 1032)
 PATCH_SIZE = 6
 _INIT_RANGE = 0.08
 _VECTOR_NOISE = 0.1  # norm gains and biases away from 1 / 0, so a dropped one shows
