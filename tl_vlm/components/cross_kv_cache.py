@@ -14,6 +14,7 @@ from tl_vlm.components.kv_cache import KVCache
 
 class CrossAttentionKVCache(KVCache):
     def __init__(self, cfg, batch: int, max_len: int, device, dtype: torch.dtype, cross_layers: tuple[int, ...]):
+        """``device``: one, or one per layer (a model placed over several devices)."""
         super().__init__(cfg, batch, max_len, device, dtype)
         self.images = {layer: ImageKV() for layer in cross_layers}
         self.last_mask_row: Int[Tensor, "batch image tile"] | None = None
@@ -28,6 +29,7 @@ class CrossAttentionKVCache(KVCache):
         super().select_rows(rows)
         for store in self.images.values():
             if store.k is not None:
-                store.k, store.v = store.k[rows], store.v[rows]
+                on = rows.to(store.k.device)
+                store.k, store.v = store.k[on], store.v[on]
         if self.last_mask_row is not None:
-            self.last_mask_row = self.last_mask_row[rows]
+            self.last_mask_row = self.last_mask_row[rows.to(self.last_mask_row.device)]

@@ -33,8 +33,13 @@ class GatedBlock(TransformerBlock):
     ) -> Float[Tensor, "batch pos d_model"]:
         if not resid_pre_hooked:
             resid = run_hook(self.hook_resid_pre, resid)
-        attn = self.attn(self.ln1(resid), rotary, mask, causal, cache)
+        if "hook_q_input" in self.attn._modules:  # TL's use_split_qkv_input, as TransformerBlock
+            q_in, k_in, v_in = self._split_inputs(resid)
+            attn = self.attn(q_in, rotary, mask, causal, cache, key_input=k_in, value_input=v_in)
+        else:
+            attn = self.attn(self.ln1(resid), rotary, mask, causal, cache)
         attn_out = run_hook(self.hook_attn_out, self.gate_attn.tanh() * attn)
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
-        mlp_out = run_hook(self.hook_mlp_out, self.gate_ffn.tanh() * self.mlp(self.ln2(resid)))
+        mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
+        mlp_out = run_hook(self.hook_mlp_out, self.gate_ffn.tanh() * self.mlp(self.ln2(mlp_in)))
         return run_hook(self.hook_resid_post, resid + mlp_out)
