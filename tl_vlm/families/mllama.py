@@ -275,13 +275,17 @@ class HookedMllama(HookedVLM):
             )
         if int(ratio_ids.min()) < 0 or int(ratio_ids.max()) > len(cfg.supported_aspect_ratios):
             raise ValueError(f"aspect_ratio_ids must lie in [0, {len(cfg.supported_aspect_ratios)}], got {ratio_ids.tolist()}")
-        for b, i in itertools.product(range(batch), range(n_slots)):
-            n = cfg.tiles_of(int(ratio_ids[b, i]))
-            if tiles[b, i].tolist() != [1] * n + [0] * (v.max_num_tiles - n):
-                raise ValueError(
-                    f"aspect_ratio_mask of row {b}, image {i} is {tiles[b, i].tolist()} but its aspect_ratio_id "
-                    f"{int(ratio_ids[b, i])} means {n} tile(s) (the first {n} marked); build both with the processor"
-                )
+        n_tiles = torch.tensor([cfg.tiles_of(i) for i in range(len(cfg.supported_aspect_ratios) + 1)],
+                               device=ratio_ids.device)[ratio_ids]
+        expected = torch.arange(v.max_num_tiles, device=tiles.device) < n_tiles[..., None].to(tiles.device)
+        wrong = (expected != tiles.bool()).any(-1).nonzero()
+        if len(wrong):
+            b, i = wrong[0].tolist()
+            n = int(n_tiles[b, i])
+            raise ValueError(
+                f"aspect_ratio_mask of row {b}, image {i} is {tiles[b, i].tolist()} but its aspect_ratio_id "
+                f"{int(ratio_ids[b, i])} means {n} tile(s) (the first {n} marked); build both with the processor"
+            )
         images_per_row, tokens_per_row = (ratio_ids > 0).sum(1).tolist(), placeholders.sum(1).tolist()
         for b, (n_images, n_tokens) in enumerate(zip(images_per_row, tokens_per_row)):
             if n_images != n_tokens:
