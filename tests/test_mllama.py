@@ -12,6 +12,7 @@ from transformer_lens import patching
 
 from conformance.registry import ATOL, MLLAMA_PROMPTS, MLLAMA_SIZES, max_diff, quiet, single_inputs
 from tl_vlm.analysis.attribution import attribution_patch
+from tl_vlm.analysis.knockout import knockout_text_to_image
 from tl_vlm.analysis.logit_lens import image_positions
 from tl_vlm.zoo.data import sample_images
 
@@ -244,3 +245,21 @@ def test_weight_processing_is_refused(pair):
 
     with pytest.raises(NotImplementedError, match="cross-attention"):
         quiet(HookedVLM.from_pretrained, pair.path, fold_ln=True)
+
+
+def test_text_to_image_knockout_silences_the_cross_attention(pair):
+    model, batch = pair.model, pair.batch()
+    gates = [(model.blocks[i].gate_attn, model.blocks[i].gate_attn.detach().clone()) for i in (2, 3)]
+    with torch.no_grad():
+        knocked = knockout_text_to_image(model, batch)
+        for gate, _ in gates:
+            gate.zero_()  # tanh(0) = 0: the cross-attention adds nothing
+        try:
+            silenced = model(batch)
+        finally:
+            for gate, value in gates:
+                gate.copy_(value)
+        only_last = knockout_text_to_image(model, batch, layers=[3])
+    real = batch.attention_mask.bool()
+    assert max_diff(knocked, silenced, real) <= 1e-5
+    assert max_diff(only_last, knocked, real) > 1e-3
