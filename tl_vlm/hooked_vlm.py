@@ -37,6 +37,7 @@ from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache, TransformerBlock
+from tl_vlm.components.gated_cross_block import GatedCrossBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
@@ -228,6 +229,11 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         """Prompt positions as HF's generate computes them: left padding does not shift them."""
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def new_kv_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache for generation (a family whose layers cache more than keys and values overrides it);
+        ``device``: one, or one per language block."""
+        return KVCache(self.cfg, batch, max_len, device, dtype)
 
     def next_positions(self, positions: Tensor) -> Tensor:
         """Positions of the next generated token (last axis is the sequence)."""
@@ -668,7 +674,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
         check_context(self.cfg, n_cached)
-        cache = KVCache(self.cfg, batch, n_cached, self.block_devices(), self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = self.new_kv_cache(batch, n_cached, self.block_devices(), self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
 
@@ -706,6 +712,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         for name, tower in self.towers().items():
             prefix = "" if name == "language" else f"{name}."
             for i, block in enumerate(tower.blocks):
+                if isinstance(block, GatedCrossBlock):  # no self-attention (Mllama)
+                    continue
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
         return params

@@ -26,6 +26,11 @@ def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: 
         if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
             raise NotImplementedError("weight processing of encoder-decoder language models (T5) is not implemented yet")
         return
+    if model.capabilities.cross_attention and (fold_ln or center_writing_weights or center_unembed or fold_value_biases):
+        raise NotImplementedError(
+            "weight processing of language models with cross-attention layers (Mllama) is not implemented yet; load "
+            "without fold_ln / center_writing_weights / center_unembed / fold_value_biases"
+        )
     towers = [model.towers()[name] for name in ("language", "vision")]
     if fold_ln:
         for tower in towers:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformer_lens import SVDInterpreter, patching
 
-from conformance.registry import params, quiet, single_inputs
+from conformance.registry import not_applicable, params, quiet, single_inputs
 from tl_vlm.analysis.attribution import attribution_patch
 
 ENCODER_DECODER = "capabilities.encoder_decoder: no top-level blocks; the encoder / decoder towers are tested as views"
@@ -55,7 +55,8 @@ def manual_patch(model, corrupt, cache, metric, name_of, n_layers, positions):
 
 
 @pytest.mark.parametrize("name", params())
-def test_language_patching_matches_manual_loops(experiments, name):
+def test_language_patching_matches_manual_loops(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_language_patching_matches_manual_loops")
     model, clean, corrupt, cache, metric = experiments(name)
     if model.capabilities.encoder_decoder:
         pytest.skip(ENCODER_DECODER)
@@ -121,7 +122,8 @@ NOT_ADDITIVE = {
 
 
 @pytest.mark.parametrize("name, tower", params(lambda e: e.towers))
-def test_decompositions_are_exact_at_every_position(experiments, name, tower):
+def test_decompositions_are_exact_at_every_position(loaded, experiments, name, tower):
+    not_applicable(loaded(name).entry, "test_decompositions_are_exact_at_every_position", tower)
     if tower in NOT_ADDITIVE:
         pytest.skip(NOT_ADDITIVE[tower])
     model, clean, *_ = experiments(name)
@@ -145,7 +147,8 @@ def test_decompositions_are_exact_at_every_position(experiments, name, tower):
 
 
 @pytest.mark.parametrize("name", params())
-def test_logit_lens_and_cache_algebra(experiments, name):
+def test_logit_lens_and_cache_algebra(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_logit_lens_and_cache_algebra")
     model, clean, *_ = experiments(name)
     if model.capabilities.encoder_decoder:
         pytest.skip(ENCODER_DECODER)
@@ -170,7 +173,8 @@ def test_logit_lens_and_cache_algebra(experiments, name):
 
 
 @pytest.mark.parametrize("name", params())
-def test_attribution_patching_reaches_the_first_block(experiments, name):
+def test_attribution_patching_reaches_the_first_block(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_attribution_patching_reaches_the_first_block")
     model, clean, corrupt, _, metric = experiments(name)
     hook = "encoder.blocks.0.hook_resid_pre" if model.capabilities.encoder_decoder else "blocks.0.hook_resid_pre"
     attr = attribution_patch(model, clean, corrupt, metric, lambda n: n == hook)
