@@ -30,6 +30,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -39,6 +40,7 @@ from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+from tl_vlm.zoo.tiny_qwen3_vl import build_tiny_qwen3_vl
 
 ATOL = 1e-4
 
@@ -130,6 +132,8 @@ class QwenPrepare:
         expanded = []
         for text in texts:
             for token, n in counts.items():
+                if not n:  # no such inputs (or already expanded: Qwen3Prepare's video frames)
+                    continue
                 parts = text.split(token)
                 text = parts[0] + "".join(token * n.pop(0) + rest for rest in parts[1:])
             expanded.append(text)
@@ -166,11 +170,49 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+class Qwen3Prepare(QwenPrepare):
+    """As ``QwenPrepare``, but a video is written as Qwen3-VL's processor writes it: per temporal patch
+    ``<t seconds>`` + ``<|vision_start|>`` + its ``<|video_pad|>`` run + ``<|vision_end|>``, with the timestamps
+    HF's ``Qwen3VLProcessor`` computes for frames sampled at ``FPS``."""
+
+    FPS = 2.0
+
+    def __call__(self, texts: list[str], images=None, video=None) -> VLMInputs:
+        if video is None:
+            return super().__call__(texts, images)
+        from transformers import Qwen3VLProcessor
+
+        pixels, grid = self.video(video)
+        _, h, w = grid[0].tolist()
+        stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(video))), self.FPS, self.images.temporal_patch_size)
+        frames = "".join(f"<{s:.1f} seconds>" + QWEN_VISION.format(QWEN_VIDEO * (h * w // self.merge**2)) for s in stamps)
+        inputs = super().__call__([t.replace(QWEN_VISION.format(QWEN_VIDEO), frames) for t in texts], images)
+        return dataclasses.replace(inputs, pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    prepare = Qwen3Prepare(entry.path, entry.name)
+    images = sample_images(2, seed=1, sizes=QWEN_SIZES)
+    image = QWEN_VISION.format(QWEN_IMAGE)
+    frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
+    return {
+        "batch": prepare(  # left-padded, images of different sizes
+            [qwen_chat(f"{image}What colour?"),
+             qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
+            images,
+        ),
+        "two_images": prepare([qwen_chat(f"{image}What colour? {image}Which shape?")], images),
+        "video": prepare([qwen_chat(f"{QWEN_VISION.format(QWEN_VIDEO)}What moves? Like {image}?")], images[:1], frames),
+        "text": VLMInputs(**dict(prepare.tok([qwen_chat("What colour is a red square?")], return_tensors="pt"))),
+    }
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
-    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)]}.get(entry.name)
+    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
+             "qwen3_vl": [(40, 28)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -388,13 +430,28 @@ def qwen(name: str) -> Entry:
     )
 
 
+QWEN3_HOOKS = QWEN_HOOKS + ("vision.hook_pos_embed", "blocks.0.attn.q_norm.hook_normalized", "blocks.0.hook_deepstack",
+                             "blocks.1.hook_deepstack", "projector.deepstack.0.hook_in", "projector.deepstack.1.ln.hook_scale",
+                             "projector.deepstack.1.hook_out")
+
+
+def qwen3(name: str) -> Entry:
+    return Entry(
+        name, build_tiny_qwen3_vl, Qwen3VLForConditionalGeneration, qwen3_cases, qwen_hf_layers, qwen_heads,
+        ("language", "vision"), cases=("batch", "two_images", "video", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=QWEN3_HOOKS,
+        absent_hooks=("blocks.2.hook_deepstack",), errors=QWEN_ERRORS, align=qwen_align,
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]),
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
         llava("llava15"), llava("llava_qwen2"), llava("llava_interleave_siglip"), llava("llava_next_mistral"),
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
-        qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+        qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"),
     ]
 }
 NAMES = tuple(REGISTRY)
