@@ -31,6 +31,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -212,7 +213,7 @@ def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
     sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
-             "qwen3_vl": [(40, 28)]}.get(entry.name)
+             "qwen3_vl": [(40, 28)], "qwen3_vl_moe": [(40, 28)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -435,12 +436,18 @@ QWEN3_HOOKS = QWEN_HOOKS + ("vision.hook_pos_embed", "blocks.0.attn.q_norm.hook_
                              "projector.deepstack.1.hook_out")
 
 
+QWEN3_MOE_HOOKS = QWEN3_HOOKS + ("blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_router_logits",
+                                 "blocks.1.mlp.hook_expert_indices", "blocks.1.mlp.hook_expert_weights",
+                                 "blocks.2.mlp.experts.3.hook_out", "blocks.2.mlp.experts.0.hook_post")
+
+
 def qwen3(name: str) -> Entry:
+    moe = name == "qwen3_vl_moe"
     return Entry(
-        name, build_tiny_qwen3_vl, Qwen3VLForConditionalGeneration, qwen3_cases, qwen_hf_layers, qwen_heads,
-        ("language", "vision"), cases=("batch", "two_images", "video", "text"),
-        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=QWEN3_HOOKS,
-        absent_hooks=("blocks.2.hook_deepstack",), errors=QWEN_ERRORS, align=qwen_align,
+        name, build_tiny_qwen3_vl, Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration,
+        qwen3_cases, qwen_hf_layers, qwen_heads, ("language", "vision"), cases=("batch", "two_images", "video", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
+        absent_hooks=("blocks.2.hook_deepstack",) + (("blocks.1.mlp.hook_pre",) if moe else ()), errors=QWEN_ERRORS, align=qwen_align,
         verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]),
     )
 
@@ -451,7 +458,7 @@ REGISTRY: dict[str, Entry] = {
         llava("llava15"), llava("llava_qwen2"), llava("llava_interleave_siglip"), llava("llava_next_mistral"),
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
-        qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"),
+        qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"), qwen3("qwen3_vl_moe"),
     ]
 }
 NAMES = tuple(REGISTRY)

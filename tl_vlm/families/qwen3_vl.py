@@ -14,18 +14,21 @@ What differs from Qwen2-VL, each in its own place:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
 from tl_vlm.components import KVCache
 from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import InterleavedMultimodalRotary
 from tl_vlm.config import TowerConfig
-from tl_vlm.convert.rules import WeightMap, linear_rules, norm_rules
+from tl_vlm.components.moe import MoEConfig
+from tl_vlm.convert.moe import qwen_moe_config, qwen_moe_rules
+from tl_vlm.convert.rules import Rule, WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import qwen3_vit_config, qwen3_vit_rules
 from tl_vlm.families.qwen2_vl import HookedQwen2VL, QwenVLConfig, _checked
@@ -89,24 +92,31 @@ class HookedQwen3VL(HookedQwen2VL):
 
     @classmethod
     def weight_map(cls, cfg: Qwen3VLConfig) -> WeightMap:
+        return WeightMap(cls.rules(cfg))
+
+    @classmethod
+    def rules(cls, cfg: Qwen3VLConfig) -> list[Rule]:
         mergers = [(r"visual\.merger", "projector")] + [
             (rf"visual\.deepstack_merger_list\.{k}", f"projector.deepstack.{k}") for k in range(len(cfg.deepstack_layers))
         ]
-        return WeightMap(
-            [
-                *qwen3_vit_rules(r"visual", "vision", cfg.vision),
-                *[rule for hf, tl in mergers for rule in (
-                    *norm_rules(rf"{hf}\.norm", f"{tl}.ln"),
-                    *linear_rules(rf"{hf}\.linear_fc1", f"{tl}.mlp.W_in", f"{tl}.mlp.b_in"),
-                    *linear_rules(rf"{hf}\.linear_fc2", f"{tl}.mlp.W_out", f"{tl}.mlp.b_out"),
-                )],
-                *decoder_lm_rules(r"language_model", cfg.language),
-            ]
-        )
+        return [
+            *qwen3_vit_rules(r"visual", "vision", cfg.vision),
+            *[rule for hf, tl in mergers for rule in (
+                *norm_rules(rf"{hf}\.norm", f"{tl}.ln"),
+                *linear_rules(rf"{hf}\.linear_fc1", f"{tl}.mlp.W_in", f"{tl}.mlp.b_in"),
+                *linear_rules(rf"{hf}\.linear_fc2", f"{tl}.mlp.W_out", f"{tl}.mlp.b_out"),
+            )],
+            *decoder_lm_rules(r"language_model", cfg.language),
+        ]
+
+    def moe(self) -> MoEConfig | None:
+        """The language model's mixture-of-experts blocks (Qwen3-VL-MoE); None: every MLP is dense."""
+        return None
 
     def build(self) -> None:
         cfg = self.vlm_cfg
-        self.attach_language(DeepStackLM(cfg.language, InterleavedMultimodalRotary.from_hf_config(cfg.language.hf_config)))
+        rotary = InterleavedMultimodalRotary.from_hf_config(cfg.language.hf_config)
+        self.attach_language(DeepStackLM(cfg.language, rotary, self.moe()))
         rotary = AxialRotary.from_hf_config(cfg.hf_config.vision_config, cfg.vision.d_head)
         self.vision = Qwen3VisionTower(cfg.vision, cfg.geometry, rotary, cfg.n_positions, cfg.deepstack_layers)
         self.projector = DeepStackProjector(
@@ -193,3 +203,32 @@ def _frames(grid: Tensor | None) -> Tensor | None:
     frames = grid.repeat_interleave(grid[:, 0], dim=0)
     frames[:, 0] = 1
     return frames
+
+
+
+@dataclass
+class Qwen3VLMoeConfig(Qwen3VLConfig):
+    moe: MoEConfig
+
+
+class HookedQwen3VLMoe(HookedQwen3VL):
+    """Qwen3-VL-MoE: Qwen3-VL with mixture-of-experts MLPs in the language model's sparse blocks
+    (``components/moe.py``: ``blocks.{i}.mlp.hook_router_logits``, ``mlp.experts.{e}.hook_out``)."""
+
+    family = "qwen3_vl_moe"
+    architectures = ("Qwen3VLMoeForConditionalGeneration",)
+    hf_class = Qwen3VLMoeModel
+    vlm_cfg: Qwen3VLMoeConfig
+
+    @classmethod
+    def config_from_hf(cls, hf_config) -> Qwen3VLMoeConfig:
+        dense = super().config_from_hf(hf_config)
+        return Qwen3VLMoeConfig(**{f.name: getattr(dense, f.name) for f in fields(dense)},
+                                moe=qwen_moe_config(hf_config.text_config))
+
+    @classmethod
+    def rules(cls, cfg: Qwen3VLMoeConfig) -> list[Rule]:
+        return [*super().rules(cfg), *qwen_moe_rules(r"language_model", cfg.moe)]
+
+    def moe(self) -> MoEConfig:
+        return self.vlm_cfg.moe

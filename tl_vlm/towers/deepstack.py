@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import KVCache, Rotary, make_norm
 from tl_vlm.components.hooks import active, run_hook
+from tl_vlm.components.moe import MoE, MoEConfig
 from tl_vlm.config import TowerConfig
 from tl_vlm.towers.language import DecoderLM
 from tl_vlm.towers.patch_merger import PatchMerger
@@ -52,10 +53,13 @@ class DeepStackProjector(PatchMerger):
 
 
 class DeepStackLM(DecoderLM):
-    """A decoder LM whose first ``cfg.deepstack_layers`` blocks get visual features added to their outputs."""
+    """A decoder LM whose first ``cfg.deepstack_layers`` blocks get visual features added to their outputs; with
+    ``moe``, the MLPs of its sparse blocks are mixtures of experts (``components/moe.py``)."""
 
-    def __init__(self, cfg: TowerConfig, rotary: Rotary):
+    def __init__(self, cfg: TowerConfig, rotary: Rotary, moe: MoEConfig | None = None):
         super().__init__(cfg, rotary)
+        for i in moe.sparse_layers if moe is not None else ():  # Qwen3-VL-MoE: these blocks' MLPs are experts
+            self.blocks[i].mlp = MoE(cfg.d_model, cfg.act_fn, moe)
         n_deepstack = cfg.deepstack_layers
         for block in self.blocks[:n_deepstack]:
             block.hook_deepstack = HookPoint()  # [batch, pos, d_model]; added to the block's output

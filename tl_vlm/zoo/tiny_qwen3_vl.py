@@ -6,6 +6,11 @@ from two inner vision blocks into the first two language blocks (three there), a
 q/k/v biases, ``head_dim`` from the config, tied embeddings and interleaved M-RoPE (``mrope_section`` 24:20:20 of
 64 frequencies there, 4:2:2 of 8 here, so the temporal axis also takes the highest frequencies, as there).
 
+``qwen3_vl_moe`` follows Qwen3-VL-30B-A3B-Instruct: the same towers with mixture-of-experts MLPs (4 experts, top 2
+here; 128, top 8 there; router probabilities renormalised over the chosen experts), ``head_dim`` wider than
+``hidden_size / heads`` (as 128 vs 64 there) and untied embeddings. Block 0 keeps a dense MLP (``mlp_only_layers``;
+every block is sparse there) so both kinds of block, and TL's neuron tools on block 0, are exercised.
+
 Saved as ``tiny_qwen_vl`` saves Qwen2-VL (tokenizer + PIL image processor, no HF processor: its video processor
 needs torchvision).
 """
@@ -16,7 +21,14 @@ import os
 import pathlib
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+)
 
 from tl_vlm.zoo.build_cache import cached_build
 from tl_vlm.zoo.tiny_qwen_vl import (
@@ -30,7 +42,7 @@ from tl_vlm.zoo.tiny_qwen_vl import (
 
 __all__ = ["VARIANTS", "build_tiny_qwen3_vl"]
 
-VARIANTS = ("qwen3_vl",)
+VARIANTS = ("qwen3_vl", "qwen3_vl_moe")
 
 _FORMAT_VERSION = 1
 _INIT_RANGE = 0.08
@@ -59,6 +71,12 @@ def _text_config(tok) -> dict:
     )
 
 
+def _moe_text_config(tok) -> dict:
+    rope = dict(_text_config(tok)["rope_parameters"], mrope_section=[6, 3, 3])  # 12 frequencies of head_dim 24
+    return dict(_text_config(tok), head_dim=24, rope_parameters=rope, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                decoder_sparse_step=1, mlp_only_layers=[0])
+
+
 def _vision_config() -> dict:
     return dict(
         depth=3,
@@ -77,18 +95,21 @@ def _vision_config() -> dict:
     )
 
 
-def _build(tok) -> PreTrainedModel:
+def _build(variant: str, tok) -> PreTrainedModel:
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL_TOKENS.items()}
-    config = Qwen3VLConfig(
-        text_config=_text_config(tok),
+    moe = variant == "qwen3_vl_moe"
+    config_class, model_class = (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe else (
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    config = config_class(
+        text_config=_moe_text_config(tok) if moe else _text_config(tok),
         vision_config=_vision_config(),
         image_token_id=ids["image_token"],
         video_token_id=ids["video_token"],
         vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=not moe,
     )
-    model = Qwen3VLForConditionalGeneration(config)
+    model = model_class(config)
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
@@ -105,7 +126,7 @@ def build_tiny_qwen3_vl(path: str | os.PathLike, variant: str = "qwen3_vl", seed
 
     def build(target: pathlib.Path) -> None:
         tok = build_qwen_tokenizer(extra_words=("seconds",))
-        _build(tok).save_pretrained(target)
+        _build(variant, tok).save_pretrained(target)
         tok.save_pretrained(target)
         image_processor().save_pretrained(target)
 
