@@ -350,6 +350,7 @@ class Entry:
     errors: dict = field(default_factory=dict)  # bad-input kind -> message regex
     align: Callable = lambda entry, hf, tower, outputs, inputs: outputs
     verify_images: Callable | None = None  # images verify runs on (None: its own samples)
+    moe_blocks: tuple[int, ...] = ()  # language blocks whose MLP is a mixture of experts (mlp.experts.{e}.*)
     path: object = None  # set once built
 
 
@@ -448,7 +449,7 @@ def qwen3(name: str) -> Entry:
         qwen3_cases, qwen_hf_layers, qwen_heads, ("language", "vision"), cases=("batch", "two_images", "video", "text"),
         attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
         absent_hooks=("blocks.2.hook_deepstack",) + (("blocks.1.mlp.hook_pre",) if moe else ()), errors=QWEN_ERRORS, align=qwen_align,
-        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]),
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]), moe_blocks=(1, 2) if moe else (),
     )
 
 
