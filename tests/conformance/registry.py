@@ -213,7 +213,7 @@ def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
     sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
-             "qwen3_vl": [(40, 28)], "qwen3_vl_moe": [(40, 28)]}.get(entry.name)
+             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -433,13 +433,13 @@ def qwen(name: str) -> Entry:
 
 
 QWEN3_HOOKS = QWEN_HOOKS + ("vision.hook_pos_embed", "blocks.0.attn.q_norm.hook_normalized", "blocks.0.hook_deepstack",
-                             "blocks.1.hook_deepstack", "projector.deepstack.0.hook_in", "projector.deepstack.1.ln.hook_scale",
-                             "projector.deepstack.1.hook_out")
+                             "projector.deepstack.0.hook_in", "projector.deepstack.0.ln.hook_scale",
+                             "projector.deepstack.0.hook_out")
 
 
 QWEN3_MOE_HOOKS = QWEN3_HOOKS + ("blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_router_logits",
                                  "blocks.1.mlp.hook_expert_indices", "blocks.1.mlp.hook_expert_weights",
-                                 "blocks.2.mlp.experts.3.hook_out", "blocks.2.mlp.experts.0.hook_post")
+                                 "blocks.1.mlp.experts.3.hook_out", "blocks.1.mlp.experts.0.hook_post")
 
 
 def qwen3(name: str) -> Entry:
@@ -447,9 +447,11 @@ def qwen3(name: str) -> Entry:
     return Entry(
         name, build_tiny_qwen3_vl, Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration,
         qwen3_cases, qwen_hf_layers, qwen_heads, ("language", "vision"), cases=("batch", "two_images", "video", "text"),
-        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
-        absent_hooks=("blocks.2.hook_deepstack",) + (("blocks.1.mlp.hook_pre",) if moe else ()), errors=QWEN_ERRORS, align=qwen_align,
-        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]), moe_blocks=(1, 2) if moe else (),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        absent_hooks=("blocks.1.hook_deepstack", "projector.deepstack.1.hook_out") + (("blocks.1.mlp.hook_pre",) if moe else ()),
+        extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
+        errors=QWEN_ERRORS, align=qwen_align,
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]), moe_blocks=(1,) if moe else (),
     )
 
 
