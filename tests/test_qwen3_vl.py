@@ -161,6 +161,18 @@ def test_video_frames_have_their_own_placeholder_runs_and_cells(loaded):
     assert [c["t"] for c in cells if c["kind"] == "video"] == [0] * (h * w // 4) + [1] * (h * w // 4)
 
 
+def test_rope_index_is_hfs_for_padded_images_and_timestamped_videos(loaded):
+    pair = loaded("qwen3_vl")
+    for case in ("batch", "video"):
+        inputs = pair.cases[case]
+        kwargs = dict(mm_token_type_ids=inputs.mm_token_type_ids, image_grid_thw=inputs.image_grid_thw,
+                      video_grid_thw=inputs.video_grid_thw, attention_mask=inputs.attention_mask)
+        expected, _ = pair.hf.model.get_rope_index(inputs.input_ids, **kwargs)
+        positions = pair.model.rope_index(inputs, inputs.attention_mask)
+        real = inputs.attention_mask.bool()
+        assert torch.equal(positions[:, real], expected[:, real]), case
+
+
 def test_bad_video_and_type_ids_are_refused(loaded):
     pair = loaded("qwen3_vl")
     model, inputs = pair.model, pair.cases["video"]
