@@ -232,10 +232,12 @@ def test_random_configurations_match_hf(seed, moe):
     model = quiet(HookedVLM.from_hf_model, hf)
     grids = torch.tensor([[1, 4, 6], [1, 6, 4]])
     counts = (grids.prod(-1) // 4).tolist()
-    ids = torch.tensor([[5, 292, *[290] * counts[0], 293, 6, 7, 292, *[290] * counts[1], 293, 8]])
+    frame = [292, *[291] * 4, 293]  # each temporal patch of the 2 x 4 x 4 video, after its timestamp tokens (9, 10)
+    ids = torch.tensor([[5, 292, *[290] * counts[0], 293, 6, 9, 10, *frame, 7, 292, *[290] * counts[1], 293, 9, 11, *frame, 8]])
     pixels = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 4 * 4)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grids,
-                  mm_token_type_ids=(ids == 290).int())
+                  pixel_values_videos=torch.randn(32, 3 * 2 * 4 * 4), video_grid_thw=torch.tensor([[2, 4, 4]]),
+                  mm_token_type_ids=(ids == 290).int() + 2 * (ids == 291).int())
     with torch.no_grad():
         reference = hf(**kwargs, output_hidden_states=True)
         logits, cache = model.run_with_cache(VLMInputs(**kwargs))

@@ -10,6 +10,8 @@ What differs from Qwen2-VL, each in its own place:
 - Videos: the processor writes each temporal patch as its own ``<t seconds><|vision_start|>`` run of
   ``<|video_pad|>`` ``<|vision_end|>``, so placeholders are checked per frame; HF's ``get_rope_index`` gives
   every frame its own block of positions (hf_compat).
+- Qwen3-VL-MoE (``HookedQwen3VLMoe``): the same, with mixture-of-experts MLPs in the LM's sparse blocks
+  (``components/moe.py``: router logits, chosen experts and weights, each expert's weights and output hooked).
 """
 
 from __future__ import annotations
@@ -203,7 +205,6 @@ def _frames(grid: Tensor | None) -> Tensor | None:
     frames = grid.repeat_interleave(grid[:, 0], dim=0)
     frames[:, 0] = 1
     return frames
-
 
 
 @dataclass
