@@ -29,11 +29,12 @@ import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
+from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache, TransformerBlock
@@ -608,7 +609,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             if remove_batch_dim:
                 cache = {name: drop_batch_dim(t) for name, t in cache.items()}
         if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache = VLMActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ---------------------------------------------------------------- generation

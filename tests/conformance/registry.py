@@ -31,6 +31,8 @@ from transformers import (
     MllamaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -41,6 +43,7 @@ from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
 from tl_vlm.zoo.tiny_mllama import build_tiny_mllama
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+from tl_vlm.zoo.tiny_qwen3_vl import build_tiny_qwen3_vl
 
 ATOL = 1e-4
 
@@ -132,6 +135,8 @@ class QwenPrepare:
         expanded = []
         for text in texts:
             for token, n in counts.items():
+                if not n:  # no such inputs (or already expanded: Qwen3Prepare's video frames)
+                    continue
                 parts = text.split(token)
                 text = parts[0] + "".join(token * n.pop(0) + rest for rest in parts[1:])
             expanded.append(text)
@@ -185,11 +190,49 @@ def mllama_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+class Qwen3Prepare(QwenPrepare):
+    """As ``QwenPrepare``, but a video is written as Qwen3-VL's processor writes it: per temporal patch
+    ``<t seconds>`` + ``<|vision_start|>`` + its ``<|video_pad|>`` run + ``<|vision_end|>``, with the timestamps
+    HF's ``Qwen3VLProcessor`` computes for frames sampled at ``FPS``."""
+
+    FPS = 2.0
+
+    def __call__(self, texts: list[str], images=None, video=None) -> VLMInputs:
+        if video is None:
+            return super().__call__(texts, images)
+        from transformers import Qwen3VLProcessor
+
+        pixels, grid = self.video(video)
+        _, h, w = grid[0].tolist()
+        stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(video))), self.FPS, self.images.temporal_patch_size)
+        frames = "".join(f"<{s:.1f} seconds>" + QWEN_VISION.format(QWEN_VIDEO * (h * w // self.merge**2)) for s in stamps)
+        inputs = super().__call__([t.replace(QWEN_VISION.format(QWEN_VIDEO), frames) for t in texts], images)
+        return dataclasses.replace(inputs, pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    prepare = Qwen3Prepare(entry.path, entry.name)
+    images = sample_images(2, seed=1, sizes=QWEN_SIZES)
+    image = QWEN_VISION.format(QWEN_IMAGE)
+    frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
+    return {
+        "batch": prepare(  # left-padded, images of different sizes
+            [qwen_chat(f"{image}What colour?"),
+             qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
+            images,
+        ),
+        "two_images": prepare([qwen_chat(f"{image}What colour? {image}Which shape?")], images),
+        "video": prepare([qwen_chat(f"{QWEN_VISION.format(QWEN_VIDEO)}What moves? Like {image}?")], images[:1], frames),
+        "text": VLMInputs(**dict(prepare.tok([qwen_chat("What colour is a red square?")], return_tensors="pt"))),
+    }
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
-    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)]}.get(entry.name)
+    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
+             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -347,6 +390,7 @@ class Entry:
     cross_only_blocks: tuple[int, ...] = ()
     # Contract tests (``test`` or ``test[tower]``) that do not apply to this entry, with the reason.
     not_applicable: dict = field(default_factory=dict)
+    moe_blocks: tuple[int, ...] = ()  # language blocks whose MLP is a mixture of experts (mlp.experts.{e}.*)
     path: object = None  # set once built
 
 
@@ -485,13 +529,36 @@ def attention_layers(entry: Entry, attention: str, n_layers: int) -> list[int]:
     return list(range(n_layers))
 
 
+QWEN3_HOOKS = QWEN_HOOKS + ("vision.hook_pos_embed", "blocks.0.attn.q_norm.hook_normalized", "blocks.0.hook_deepstack",
+                             "projector.deepstack.0.hook_in", "projector.deepstack.0.ln.hook_scale",
+                             "projector.deepstack.0.hook_out")
+
+
+QWEN3_MOE_HOOKS = QWEN3_HOOKS + ("blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_router_logits",
+                                 "blocks.1.mlp.hook_expert_indices", "blocks.1.mlp.hook_expert_weights",
+                                 "blocks.1.mlp.experts.3.hook_out", "blocks.1.mlp.experts.0.hook_post")
+
+
+def qwen3(name: str) -> Entry:
+    moe = name == "qwen3_vl_moe"
+    return Entry(
+        name, build_tiny_qwen3_vl, Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration,
+        qwen3_cases, qwen_hf_layers, qwen_heads, ("language", "vision"), cases=("batch", "two_images", "video", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        absent_hooks=("blocks.1.hook_deepstack", "projector.deepstack.1.hook_out") + (("blocks.1.mlp.hook_pre",) if moe else ()),
+        extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
+        errors=QWEN_ERRORS, align=qwen_align,
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]), moe_blocks=(1,) if moe else (),
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
         llava("llava15"), llava("llava_qwen2"), llava("llava_interleave_siglip"), llava("llava_next_mistral"),
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
-        qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+        qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"), qwen3("qwen3_vl_moe"),
         mllama(),
     ]
 }

@@ -23,6 +23,11 @@ CROSS_ONLY_BLOCK_HOOKS = [
     "cross_attn.hook_q", "cross_attn.hook_k", "cross_attn.hook_v", "cross_attn.hook_z", "cross_attn.hook_attn_scores",
     "cross_attn.hook_pattern", "cross_attn.hook_result", "mlp.hook_pre", "mlp.hook_post",
 ]
+# A mixture-of-experts block: the router's hooks, and each expert's MLP hooks under mlp.experts.{e}.
+MOE_BLOCK_HOOKS = [h for h in BLOCK_HOOKS if not h.startswith("mlp.")] + [
+    "mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_expert_weights", "mlp.experts.0.hook_pre",
+    "mlp.experts.0.hook_post", "mlp.experts.0.hook_out",
+]
 CROSS_HOOKS = ["cross_attn.hook_q", "cross_attn.hook_k", "cross_attn.hook_v", "cross_attn.hook_z",
                "cross_attn.hook_pattern", "cross_attn.hook_result"]
 
@@ -47,9 +52,13 @@ def test_hook_name_contract(loaded, name):
     assert set(model.towers()) == set(pair.entry.towers), "the registry declares the model's towers"
     for tower in pair.entry.towers:
         for i in range(model.tower(tower).cfg.n_layers):
-            cross_only = tower == "language" and i in pair.entry.cross_only_blocks
-            missing = [h for h in (CROSS_ONLY_BLOCK_HOOKS if cross_only else BLOCK_HOOKS)
-                       if f"{prefix(tower)}blocks.{i}.{h}" not in names]
+            if tower == "language" and i in pair.entry.cross_only_blocks:
+                expected = CROSS_ONLY_BLOCK_HOOKS
+            elif tower == "language" and i in pair.entry.moe_blocks:
+                expected = MOE_BLOCK_HOOKS
+            else:
+                expected = BLOCK_HOOKS
+            missing = [h for h in expected if f"{prefix(tower)}blocks.{i}.{h}" not in names]
             assert not missing, f"{tower} block {i} lacks {missing}"
     for attention, i in [(a, i) for a in pair.entry.attentions
                          for i in attention_layers(pair.entry, a, model.tower(tower_of(a)).cfg.n_layers)]:
@@ -121,7 +130,8 @@ def test_hooks_are_removed_and_never_edit_weights(loaded, name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def scribble(x, hook):
-        x.mul_(0.5)
+        if x.is_floating_point():  # not the chosen experts' indices (MoE)
+            x.mul_(0.5)
 
     with torch.no_grad():
         model.run_with_hooks(batch, fwd_hooks=[(lambda n: True, scribble)])
@@ -138,6 +148,7 @@ def test_stacked_weights_and_factored_matrices(loaded, name, tower):
     assert view.W_Q.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head)
     assert view.W_K.shape[:2] == (cfg.n_layers, cfg.n_heads)  # GQA repeated per head
     assert view.W_O.shape == (cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model)
-    assert view.W_in.shape == (cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    if not (tower == "language" and loaded(name).entry.moe_blocks):  # experts have their own W_in
+        assert view.W_in.shape == (cfg.n_layers, cfg.d_model, cfg.d_mlp)
     assert isinstance(view.OV, FactoredMatrix) and view.OV.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_model)
     assert view.QK.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_model)

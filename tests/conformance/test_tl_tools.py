@@ -80,9 +80,11 @@ def test_language_patching_matches_manual_loops(loaded, experiments, name):
             with torch.no_grad():
                 expected[layer, head] = metric(model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)]))
     assert torch.allclose(heads.cpu(), expected, atol=1e-6)
-    # Patching the whole residual stream before layer 0 at every position restores the clean run exactly.
+    # Patching the whole residual stream before layer 0 at every position (and the DeepStack terms, which carry the
+    # image past it) restores the clean run exactly.
+    restore = ["blocks.0.hook_resid_pre", *(f"blocks.{k}.hook_deepstack" for k in range(model.cfg.deepstack_layers))]
     with torch.no_grad():
-        restored = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: cache["blocks.0.hook_resid_pre"])])
+        restored = model.run_with_hooks(corrupt, fwd_hooks=[(name, lambda a, hook: cache[hook.name]) for name in restore])
         assert torch.allclose(metric(restored), metric(model(clean)), atol=1e-5)
 
 
