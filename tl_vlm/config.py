@@ -35,6 +35,7 @@ class TowerConfig:
     rotary_dim: Optional[int] = None
     sliding_window: Optional[int] = None
     use_qk_norm: bool = False  # RMSNorm over d_head on each query / key head before rotary (Qwen3, Gemma 3), as TL
+    deepstack_layers: int = 0  # the first blocks whose outputs get visual features added (Qwen3-VL's DeepStack)
     final_rms: bool = False
     original_architecture: str = ""
     model_name: str = ""

@@ -24,7 +24,8 @@ from torch import Tensor
 _IGNORED_KEYS = {"token_type_ids"}
 # Fields with one entry per row, per image, per video; and the row layout, which is no model input.
 _PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "qformer_input_ids",
-            "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+            "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask", "aspect_ratio_ids",
+            "aspect_ratio_mask", "cross_attention_mask"}
 _PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask"}
 _LAYOUT = {"row_images", "row_videos"}
 
@@ -47,6 +48,11 @@ class VLMInputs:
     qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
     decoder_input_ids: Int[Tensor, "batch dec_pos"] | None = None  # encoder-decoder LMs (Flan-T5)
     decoder_attention_mask: Int[Tensor, "batch dec_pos"] | None = None
+    # Mllama: one pixel_values entry per row [batch, image, tile, ...]; aspect-ratio id and real tiles per image,
+    # and which image tiles each token may see.
+    aspect_ratio_ids: Int[Tensor, "batch image"] | None = None
+    aspect_ratio_mask: Int[Tensor, "batch image tile"] | None = None
+    cross_attention_mask: Int[Tensor, "batch pos image tile"] | None = None
     pixel_attention_mask: Int[Tensor, "..."] | None = None  # Idefics3 / SmolVLM: real (1) and padding (0) pixels
     # Images / videos of each row, in order (set by model.prepare); not model inputs.
     row_images: tuple[int, ...] | None = None

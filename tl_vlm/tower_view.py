@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from transformer_lens import ActivationCache
 
+from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.inputs import VLMInputs
 
 if TYPE_CHECKING:
@@ -88,6 +89,16 @@ class TowerView:
 
     def __repr__(self) -> str:
         return f"TowerView({self.name!r} of {self.model.vlm_cfg.architecture})"
+
+    # TL's switches, for this tower (per-head results: every tower, as the model's).
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        self.model.set_use_split_qkv_input(use_split_qkv_input, tower=self.name)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        self.model.set_use_hook_mlp_in(use_hook_mlp_in, tower=self.name)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        self.model.set_use_attn_result(use_attn_result)
 
     # ---------------------------------------------------------------- names
 
@@ -180,4 +191,4 @@ class TowerView:
                 relative[rel] = tensor
         if self.prefix and self.full_name("hook_embed") in cache.cache_dict:
             relative["hook_embed"] = cache.cache_dict[self.full_name("hook_embed")]
-        return out, ActivationCache(relative, self, has_batch_dim=cache.has_batch_dim)
+        return out, VLMActivationCache(relative, self, has_batch_dim=cache.has_batch_dim)

@@ -10,11 +10,15 @@ from tl_vlm.families.internvl import HookedInternVL
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
 from tl_vlm.families.llava_onevision import HookedLlavaOnevision
+from tl_vlm.families.mllama import HookedMllama
 from tl_vlm.families.qwen2_vl import HookedQwen2VL, HookedQwen25VL
+from tl_vlm.families.qwen3_vl import HookedQwen3VL, HookedQwen3VLMoe
 from tl_vlm.hooked_vlm import HookedVLM
 
 _ALL: tuple[type[HookedVLM], ...] = (
     HookedLlava, HookedLlavaNext, HookedLlavaOnevision, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL,
+    HookedMllama,
+    HookedQwen3VL, HookedQwen3VLMoe,
     HookedInternVL, HookedIdefics3, HookedSmolVLM,
 )
 FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
