@@ -288,8 +288,12 @@ class HookedCLIP(HookedRootModule):
 
     def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Float[Tensor, "image text"]:
         """``logits_per_image`` from unnormalised embeddings, as HF computes it."""
-        image_embeds = image_embeds / image_embeds.pow(2).sum(-1, keepdim=True).pow(0.5)
-        text_embeds = text_embeds / text_embeds.pow(2).sum(-1, keepdim=True).pow(0.5)
+        if self.vlm_cfg.family == "clip":  # HF's CLIP spells the norm out (for export), SigLIP calls norm: both rounded as HF
+            image_embeds = image_embeds / image_embeds.pow(2).sum(-1, keepdim=True).pow(0.5)
+            text_embeds = text_embeds / text_embeds.pow(2).sum(-1, keepdim=True).pow(0.5)
+        else:
+            image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+            text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         logits_per_text = (text_embeds @ image_embeds.t()) * self.logit_scale.exp()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias
