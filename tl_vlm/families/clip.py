@@ -229,17 +229,24 @@ class HookedCLIP(HookedRootModule):
     # ---------------------------------------------------------------- inputs
 
     def prepare(self, images=None, text: str | list[str] | None = None, **processor_kwargs) -> VLMInputs:
-        """Run the HF processor on images and texts (each may be absent); SigLIP's texts are padded to the text
-        tower's length, as it was trained (``padding=`` overrides). Over-long texts are an error at the run unless
-        ``truncation=True``."""
+        """Run the HF processor on texts (and images, if given; ``pixel_values`` takes images alone). SigLIP's texts
+        are padded to the text tower's length, as it was trained (``padding=`` overrides). Over-long texts are an
+        error at the run unless ``truncation=True``."""
         if self.processor is None:
             raise ValueError("this model was loaded without a processor; pass input_ids and pixel_values instead")
-        if text is not None:
-            processor_kwargs.setdefault("padding", self.vlm_cfg.text_padding)
-            if processor_kwargs["padding"] == "max_length":
-                processor_kwargs.setdefault("max_length", self.vlm_cfg.text.n_ctx)
+        if text is None:
+            raise ValueError("prepare needs text; for images alone use model.pixel_values(images)")
+        processor_kwargs.setdefault("padding", self.vlm_cfg.text_padding)
+        if processor_kwargs["padding"] == "max_length":
+            processor_kwargs.setdefault("max_length", self.vlm_cfg.text.n_ctx)
         batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
         return VLMInputs.from_mapping({k: v for k, v in batch.items() if k in self.input_fields}).to(self.device)
+
+    def pixel_values(self, images) -> Float[Tensor, "image channel height width"]:
+        """The image processor's pixel values for ``images`` (what ``encode_image`` takes)."""
+        if self.processor is None:
+            raise ValueError("this model was loaded without a processor; pass pixel_values instead")
+        return self.processor.image_processor(images, return_tensors="pt").pixel_values.to(self.device)
 
     def _inputs(self, input: Any, **kwargs) -> VLMInputs:
         given = {k: v for k, v in kwargs.items() if v is not None}
