@@ -30,6 +30,7 @@ from transformers import AutoConfig
 from tl_vlm import weight_processing
 from tl_vlm.checkpoints import resolve_checkpoint
 from tl_vlm.config import ViTConfig
+from tl_vlm.convert.export import write_into_hf
 from tl_vlm.convert.dual_encoders import normalize_in_proj, pooled_vit_rules, text_encoder_config, text_encoder_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
@@ -212,6 +213,17 @@ class HookedCLIP(HookedRootModule):
         if center_writing_weights:
             weight_processing.center_writing(self.text)
         self.setup()
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save as a HF checkpoint (config, safetensors under HF's keys, processor): HF's ``AutoModel`` and
+        ``HookedCLIP.from_pretrained`` both load it. Unprocessed weights only (``fold_ln`` has no HF form)."""
+        from transformers import AutoModel
+
+        hf = AutoModel.from_config(self.vlm_cfg.hf_config).to(dtype=self.vlm_cfg.text.dtype)
+        write_into_hf(self, hf, self.weight_map(self.vlm_cfg), self.normalize_key)
+        hf.save_pretrained(path)
+        if self.processor is not None:
+            self.processor.save_pretrained(path)
 
     def _apply(self, fn, recurse: bool = True):
         """``.to`` / ``.half()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
