@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tl_vlm.families.clip import HookedCLIP
 from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
+from tl_vlm.store.dual import extract_dual_batch
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
 from tl_vlm.store.lock import writer_lock
@@ -54,7 +56,8 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
     anyone. Samples, ids and the model kwargs are checked before the model loads, and the output file is held
     by one writer at a time (another ``extract`` or ``merge`` on it is refused up front).
     """
-    from tl_vlm import HookedVLM, __version__
+    from tl_vlm import __version__
+    from tl_vlm.loading import load_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +76,7 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
             done.update(_done(store, run_id))
         mine = [s for i, s in enumerate(every) if i % world == rank]
         todo = [s for s in mine if s.key not in done or _changed(done[s.key], s.fingerprint)]
-        model = HookedVLM.from_pretrained(config.model_path, device=device, revision=config.revision, **load_kwargs)
+        model = load_model(config.model_path, device=device, revision=config.revision, **load_kwargs)
         hooks = select_hooks(list(model.hook_dict), config.modules)
         if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
             raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
@@ -190,6 +193,8 @@ def _load_images(conn: sqlite3.Connection, run_id: str, batch: list[Sample], cou
 
 def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
     """Per sample, (hook, pooled activation) pairs."""
+    if isinstance(model, HookedCLIP):
+        return extract_dual_batch(model, hooks, config.pooling_method, config.float16, loaded)
     texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
     inputs = model.scoring_inputs(model.prepare(images=[image for _, image in loaded], text=texts))
     with torch.no_grad():
@@ -224,7 +229,7 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
 def _stop_layer(model, hooks: list[str]) -> int | None:
     """Run the language tower only as deep as the hooks need: the unembedding alone was a quarter of the
     compute at vocab 32k, and VLM-Lens's loop always pays for it."""
-    if "language" not in model.towers():
+    if "language" not in model.towers():  # a dual encoder runs both towers whole
         return None
     language, deepest = model.tower("language"), -1
     for hook in hooks:
