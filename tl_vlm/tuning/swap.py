@@ -1,4 +1,5 @@
-"""Swap a (tuned) dual-encoder vision tower into a LLaVA-family VLM, then retrain only the projector.
+"""Swap a (tuned) dual-encoder vision tower into a LLaVA-family VLM (or a VLM's into a dual encoder), then retrain
+only the projector.
 
 The chart-perception study's second step: after hard-negative tuning improves what the encoder tells apart, put it
 into the VLM and retrain the projector (the encoder and language model stay frozen, as in LLaVA's first stage), to
@@ -23,25 +24,28 @@ from tl_vlm.zoo import data
 # ViT fields that must agree for one tower's weights to mean the same in the other.
 _SAME = ("n_layers", "d_model", "n_heads", "d_mlp", "act_fn", "eps", "image_size", "patch_size", "num_channels",
          "class_token", "patch_bias", "ln_pre", "ln_post", "attn_bias")
+_VIT_PARTS = ("embed.", "ln_pre.", "blocks.")
 
 
-def with_vision_encoder(vlm, encoder):
-    """A copy of ``vlm`` (a HookedVLM with a ViT vision tower: LLaVA, LLaVA-NeXT, OneVision) whose vision tower has
-    the ViT weights of ``encoder`` (a ``HookedCLIP``, or its ``vision`` tower). The image processors must agree
-    too: the VLM keeps its own."""
-    source = getattr(encoder, "vision", encoder)
-    if not isinstance(vlm.vision, ViTTower) or not isinstance(source, ViTTower):
-        raise TypeError(f"{type(vlm).__name__}'s vision tower is not a ViT; with_vision_encoder swaps ViT encoders")
-    differ = {f: (getattr(vlm.vision.cfg, f), getattr(source.cfg, f)) for f in _SAME
-              if getattr(vlm.vision.cfg, f) != getattr(source.cfg, f)}
+def with_vision_encoder(model, encoder):
+    """A copy of ``model`` whose vision tower has the ViT weights (embeddings, ``ln_pre``, blocks) of ``encoder``.
+    Either way round: ``model`` a HookedVLM with a ViT vision tower (LLaVA, LLaVA-NeXT, OneVision) and ``encoder`` a
+    (tuned) ``HookedCLIP``; or ``model`` a ``HookedCLIP`` (a text twin) and ``encoder`` the VLM, to measure the VLM's
+    own encoder with retrieval. Pooling heads and projections stay the model's own; so does its image processor,
+    which must agree with the encoder's."""
+    source, target = encoder.vision, model.vision
+    if not isinstance(target, ViTTower) or not isinstance(source, ViTTower):
+        raise TypeError(f"{type(model).__name__} or {type(encoder).__name__} has no ViT vision tower; only ViTs swap")
+    differ = {f: (getattr(target.cfg, f), getattr(source.cfg, f)) for f in _SAME
+              if getattr(target.cfg, f) != getattr(source.cfg, f)}
     if differ:
-        raise ValueError(f"the encoder's ViT does not fit this VLM's vision tower (VLM, encoder): {differ}")
-    swapped = copy.deepcopy(vlm)
-    own = dict(swapped.vision.named_parameters())
+        raise ValueError(f"the encoder's ViT does not fit the model's vision tower (model, encoder): {differ}")
+    swapped = copy.deepcopy(model)
     theirs = dict(source.named_parameters())
     with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(theirs[name])
+        for name, param in swapped.vision.named_parameters():
+            if name.startswith(_VIT_PARTS):
+                param.copy_(theirs[name])
     return swapped
 
 
