@@ -243,3 +243,37 @@ def test_hooked_vlm_points_dual_encoders_to_hooked_clip(dual):
     _, _, path = dual("clip")
     with pytest.raises(NotImplementedError, match="HookedCLIP"):
         _quiet(HookedVLM.from_pretrained, path)
+
+
+def test_hook_points_are_modules_and_gradients_flow(dual):
+    _, model, _ = dual("clip")
+    inputs = _inputs(model)
+    with torch.no_grad():
+        plain = model(inputs)
+
+    class Zero(torch.nn.Module):  # what SAELens does: a module in the hook point's slot
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    block = model.text.blocks[1]
+    original = block.hook_attn_out
+    block.hook_attn_out = Zero()
+    try:
+        with torch.no_grad():
+            swapped = model(inputs)
+            ref = model.run_with_hooks(inputs, fwd_hooks=[("text.blocks.1.hook_attn_out", lambda x, hook: x * 0)])
+    finally:
+        block.hook_attn_out = original
+    assert (swapped - ref).abs().max() <= 1e-6 and (swapped - plain).abs().max() > 1e-3
+    fired = []
+    handle = model.vision.blocks[0].register_forward_hook(lambda m, i, o: fired.append(o.shape))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+    assert fired == [torch.Size([3, model.vlm_cfg.vision.n_ctx, model.vlm_cfg.vision.d_model])]
+    logits = model(inputs)
+    logits[0, 0].backward()
+    assert model.vision.blocks[0].attn.W_Q.grad is not None and model.text.embed.W_E.grad is not None
+    model.zero_grad(set_to_none=True)
