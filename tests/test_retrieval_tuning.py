@@ -150,6 +150,10 @@ def test_swapped_encoder_and_projector_only_training(tmp_path):
     with torch.no_grad():
         assert answer_loss(swapped, held_out).item() < before - 0.3
     assert all(torch.equal(frozen[n], p) for n, p in swapped.named_parameters() if n in frozen)
+    twin = with_vision_encoder(clip, vlm)  # the other way: the VLM's encoder under the dual encoder's text twin
+    with torch.no_grad():
+        assert torch.equal(twin.vision(pixels, keep=[3])[3], vlm.vision(pixels, keep=[3])[3])
+        assert torch.equal(twin.vision.proj.W, clip.vision.proj.W)  # pooling and projection stay the twin's
     wider = dict(vlm.vlm_cfg.vision.hf_config.to_dict(), num_hidden_layers=2)
     other = HookedCLIP.from_hf_model(CLIPModel(CLIPConfig(text_config=text, vision_config=wider, projection_dim=8)))
     with pytest.raises(ValueError, match="n_layers"):
