@@ -149,10 +149,11 @@ def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str |
            hf_names: bool = False) -> None:
     import re
 
-    from tl_vlm import HookedVLM
+    from tl_vlm import HookedCLIP
     from tl_vlm.dtypes import DTYPES
+    from tl_vlm.loading import load_model
 
-    model = HookedVLM.from_pretrained(model_name, device=device, dtype=DTYPES[dtype])
+    model = load_model(model_name, device=device, dtype=DTYPES[dtype])
     pattern = re.compile(name_filter) if name_filter else None
     if hf_names:
         _print_hf_names(model, pattern)
@@ -164,7 +165,8 @@ def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str |
     from tl_vlm.prompts import format_prompt
     from tl_vlm.zoo.data import sample_images
 
-    inputs = model.prepare(images=sample_images(1), text=format_prompt(model.processor, "Describe the image."))
+    dual = isinstance(model, HookedCLIP)  # a dual encoder takes a caption, not a prompt with an image placeholder
+    inputs = model.prepare(images=sample_images(1), text="a photo" if dual else format_prompt(model.processor, "Describe the image."))
     model.set_use_attn_result(True)
     _, cache = model.run_with_cache(inputs, names_filter=names)
     for name in names:

@@ -22,8 +22,10 @@ import torch
 from tqdm import tqdm
 
 from tl_vlm.hf_names import run_with_outputs, select_hf_modules, unknown_module_message
+from tl_vlm.families.clip import HookedCLIP
 from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
+from tl_vlm.store.dual import extract_dual_batch
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
 from tl_vlm.store.lock import writer_lock
@@ -67,7 +69,8 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
     anyone. Samples, ids and the model kwargs are checked before the model loads, and the output file is held
     by one writer at a time (another ``extract`` or ``merge`` on it is refused up front).
     """
-    from tl_vlm import HookedVLM, __version__
+    from tl_vlm import __version__
+    from tl_vlm.loading import load_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,8 +89,11 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
             done.update(_done(store, run_id))
         mine = [s for i, s in enumerate(every) if i % world == rank]
         todo = [s for s in mine if s.key not in done or _changed(done[s.key], s.fingerprint)]
-        model = HookedVLM.from_pretrained(config.model_path, device=device, revision=config.revision, **load_kwargs)
-        layers = select_layers(model, config.modules)
+        model = load_model(config.model_path, device=device, revision=config.revision, **load_kwargs)
+        if isinstance(model, HookedCLIP):  # no HF module names for dual encoders: hook names only
+            layers = {h: h for h in select_hooks(list(model.hook_dict), config.modules)}
+        else:
+            layers = select_layers(model, config.modules)
         changed = [k for k in ("fold_ln", "center_writing_weights", "center_unembed") if load_kwargs.get(k)]
         if changed and any(name != target for name, target in layers.items()):
             raise ValueError(
@@ -210,6 +216,8 @@ def _load_images(conn: sqlite3.Connection, run_id: str, batch: list[Sample], cou
 
 def _extract_batch(model, layers: dict[str, str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
     """Per sample, (stored layer name, pooled activation) pairs."""
+    if isinstance(model, HookedCLIP):
+        return extract_dual_batch(model, list(layers.values()), config.pooling_method, config.float16, loaded)
     texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
     inputs = model.scoring_inputs(model.prepare(images=[image for _, image in loaded], text=texts))
     targets = list(dict.fromkeys(layers.values()))
@@ -245,7 +253,7 @@ def _extract_batch(model, layers: dict[str, str], config: ExtractConfig, loaded)
 def _stop_layer(model, hooks: list[str]) -> int | None:
     """Run the language tower only as deep as the hooks need: the unembedding alone was a quarter of the
     compute at vocab 32k, and VLM-Lens's loop always pays for it."""
-    if "language" not in model.towers():
+    if "language" not in model.towers():  # a dual encoder runs both towers whole
         return None
     language, deepest = model.tower("language"), -1
     for hook in hooks:
