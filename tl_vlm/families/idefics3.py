@@ -33,6 +33,7 @@ from torch import Tensor
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import Rotary
 from tl_vlm.config import ViTConfig, ViTVLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules, vit_modules
 from tl_vlm.convert.rules import Rule, WeightMap, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import vit_rules
@@ -99,6 +100,15 @@ class HookedIdefics3(HookedVLM):
             hf_config=hf_config,
             scale=hf_config.scale_factor,
         )
+
+    @classmethod
+    def hf_module_rules(cls, cfg: Idefics3Config) -> list[ModuleRule]:
+        return [
+            *vit_modules("model.vision_model", "vision", cfg.vision),
+            ModuleRule("model.connector", "projector.hook_out"),
+            *decoder_lm_modules("model.text_model"),
+            ModuleRule("lm_head", "unembed"),
+        ]
 
     @classmethod
     def normalize_key(cls, key: str) -> str:

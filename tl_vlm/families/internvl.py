@@ -29,6 +29,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import Rotary
 from tl_vlm.config import ViTVLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules
 from tl_vlm.convert.intern_vit import intern_vit_config, intern_vit_ignored, intern_vit_rules
 from tl_vlm.convert.rules import WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
@@ -97,6 +98,26 @@ class HookedInternVL(HookedVLM):
                 raise
             warnings.warn(f"HF's processor for InternVL cannot load ({err}); using tl_vlm's {cls.fallback_processor.__name__}")
             return cls.fallback_processor.from_pretrained(path)
+
+    legacy_module_prefixes = (
+        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower"),
+        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
+    )
+
+    @classmethod
+    def hf_module_rules(cls, cfg: InternVLConfig) -> list[ModuleRule]:
+        # HF's attention and MLP modules output before the layer scale, which no hook point holds: not listed.
+        layer, tl = "model.vision_tower.encoder.layer.{i}", "vision.blocks.{i}"
+        return [
+            ModuleRule(layer, f"{tl}.hook_resid_post", "vision"),
+            ModuleRule(f"{layer}.layernorm_before", f"{tl}.ln1", "vision"),
+            ModuleRule(f"{layer}.layernorm_after", f"{tl}.ln2", "vision"),
+            *([ModuleRule("model.vision_tower.layernorm", "vision.ln_post")] if cfg.vision.ln_post else []),
+            ModuleRule("model.multi_modal_projector.layer_norm", "projector.ln"),
+            ModuleRule("model.multi_modal_projector", "projector.hook_out"),
+            *decoder_lm_modules("model.language_model"),
+            ModuleRule("lm_head", "unembed"),
+        ]
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
