@@ -717,9 +717,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
                     continue
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
-                # What writes into the stream: InternViT's are its weights times the layer scale (properties)
+                # What writes into the stream: InternViT's is its weight times the layer scale (a property)
                 params[f"{prefix}blocks.{i}.attn.W_O"] = block.attn.W_O
-                params[f"{prefix}blocks.{i}.mlp.W_out"] = block.mlp.W_out
         return params
 
     # ---------------------------------------------------------------- tokens
