@@ -56,6 +56,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     # The family's short name (``vlm_cfg.family``) and the HF architecture names it converts.
     family: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
+    # Vision-config model types this family converts within its architectures (empty: any the others do not claim);
+    # e.g. LLaVA with a ``pixtral`` tower is its own family.
+    vision_model_types: ClassVar[tuple[str, ...]] = ()
     # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
     # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
