@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_vlm.components import param_layout as layout
-from tl_vlm.convert.rules import Rule, linear_rules, norm_rules
+from tl_vlm.convert.rules import Rule, norm_rules
 from tl_vlm.families.pixtral import HookedPixtral, PixtralConfig
 from tl_vlm.towers.mistral3_projector import Mistral3Projector
 from tl_vlm.towers.pixtral_vision import PatchLayout
