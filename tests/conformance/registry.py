@@ -169,9 +169,9 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
-# (w, h): 5x8 and 8x6 (rows x cols) patch grids for Pixtral (after resizing to whole patches), 3x4 and 4x3 merged tokens for
-# Mistral3; padded vision rows, and one image per prompt or both in one prompt.
-PIXTRAL_SIZES = [(40, 24), (24, 36)]
+# (w, h): 5x8 and 7x4 (rows x cols) patch grids for Pixtral after resizing to whole patches, 6x8 and 8x4 patches (3x4
+# and 4x2 merged tokens) for Mistral3: padded vision rows, one image per prompt or both in one prompt.
+PIXTRAL_SIZES = [(40, 24), (16, 28)]
 
 
 def pixtral_cases(model, entry: Entry) -> dict[str, VLMInputs]:
