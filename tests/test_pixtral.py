@@ -198,6 +198,7 @@ def draw_pixtral(seed: int, variant: str) -> Draw:
 
         first = [BOS, *text(rng, 2), *rows(*sizes[0]), *text(rng, 3)]
         rest = [BOS, *text(rng, 5)] + [t for h, w in sizes[1:] for t in rows(h, w) + text(rng, 1)]
+        rest += text(rng, 1) if len(rest) == len(first) else []  # the batch must be padded
         ids, mask = padded([first, rest], rng.choice(["left", "right"]))
         assert PAD not in (first + rest)
         return VLMInputs(ids, pixels, mask, image_sizes=torch.tensor(sizes))
