@@ -71,6 +71,8 @@ def test_spatial_index_points_at_the_feeding_patches(loaded, name):
         token = row.row * (layout.grids[row.image][1] // m) + row.col
         assert torch.equal(cache["hook_image_embed"][row.batch, row.position], cache["projector.hook_out"][row.tile, token])
         assert layout.positions[row.tile, row.patch].tolist() == [row.row * m, row.col * m]  # top-left of its block
+        block = layout.positions[row.tile, model.token_patches(row._asdict())].tolist()
+        assert block == [[row.row * m + i, row.col * m + j] for i in range(m) for j in range(m)]
         assert (row.x1 - row.x0, row.y1 - row.y0) == (model.vlm_cfg.token_size,) * 2
     originals = [(80, 48), (48, 72)]  # (w, h): the sizes the processor resized from
     cells = model.image_token_cells(inputs, originals)

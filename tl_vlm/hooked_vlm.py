@@ -153,6 +153,11 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         (see analysis/spatial.py)."""
         raise NotImplementedError(f"no spatial index for {type(self).__name__} yet")
 
+    def token_patches(self, cell: Mapping[str, Any]) -> list[int]:
+        """The vision patches (in the cell's vision row ``tile``) behind the image token of one ``image_token_cells``
+        cell: ``patches_per_token`` consecutive ones from its ``patch`` (a merge block in Qwen-VL's patch order)."""
+        return [cell["patch"] + k for k in range(self.capabilities.patches_per_token)]
+
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """Which language positions hold image features."""
         return input_ids == self.vlm_cfg.image_token_id

@@ -98,10 +98,9 @@ def _patch_regions(model, clean, corrupt, clean_cache, image, box, metric: Metri
                 out[f"language_resid_pre_{label}"].append(metric(patch_image_region(model, corrupt, clean, mask, name)))
     # The same split in the vision tower: the patches feeding the object's tokens (a merge block of patches per
     # token for Qwen-VL), then all other patches (the class token and padding stay corrupted).
-    per_token = model.capabilities.patches_per_token
     patches = {True: [], False: []}
     for row in index[index["kind"] == "patch"].itertuples():
-        patches[bool(inside[row.batch, row.position])] += [(row.tile, row.patch + k) for k in range(per_token)]
+        patches[bool(inside[row.batch, row.position])] += [(row.tile, p) for p in model.token_patches(row._asdict())]
     for key, label in ((True, "vision_resid_pre_object_region"), (False, "vision_resid_pre_rest_of_image")):
         tiles, cols = (torch.tensor(v, device=model.device) for v in zip(*patches[key]))
         out[label] = _patch_vision(model, corrupt, clean_cache, metric, (tiles, cols))

@@ -177,8 +177,8 @@ class HookedPixtral(HookedLlava):
 
     def image_token_cells(self, inputs: VLMInputs, original_sizes) -> list[dict]:
         """Per ``[IMG]`` placeholder, in order: its ``image`` (= vision-tower row ``tile``), the first vision
-        ``patch`` it reads in that row (the top-left patch of its merge block), its (``row``, ``col``) among the
-        image's token rows, and its pixel box ``x0, y0, x1, y1`` in the resized image, or in the original image when
+        ``patch`` it reads in that row (the top-left patch of its merge block) and all of them (``patches``), its
+        (``row``, ``col``) among the image's token rows, and its pixel box ``x0, y0, x1, y1`` in the resized image, or in the original image when
         ``original_sizes`` (width, height per image) are given (the processor stretches each image to its size)."""
         cfg = self.vlm_cfg
         m, side, ps = cfg.merge_size, cfg.token_size, cfg.vision.patch_size
@@ -190,8 +190,14 @@ class HookedPixtral(HookedLlava):
                 sx, sy = width / w, height / h
             for r in range(h // side):
                 for c in range(w // side):
+                    first = r * m * (w // ps) + c * m
                     cells.append(dict(
-                        image=image, tile=image, patch=r * m * (w // ps) + c * m, row=r, col=c, kind="patch",
+                        image=image, tile=image, patch=first, row=r, col=c, kind="patch",
                         x0=c * side * sx, y0=r * side * sy, x1=(c + 1) * side * sx, y1=(r + 1) * side * sy,
+                        patches=[first + i * (w // ps) + j for i in range(m) for j in range(m)],
                     ))
         return cells
+
+    def token_patches(self, cell) -> list[int]:
+        """A token's merge block is a square of the image's raster-ordered patches, not consecutive ones."""
+        return list(cell["patches"])
