@@ -43,6 +43,8 @@ def test_the_vision_tower_picks_the_llava_family():
     with pytest.raises(NotImplementedError, match="'default'"):
         family_for(LlavaConfig(vision_config=pixtral_vision()), ["LlavaForConditionalGeneration"]).config_from_hf(
             LlavaConfig(vision_config=pixtral_vision(), vision_feature_select_strategy="default"))
+    with pytest.raises(NotImplementedError, match="several vision_feature_layer"):
+        HookedMistral3.config_from_hf(Mistral3Config(vision_feature_layer=[-2, -1]))
     clip_mistral3 = Mistral3Config(vision_config={"model_type": "clip_vision_model"})
     with pytest.raises(NotImplementedError, match="clip_vision_model.*'pixtral'"):
         family_for(clip_mistral3).config_from_hf(clip_mistral3)

@@ -34,6 +34,9 @@ class HookedMistral3(HookedPixtral):
 
     @classmethod
     def config_from_hf(cls, hf_config) -> Mistral3Config:
+        if not isinstance(hf_config.vision_feature_layer, int):
+            # HF's projector norms and merges d_vision-wide features: several feature layers cannot run there either.
+            raise NotImplementedError("Mistral3 with several vision_feature_layer (HF's projector takes one)")
         return Mistral3Config(
             **cls.config_fields(hf_config), merge_size=hf_config.spatial_merge_size,
             projector_eps=hf_config.get_text_config().rms_norm_eps,
@@ -49,9 +52,6 @@ class HookedMistral3(HookedPixtral):
 
     def build_projector(self) -> None:
         cfg = self.vlm_cfg
-        if len(cfg.feature_layers) != 1:
-            # HF's projector norms and merges d_vision-wide features: several feature layers cannot run there either.
-            raise NotImplementedError("Mistral3 with several vision_feature_layer (HF's projector takes one)")
         self.projector = Mistral3Projector(
             cfg.vision.d_model, cfg.language.d_model, cfg.merge_size, cfg.projector_act, cfg.projector_bias,
             cfg.projector_eps,

@@ -142,6 +142,7 @@ class HookedPixtral(HookedLlava):
             raise ValueError("Pixtral needs image_sizes, the (height, width) of each image (the processor returns them "
                              "with pixel_values)")
         sizes = inputs.image_sizes.to(inputs.pixel_values.device)
+        self.vision.check(inputs.pixel_values, sizes)
         for size in sizes.tolist():
             if size[0] % self.vlm_cfg.token_size or size[1] % self.vlm_cfg.token_size:
                 raise ValueError(

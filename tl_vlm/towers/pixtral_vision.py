@@ -20,7 +20,7 @@ Hidden state ``j`` is the input of block ``j`` (``j = 0``: the patch embeddings 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -53,9 +53,25 @@ class PatchLayout:
         return [h * w for h, w in self.grids]
 
 
+@dataclass
 class PackedImages(Segments):
     """Attention within each image, run as HF runs it: all images packed into one sequence, SDPA with HF's additive
     block-diagonal mask (``generate_block_attention_mask``), then unpacked into the padded rows."""
+
+    # The additive mask per dtype, built once per forward pass as HF does ([patches, patches]: large images).
+    biases: dict[torch.dtype, Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def block_bias(self, like: Tensor) -> Float[Tensor, "1 1 n n"]:
+        if like.dtype not in self.biases:
+            lengths = [len(idx) for _, idx in self.parts]
+            n = sum(lengths)
+            bias = torch.full((n, n), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+            start = 0
+            for length in lengths:
+                bias[start : start + length, start : start + length] = 0
+                start += length
+            self.biases[like.dtype] = bias[None, None]
+        return self.biases[like.dtype]
 
     def attend(
         self, q: Float[Tensor, "image head patch d_head"], k: Tensor, v: Tensor, scale: float
@@ -63,16 +79,9 @@ class PackedImages(Segments):
         def pack(t: Tensor) -> Tensor:
             return torch.cat([t[row][:, idx] for row, idx in self.parts], dim=1)[None]
 
-        lengths = [len(idx) for _, idx in self.parts]
-        n = sum(lengths)
-        bias = torch.full((n, n), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)
-        start = 0
-        for length in lengths:
-            bias[start : start + length, start : start + length] = 0
-            start += length
-        out = F.scaled_dot_product_attention(pack(q), pack(k), pack(v), attn_mask=bias[None, None], scale=scale)[0]
+        out = F.scaled_dot_product_attention(pack(q), pack(k), pack(v), attn_mask=self.block_bias(q), scale=scale)[0]
         z = torch.zeros_like(q)
-        for (row, idx), part in zip(self.parts, out.split(lengths, dim=1)):
+        for (row, idx), part in zip(self.parts, out.split([len(idx) for _, idx in self.parts], dim=1)):
             z[row][:, idx] = part
         return z
 
@@ -124,8 +133,7 @@ class PixtralVisionTower(StackedWeights, nn.Module):
         x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(patches, batch_first=True))
         resid = self.ln_pre(x)
         rotary = self.rotary(layout.positions, resid.dtype)
-        rows = torch.arange(layout.valid.shape[0], device=x.device)
-        parts = [(int(row), torch.arange(n, device=x.device)) for row, n in zip(rows, layout.lengths)]
+        parts = [(row, torch.arange(n, device=x.device)) for row, n in enumerate(layout.lengths)]
         segment = torch.where(layout.valid, 0, -1)  # padding attends to padding only: no empty softmax rows
         mask = None if bool(layout.valid.all()) else (segment[:, :, None] == segment[:, None, :])[:, None]
         attention = PackedImages(parts, mask)
