@@ -190,7 +190,7 @@ def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
     sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
-             "pixtral": [(24, 16)], "mistral3": [(24, 16)]}.get(entry.name)
+             "pixtral": [(16, 12)], "mistral3": [(16, 12)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
