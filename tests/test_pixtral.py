@@ -111,6 +111,39 @@ def test_images_see_neither_each_other_nor_the_padding(loaded, name):
         assert torch.all(rows[..., ~valid[image]] == 0)
 
 
+@pytest.mark.parametrize("name", ENTRIES)
+def test_pooling_skips_the_padding_of_smaller_images(loaded, tmp_path, name):
+    """Extraction and probing features of a batch of differently sized images equal those of each image alone."""
+    import pandas as pd
+
+    from tl_vlm.analysis.probing import pooled_activations
+    from tl_vlm.store import ExtractConfig, extract, load
+
+    pair = loaded(name)
+    model = pair.model
+    hooks = ["vision.blocks.1.hook_resid_post", "projector.hook_in", "projector.hook_out"]
+    (tmp_path / "images").mkdir()
+    images = sample_images(2, seed=4, sizes=[(40, 24), (16, 28)])
+    for i, image in enumerate(images):
+        image.save(tmp_path / "images" / f"{i}.png")
+    pd.DataFrame([{"id": i, "prompt": "What colour?", "image": f"{i}.png", "label": 0} for i in range(2)]).to_csv(
+        tmp_path / "data.csv", index=False)
+    frames = {}
+    for batch_size in (1, 2):
+        config = ExtractConfig(model_path=str(pair.path), output_db=str(tmp_path / f"{batch_size}.db"), modules=hooks,
+                               batch_size=batch_size, dataset={"local_dataset_path": str(tmp_path / "data.csv"),
+                                                               "image_dataset_path": str(tmp_path / "images")})
+        assert quiet(extract, config, progress=False)["done"] == 2
+        frames[batch_size] = load(tmp_path / f"{batch_size}.db").sort_values(["image_id", "layer"])
+    for alone, batched in zip(frames[1].itertuples(), frames[2].itertuples()):
+        assert torch.allclose(alone.tensor, batched.tensor, atol=1e-5), (alone.layer, alone.image_id)
+    prompts = [chat("[IMG]What colour?")] * 2
+    together = pooled_activations(model, [model.prepare(images=images, text=prompts)], hooks)
+    apart = pooled_activations(model, [model.prepare(images=[im], text=prompts[:1]) for im in images], hooks)
+    for hook in hooks:
+        assert torch.allclose(together[hook], apart[hook], atol=1e-5), hook
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 

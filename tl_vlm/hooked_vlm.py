@@ -153,6 +153,11 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         (see analysis/spatial.py)."""
         raise NotImplementedError(f"no spatial index for {type(self).__name__} yet")
 
+    def padded_rows(self, inputs: VLMInputs, hook: str) -> Bool[Tensor, "row pos"] | None:
+        """Which positions of a vision or projector hook's rows are real when rows are padded to the largest image
+        (``capabilities.padded_vision_rows``), so pooling skips the padding; None when every position is real."""
+        return None
+
     def token_patches(self, cell: Mapping[str, Any]) -> list[int]:
         """The vision patches (in the cell's vision row ``tile``) behind the image token of one ``image_token_cells``
         cell: ``patches_per_token`` consecutive ones from its ``patch`` (a merge block in Qwen-VL's patch order)."""

@@ -57,10 +57,10 @@ class HookedMistral3(HookedPixtral):
             cfg.projector_eps,
         )
 
-    def project(
-        self, features: Float[Tensor, "image patch d_vision"], layout: PatchLayout
-    ) -> tuple[Float[Tensor, "image token d_model"], Bool[Tensor, "image token"]]:
+    def project(self, features: Float[Tensor, "image patch d_vision"], layout: PatchLayout) -> Float[Tensor, "image token d_model"]:
+        return self.projector(features, layout.grids)
+
+    def real_tokens(self, layout: PatchLayout) -> Bool[Tensor, "image token"]:
         m = self.vlm_cfg.merge_size
-        projected = self.projector(features, layout.grids)
-        tokens = torch.tensor([(h // m) * (w // m) for h, w in layout.grids], device=projected.device)
-        return projected, torch.arange(projected.shape[1], device=projected.device) < tokens[:, None]
+        tokens = torch.tensor([(h // m) * (w // m) for h, w in layout.grids], device=layout.valid.device)
+        return torch.arange(int(tokens.max()), device=tokens.device) < tokens[:, None]

@@ -151,14 +151,23 @@ class HookedPixtral(HookedLlava):
                 )
         hidden, layout = self.vision(inputs.pixel_values, sizes, keep=self.vlm_cfg.feature_layers)
         features = [hidden[i] for i in self.vlm_cfg.feature_layers]
-        projected, valid = self.project(features[0] if len(features) == 1 else torch.cat(features, dim=-1), layout)
-        return projected[valid]
+        projected = self.project(features[0] if len(features) == 1 else torch.cat(features, dim=-1), layout)
+        return projected[self.real_tokens(layout).to(projected.device)]
 
-    def project(
-        self, features: Float[Tensor, "image patch d_in"], layout: PatchLayout
-    ) -> tuple[Float[Tensor, "image token d_model"], Bool[Tensor, "image token"]]:
-        """Projected features of each image's tokens (padded rows) and which are real."""
-        return self.projector(features), layout.valid
+    def project(self, features: Float[Tensor, "image patch d_in"], layout: PatchLayout) -> Float[Tensor, "image token d_model"]:
+        """Projected features of each image's tokens (padded rows)."""
+        return self.projector(features)
+
+    def real_tokens(self, layout: PatchLayout) -> Bool[Tensor, "image token"]:
+        """Which positions of the projector's token rows are real (one token per patch here)."""
+        return layout.valid
+
+    def padded_rows(self, inputs: VLMInputs, hook: str) -> Bool[Tensor, "row pos"] | None:
+        if inputs.image_sizes is None:
+            return None
+        layout = self.vision.patch_layout(inputs.image_sizes)
+        patch_rows = hook.startswith(("vision.", "projector.hook_in", "projector.ln."))
+        return layout.valid if patch_rows else self.real_tokens(layout)
 
     def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
         features = super().checked_image_features(inputs, image_mask)

@@ -215,8 +215,10 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
                 one = act[selection]
                 if hook.endswith(_MULTI_POSITION):
                     pooled = one
-                else:
-                    pooled = torch.cat([pool(r, config.pooling_method, None, None) for r in one])
+                else:  # rows padded to the batch's largest image (Qwen-VL, Pixtral) pool their real positions only
+                    valid = model.padded_rows(inputs, hook) if model.capabilities.padded_vision_rows else None
+                    reals = valid[selection].to(one.device) if valid is not None else [None] * len(one)
+                    pooled = torch.cat([pool(r, config.pooling_method, None, v) for r, v in zip(one, reals)])
             per_sample[b].append((hook, pooled.half() if config.float16 else pooled))
     return per_sample
 
