@@ -10,6 +10,7 @@ import torch
 from toy_batches import toy, toy_batch
 
 from tl_vlm import HookedVLM
+from tl_vlm.zoo.data import sample_images
 
 if tuple(int(part) for part in version("transformer-lens").split(".")[:2]) < (4, 3):
     pytest.skip("the tools.analysis suite tested here is TransformerLens 4.3's", allow_module_level=True)
@@ -80,22 +81,114 @@ def test_node_attribution_patching_equals_a_hand_gradient(setup):
     assert len(scores) == hand.numel()
 
 
-@pytest.mark.parametrize("tool", ["edge", "direct_path"])
-def test_tools_needing_per_head_qkv_inputs_refuse(setup, tool):
+def _metric(answer):
+    return lambda logits: logits[0, -1, answer]
+
+
+def _check_edges_by_hand(model, tool_model, clean, corrupt, metric) -> None:
+    """Edge scores from head (0, s) to head (1, d)'s query input against clean-minus-corrupt write of (0, s) dotted
+    with the gradient at (1, d)'s own query input; ``tool_model`` is a model or a tower view."""
+    result = analysis.attribution_patch(tool_model, clean, corrupt, metric, analysis.EdgeAttributionConfig(granularity="edge"))
+    assert not tool_model.cfg.use_split_qkv_input and not tool_model.cfg.use_hook_mlp_in  # the caller's flags come back
+    assert "blocks.1.attn.hook_q_input" not in tool_model.hook_dict
+    tool_model.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad():
+            _, clean_cache = tool_model.run_with_cache(clean)
+        acts = {}
+
+        def keep(key):
+            def hook(x, hook):
+                acts[key] = x.detach()
+            return hook
+
+        writes = [("blocks.0.attn.hook_z", keep("z"))]
+        reads = [("blocks.1.attn.hook_q_input", keep("grad"))]
+        with tool_model.hooks(fwd_hooks=writes, bwd_hooks=reads):
+            metric(tool_model(corrupt)).backward()
+    finally:
+        tool_model.set_use_split_qkv_input(False)
+        model.zero_grad(set_to_none=True)
+    W_O = tool_model.blocks[0].attn.W_O.detach()  # [head, d_head, d_model]
+    delta = torch.einsum("phd,hdm->phm", clean_cache["blocks.0.attn.hook_z"][0] - acts["z"][0], W_O)
+    hand = torch.einsum("psm,pdm->psd", delta, acts["grad"][0])  # [pos, src head, dst head]
+    checked = 0
+    for (src, dst), score in result.edge_scores.items():
+        if src.kind == "attn_head_out" and src.layer == 0 and dst.kind == "q_input" and dst.layer == 1:
+            assert src.position == dst.position
+            assert score == pytest.approx(float(hand[src.position, src.head, dst.head]), abs=1e-4)
+            checked += 1
+    assert checked == hand.numel()
+    everything = analysis.faithfulness(tool_model, clean, corrupt, metric, list(result.edge_scores))
+    nothing = analysis.faithfulness(tool_model, clean, corrupt, metric, [])
+    # every edge kept is the clean run, none kept the corrupt run (exact ablations, not linearised)
+    assert everything.recovered == pytest.approx(1.0, abs=1e-3) and nothing.recovered == pytest.approx(0.0, abs=1e-3)
+    assert everything.circuit_size == everything.total_edges == len(result.edge_scores)
+
+
+def test_edge_attribution_equals_a_hand_gradient(setup):
     model, batch, answer = setup
+    _check_edges_by_hand(model, model, batch[0:1], batch[2:3], _metric(answer))
 
-    def metric(logits):
-        return logits[0, -1, answer]
 
-    with pytest.raises(NotImplementedError, match="per-head Q/K/V inputs"):
-        if tool == "edge":
-            analysis.attribution_patch(model, batch[0:1], batch[1:2], metric,
-                                       analysis.EdgeAttributionConfig(granularity="edge"))
-        else:
-            _, clean_cache = model.run_with_cache(batch[0:1])
-            _, corrupt_cache = model.run_with_cache(batch[1:2])
-            analysis.get_act_patch_direct_path(model, batch[1:2], clean_cache, corrupt_cache, metric, 0, 0)
-    assert not model.cfg.use_attn_result and not model.cfg.use_split_qkv_input  # flags restored
+def test_edge_attribution_in_the_vision_tower_through_its_view():
+    # BLIP-2 reads its ViT's last layer (LLaVA's last vision layer reaches no logit, which the tool refuses).
+    model = HookedVLM.from_pretrained("tl-vlm/toy-blip2")
+    batch = model.prepare(images=sample_images(2, seed=3), text=["Question: what colour? Answer:"] * 2)
+    answer = int(model(batch[0:1])[0, -1].argmax())
+    view = model.tower("vision")
+    _check_edges_by_hand(model, view, view.inputs(batch[0:1]), view.inputs(batch[1:2]), _metric(answer))
+    assert "vision.blocks.1.attn.hook_q_input" not in model.hook_dict
+
+
+def test_direct_path_patching_equals_a_hand_patched_query(setup):
+    model, batch, answer = setup
+    clean, corrupt = batch[0:1], batch[2:3]
+    metric = _metric(answer)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        _, corrupt_cache = model.run_with_cache(corrupt)
+        result = analysis.get_act_patch_direct_path(model, corrupt, clean_cache, corrupt_cache, metric, 0, 1)
+        assert "blocks.1.attn.hook_q_input" not in model.hook_dict
+        # By hand, without the per-head fork: head (1, d)'s query recomputed from its stream plus head (0, 1)'s
+        # clean-minus-corrupt write, through ln1 and W_Q.
+        attn = model.blocks[1].attn
+        z = "blocks.0.attn.hook_z"
+        delta = (clean_cache[z][:, :, 1] - corrupt_cache[z][:, :, 1]) @ model.blocks[0].attn.W_O[1]
+        for d in range(model.cfg.n_heads):
+            stream = corrupt_cache["blocks.1.hook_resid_pre"] + delta
+            query = model.blocks[1].ln1(stream) @ attn.W_Q[d] + (attn.b_Q[d] if attn.b_Q is not None else 0)
+
+            def patch(q, hook, d=d, query=query):
+                q = q.clone()
+                q[:, :, d] = query
+                return q
+
+            expected = metric(model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_q", patch)]))
+            assert float(result[1, d]) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_split_inputs_leave_the_model_unchanged_and_edit_one_head(setup):
+    model, batch, _ = setup
+    with torch.no_grad():
+        expected = model(batch)
+        model.set_use_split_qkv_input(True)
+        model.set_use_hook_mlp_in(True)
+        try:
+            logits, cache = model.run_with_cache(batch)
+            assert cache["blocks.0.attn.hook_q_input"].shape == (*batch.shape, model.cfg.n_heads, model.cfg.d_model)
+            assert cache["blocks.0.attn.hook_k_input"].shape[2] == model.cfg.n_key_value_heads
+            assert torch.equal(cache["blocks.1.hook_mlp_in"], cache["blocks.1.hook_resid_mid"])
+            # the new hook points fire (per-head results are cached only with use_attn_result, as in TL)
+            assert set(cache.keys()) == {n for n in model.hook_dict if not n.endswith("hook_result")}
+            assert (logits - expected).abs().max() <= ATOL
+            zero = [("blocks.1.attn.hook_q_input", lambda x, hook: x.index_fill(2, torch.tensor([0]), 0.0))]
+            edited = model.run_with_hooks(batch, fwd_hooks=zero)
+            assert (edited - expected).abs().max() > 1e-4
+        finally:
+            model.set_use_split_qkv_input(False)
+            model.set_use_hook_mlp_in(False)
+    assert "blocks.1.hook_mlp_in" not in model.hook_dict
 
 
 def _task(model):

@@ -36,13 +36,14 @@ from transformers import AutoConfig, GenerationConfig
 from tl_vlm import weight_processing
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
-from tl_vlm.components import KVCache
+from tl_vlm.components import KVCache, TransformerBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
 from tl_vlm.dtypes import resolve_dtype
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
+from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
 from tl_vlm.beam_search import beam_search
 from tl_vlm.saes import SAEMethods
 from tl_vlm.sampling import decode, resolve_settings
@@ -73,6 +74,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.generation_config = generation_config or GenerationConfig()
         self.name_or_path = ""  # where the weights came from (set by the loaders; verify reloads HF from it)
+        self.device_map: dict[str, torch.device] | None = None  # set by ``place``: part -> device
+        self.offload: BlockOffload | None = None  # set by ``offload_blocks``
+        self._alignment: dict = {}  # placement hooks by part
         self.build()
         self.setup()
 
@@ -249,9 +253,16 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         revision: str | None = None,
         trust_remote_code: bool = False,
         load_processor: bool = True,
+        device_map: str | dict | None = None,
+        n_devices: int | None = None,
+        max_memory: dict | None = None,
+        offload_blocks: bool = False,
     ) -> "HookedVLM":
         """Load a HF checkpoint (local directory or hub id) straight from its safetensors files. ``dtype``: a torch
-        dtype, its name ("bfloat16", "fp16", ...) or "auto" (the checkpoint's ``dtype``)."""
+        dtype, its name ("bfloat16", "fp16", ...) or "auto" (the checkpoint's ``dtype``). ``device_map`` ("auto" or
+        part -> device), ``n_devices`` or ``max_memory`` split the model over devices (``placement.plan_placement``);
+        each weight loads straight onto its device. ``offload_blocks``: the language blocks stay in CPU memory and
+        are streamed to ``device`` one at a time (``placement.BlockOffload``)."""
         path = resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         dtype = resolve_dtype(dtype, _config_dtype(hf_config))
@@ -260,7 +271,12 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         generation_config = (
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
-        model = family._convert(hf_config, _iter_safetensors(path), device, dtype, processor, generation_config)
+        placement = _placement_request(device, device_map, n_devices, max_memory, offload_blocks)
+        model = family._convert(
+            hf_config, _iter_safetensors(path), device, dtype, processor, generation_config, placement=placement
+        )
+        if offload_blocks:
+            model.offload_blocks(device)
         model.name_or_path = str(model_name)
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
         return model
@@ -312,16 +328,21 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
 
     @classmethod
     def _convert(
-        cls, hf_config, tensors, device, dtype, processor, generation_config, keep_float32: bool = False
+        cls, hf_config, tensors, device, dtype, processor, generation_config, keep_float32: bool = False,
+        placement: dict | None = None,
     ) -> "HookedVLM":
         """``keep_float32``: float32 tensors stay float32 (an in-memory model's own per-weight dtypes); else the
-        family's ``fp32_parameters`` say which weights HF keeps in float32 when loading in ``dtype``."""
+        family's ``fp32_parameters`` say which weights HF keeps in float32 when loading in ``dtype``. ``placement``:
+        ``plan_placement``'s arguments, planned on the built model before any weight loads."""
         cfg = cls.config_from_hf(hf_config)
         for tower in cfg.towers():
             tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
         model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
+        plan = plan_placement(model, dtype=dtype, **placement) if placement is not None else None
+        if plan is not None:
+            device = unit_device(plan)
         fp32 = None if keep_float32 else cls.fp32_parameters(cfg, dtype)
         loaded = load_weights(model, cls.weight_map(cfg), tensors, cls.normalize_key, device, dtype, fp32, keep_float32)
         if "unembed.W_U" not in loaded and cfg.language.tie_word_embeddings:
@@ -334,11 +355,38 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
                 f"says?): {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
             )
         kept = {name: p.data for name, p in model.named_parameters() if p.dtype == torch.float32 != dtype}
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(dtype=dtype) if plan is not None else model.to(device=device, dtype=dtype)
         for name, p in model.named_parameters():
             if name in kept:
                 p.data = kept[name]  # loaded in float32 above; .to(dtype) must not round them
+        if plan is not None:
+            model.place(plan)
         return model.eval()
+
+    def place(self, plan: dict[str, torch.device]) -> None:
+        """Put each part on its planned device (``placement.plan_placement``) and move activations between them;
+        ``device_map`` records the plan."""
+        if self.device_map is not None:
+            raise ValueError("this model is already placed over devices; load it again to place it differently")
+        self._alignment = dispatch(self, plan)
+        self.device_map = dict(plan)
+        for tower in self.towers().values():
+            tower.cfg.device = str(next(tower.parameters()).device)
+
+    def offload_blocks(self, device: str | torch.device) -> None:
+        """Keep the language blocks' weights in CPU memory and stream them to ``device`` as each block runs; the
+        other parts must already be on ``device`` (``from_pretrained(..., device=, offload_blocks=True)`` does it)."""
+        for i in range(len(self.blocks)):  # blocks compute on ``device``: activations stay there
+            if f"blocks.{i}" in self._alignment:
+                self._alignment.pop(f"blocks.{i}").remove()
+        self.offload = BlockOffload(self.blocks, device)
+        self.device_map = {**(self.device_map or {}), **{f"blocks.{i}": self.offload.device for i in range(len(self.blocks))}}
+
+    def block_devices(self) -> list[torch.device]:
+        """The device each language block computes on (where its KV cache lives)."""
+        if self.offload is not None:
+            return [self.offload.device] * len(self.blocks)
+        return [next(block.parameters()).device for block in self.blocks]
 
     def process_weights(
         self,
@@ -470,6 +518,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         if cache is not None and cache.length > 0:
             generated_from = 0
         out = self.run_vlm(inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from)
+        if self.device_map is not None:  # split over devices: the output comes back to the inputs' device
+            out = to_device(out, self.device)
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
@@ -500,19 +550,30 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         for tower in self.towers().values():
             tower.cfg.use_attn_result = use_attn_result
 
-    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
-        """TL's per-head Q/K/V input hooks are not built here: refuse (edge attribution and direct path patching
-        ask for them) rather than run without them."""
-        if use_split_qkv_input:
-            raise NotImplementedError(
-                "tl_vlm's attention has no per-head Q/K/V inputs (hook_q_input / hook_k_input / hook_v_input), which "
-                "edge attribution patching and direct path patching need; node attribution "
-                "(EdgeAttributionConfig(granularity='node')) and tl_vlm.analysis.attribution work"
-            )
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool, tower: str = "language") -> None:
+        """TL's per-head Q/K/V inputs (``blocks.{i}.attn.hook_q_input|k_input|v_input``, before ``ln1``) in one
+        tower (tower views pass theirs); edge attribution and direct path patching turn them on."""
+        for block in self._pre_norm_blocks(tower, "use_split_qkv_input"):
+            block.attn.split_inputs(use_split_qkv_input)
+        self.towers()[tower].cfg.use_split_qkv_input = use_split_qkv_input
+        self.setup()
 
-    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
-        if use_hook_mlp_in:
-            raise NotImplementedError("tl_vlm's blocks have no hook_mlp_in; use ln2.hook_normalized (the MLP's input)")
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool, tower: str = "language") -> None:
+        """TL's ``blocks.{i}.hook_mlp_in`` (the stream the MLP reads, before ``ln2``) in one tower."""
+        for block in self._pre_norm_blocks(tower, "use_hook_mlp_in"):
+            block.mlp_input_hook(use_hook_mlp_in)
+        self.towers()[tower].cfg.use_hook_mlp_in = use_hook_mlp_in
+        self.setup()
+
+    def _pre_norm_blocks(self, tower: str, flag: str) -> list[TransformerBlock]:
+        towers = self.towers()
+        blocks = list(towers[tower].blocks) if tower in towers else []
+        if not blocks or not all(isinstance(b, TransformerBlock) for b in blocks):
+            raise NotImplementedError(
+                f"{flag} needs a tower of pre-norm transformer blocks; {type(self).__name__}'s {tower!r} has none "
+                f"(its towers: {', '.join(towers)})"
+            )
+        return blocks
 
     def run_with_cache(
         self,
@@ -611,7 +672,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
         check_context(self.cfg, n_cached)
-        cache = KVCache(self.cfg, batch, n_cached, ids.device, self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = KVCache(self.cfg, batch, n_cached, self.block_devices(), self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
 
@@ -707,6 +768,21 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
         return ids[0]
+
+
+def _placement_request(device, device_map, n_devices: int | None, max_memory: dict | None, offload: bool) -> dict | None:
+    """``plan_placement``'s arguments; offloading places every part but the blocks on ``device`` (the blocks on CPU)."""
+    if offload:
+        if device is None or device_map is not None or n_devices is not None:
+            raise ValueError("offload_blocks=True streams the blocks to one device: pass device= (e.g. 'cuda'), "
+                             "without device_map= or n_devices=")
+        return {"device_map": {"": device, "blocks": "cpu"}, "n_devices": None, "max_memory": None}
+    if device_map is None and n_devices is None and max_memory is None:
+        return None
+    if device is not None:
+        raise ValueError("pass either device= (the whole model on one device) or device_map= / n_devices= / max_memory=")
+    return {"device_map": "auto" if device_map is None and n_devices is None else device_map,
+            "n_devices": n_devices, "max_memory": max_memory}
 
 
 def _check_token_ids(ids: Tensor, d_vocab: int, image_token_mask: Callable[[Tensor], Tensor]) -> None:

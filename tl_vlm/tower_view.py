@@ -89,6 +89,16 @@ class TowerView:
     def __repr__(self) -> str:
         return f"TowerView({self.name!r} of {self.model.vlm_cfg.architecture})"
 
+    # TL's switches, for this tower (per-head results: every tower, as the model's).
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        self.model.set_use_split_qkv_input(use_split_qkv_input, tower=self.name)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        self.model.set_use_hook_mlp_in(use_hook_mlp_in, tower=self.name)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        self.model.set_use_attn_result(use_attn_result)
+
     # ---------------------------------------------------------------- names
 
     def full_name(self, name: str) -> str:

@@ -84,8 +84,21 @@ class Attention(nn.Module):
         return self._b_V.repeat_interleave(self.repeat, 0)
 
     def _project(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        if x.ndim == 4:  # per-head inputs [batch, pos, head, d_model] (TL's use_split_qkv_input)
+            out = torch.einsum("bphm,hmd->bphd", x, W)
+            return out if b is None else out + b
         out = F.linear(x, layout.heads_in_linear(W), None if b is None else b.reshape(-1))
         return out.view(*x.shape[:-1], W.shape[0], W.shape[-1])
+
+    def split_inputs(self, on: bool) -> None:
+        """TL's use_split_qkv_input: the block feeds each head its own copy of the residual stream through
+        ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` ([batch, pos, head, d_model], before ``ln1``). The
+        hook points exist only while on, so every registered hook point fires."""
+        for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
+            if on and name not in self._modules:
+                self.add_module(name, HookPoint())
+            elif not on and name in self._modules:
+                del self._modules[name]
 
     def forward(
         self,
@@ -94,12 +107,16 @@ class Attention(nn.Module):
         mask: AttentionMask = None,
         causal: bool = False,
         cache: KVCacheEntry | None = None,
+        key_input: Float[Tensor, "batch pos kv_head d_model"] | None = None,
+        value_input: Float[Tensor, "batch pos kv_head d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``x`` feeds Q, K and V, unless per-head ``key_input`` / ``value_input`` are given (``x`` is then the
+        per-head query input)."""
         q = run_hook(self.hook_q, self._project(x, self.W_Q, self.b_Q))
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        k = run_hook(self.hook_k, self._project(x, self._W_K, self._b_K))
-        v = run_hook(self.hook_v, self._project(x, self._W_V, self._b_V))
+        k = run_hook(self.hook_k, self._project(x if key_input is None else key_input, self._W_K, self._b_K))
+        v = run_hook(self.hook_v, self._project(x if value_input is None else value_input, self._W_V, self._b_V))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:

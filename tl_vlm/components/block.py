@@ -46,7 +46,30 @@ class TransformerBlock(nn.Module):
         state); the block is still called as a module, so PyTorch hooks on it fire."""
         if not resid_pre_hooked:
             resid = run_hook(self.hook_resid_pre, resid)
-        attn_out = run_hook(self.hook_attn_out, self.attn(self.ln1(resid), rotary, mask, causal, cache))
+        if "hook_q_input" in self.attn._modules:
+            q_in, k_in, v_in = self._split_inputs(resid)
+            attn_out = self.attn(q_in, rotary, mask, causal, cache, key_input=k_in, value_input=v_in)
+        else:
+            attn_out = self.attn(self.ln1(resid), rotary, mask, causal, cache)
+        attn_out = run_hook(self.hook_attn_out, attn_out)
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
-        mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln2(resid)))
+        mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
+        mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln2(mlp_in)))
         return run_hook(self.hook_resid_post, resid + mlp_out)
+
+    def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head copies of the stream (TL's use_split_qkv_input), each normalised by ``ln1``; K and V get one copy
+        per key/value head."""
+        attn = self.attn
+        heads = lambda n: resid.unsqueeze(2).repeat(1, 1, n, 1)  # noqa: E731
+        q = run_hook(attn.hook_q_input, heads(attn.cfg.n_heads))
+        k = run_hook(attn.hook_k_input, heads(attn.cfg.n_key_value_heads))
+        v = run_hook(attn.hook_v_input, heads(attn.cfg.n_key_value_heads))
+        return self.ln1(q), self.ln1(k), self.ln1(v)
+
+    def mlp_input_hook(self, on: bool) -> None:
+        """TL's use_hook_mlp_in: ``hook_mlp_in`` (a copy of ``hook_resid_mid`` the MLP reads) exists only while on."""
+        if on and "hook_mlp_in" not in self._modules:
+            self.add_module("hook_mlp_in", HookPoint())
+        elif not on and "hook_mlp_in" in self._modules:
+            del self._modules["hook_mlp_in"]

@@ -40,9 +40,9 @@ class KVCache:
     """Past keys/values of every block plus the attention mask seen so far."""
 
     def __init__(self, cfg, batch: int, max_len: int, device, dtype: torch.dtype):
-        self.entries = [
-            KVCacheEntry(batch, cfg.n_key_value_heads, max_len, cfg.d_head, dtype, device) for _ in range(cfg.n_layers)
-        ]
+        """``device``: one device, or one per layer (a model placed over several devices)."""
+        devices = device if isinstance(device, (list, tuple)) else [device] * cfg.n_layers
+        self.entries = [KVCacheEntry(batch, cfg.n_key_value_heads, max_len, cfg.d_head, dtype, d) for d in devices]
 
     @property
     def length(self) -> int:
@@ -55,4 +55,5 @@ class KVCache:
         """Keep these batch rows, in this order (beam search: a row's prompt copied to each of its beams, then
         each beam continuing from its parent's keys and values)."""
         for entry in self.entries:
+            rows = rows.to(entry.k.device)
             entry.k, entry.v = entry.k[rows], entry.v[rows]

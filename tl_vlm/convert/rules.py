@@ -158,7 +158,7 @@ def load_weights(
     weight_map: WeightMap,
     tensors: Iterator[tuple[str, Tensor]],
     normalize_key: Callable[[str], str],
-    device: torch.device | str | None,
+    device: torch.device | str | Callable[[str], torch.device] | None,
     dtype: torch.dtype,
     fp32: str | None = None,
     keep_float32: bool = False,
@@ -181,7 +181,7 @@ def load_weights(
         first = name[0] if isinstance(name, tuple) else name
         float32 = (fp32 and re.match(fp32, first)) or (keep_float32 and tensor.dtype == torch.float32)
         target = torch.float32 if float32 or _is_buffer(root, first) else dtype
-        source = tensor.to(device=device, dtype=target)
+        source = tensor.to(device=device(first) if callable(device) else device, dtype=target)
         try:
             converted = transform(source)
         except RuntimeError as err:  # a layout reshape that the checkpoint's shape cannot fill

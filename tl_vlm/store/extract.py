@@ -2,8 +2,9 @@
 
 One transaction per batch writes the tensors rows and marks the batch's samples done, so a run killed
 at any point leaves only whole batches behind and a rerun of the same config continues where it
-stopped. Under ``torchrun`` each rank extracts its share of the samples into ``<db>.rank<r>`` and rank
-0 merges the shards into ``<db>`` at the end.
+stopped. Under ``torchrun`` (one machine or several) each rank extracts its share of the samples into
+``<db>.rank<r>`` and rank 0 merges the shards into ``<db>`` at the end, receiving over the process group the
+shards it cannot see on its own disk.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
         finally:
             conn.close()
     if world > 1:
-        _merge_ranks(db, rank)
+        _merge_ranks(db, rank, world)
     return counts
 
 
@@ -264,16 +265,34 @@ def _write(conn, run_id, config, architecture, loaded, rows) -> None:
             conn.execute("DELETE FROM errors WHERE run_id = ? AND sample_key = ?", (run_id, sample.key))
 
 
-def _merge_ranks(db: Path, rank: int) -> None:
+def _merge_ranks(db: Path, rank: int, world: int) -> None:
+    """Rank 0 merges every rank's shard into ``db``. Shards rank 0 cannot see (nodes with their own disks) are
+    streamed to it over the process group first, so shared and per-node storage both end with one store."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    dist.barrier()  # every rank has closed (and unlocked) its shard
+    files = dist.new_group(backend="gloo")  # file bytes travel as CPU tensors whatever the compute backend
+    dist.barrier(group=files)  # every rank has closed (and unlocked) its shard
+    missing = [[r for r in range(world) if not db.with_name(f"{db.name}.rank{r}").exists()] if rank == 0 else None]
+    dist.broadcast_object_list(missing, src=0, group=files)
+    for r in missing[0]:
+        shard = db.with_name(f"{db.name}.rank{r}")
+        if rank == r:
+            data = torch.frombuffer(bytearray(shard.read_bytes()), dtype=torch.uint8)
+            dist.send(torch.tensor([data.numel()]), dst=0, group=files)
+            dist.send(data, dst=0, group=files)
+            _remove_store(shard)  # rank 0 holds it now
+        elif rank == 0:
+            size = torch.zeros(1, dtype=torch.long)
+            dist.recv(size, src=r, group=files)
+            data = torch.empty(int(size), dtype=torch.uint8)
+            dist.recv(data, src=r, group=files)
+            shard.write_bytes(data.numpy().tobytes())
     if rank == 0:
         shards = _shards(db)
         merge(db, shards)
         for shard in shards:
             _remove_store(shard)
-    dist.barrier()
+    dist.barrier(group=files)
     dist.destroy_process_group()
