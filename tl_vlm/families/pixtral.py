@@ -191,6 +191,8 @@ class HookedPixtral(HookedLlava):
         (``row``, ``col``) among the image's token rows, and its pixel box ``x0, y0, x1, y1`` in the resized image, or in the original image when
         ``original_sizes`` (width, height per image) are given (the processor stretches each image to its size)."""
         cfg = self.vlm_cfg
+        if inputs.image_sizes is None:
+            raise ValueError("the spatial index needs the inputs' image_sizes (model.prepare returns them)")
         m, side, ps = cfg.merge_size, cfg.token_size, cfg.vision.patch_size
         cells = []
         for image, (h, w) in enumerate(inputs.image_sizes.tolist()):
