@@ -57,6 +57,31 @@ def test_a_family_class_loads_its_own_subfamily_only(checkpoints):
         quiet(HookedQwen2VL.from_pretrained, checkpoints["pixtral"], load_processor=False)
 
 
+@pytest.mark.parametrize("name", ENTRIES)
+def test_processor_expands_as_hfs_counts(loaded, name):
+    """tl_vlm's processor (HF's needs torchvision) against HF's own count, (cols + 1) * rows per image from its
+    resize rule, and HF's row layout: [IMG] x cols then [IMG_BREAK], the last one [IMG_END]."""
+    import numpy as np
+    from transformers.models.pixtral.image_processing_pil_pixtral import get_resize_output_image_size
+
+    processor = loaded(name).model.processor
+    side = processor.patch_size * processor.spatial_merge_size
+    longest = processor.image_processor.size["longest_edge"]
+    sizes = [(40, 24), (16, 28), (7, 90), (33, 33), (3, 5)]  # (w, h): wide, tall, extreme, square, tiny
+    inputs = processor(images=sample_images(len(sizes), sizes=sizes), text=[chat("[IMG]" * len(sizes))])
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    body = tokens[tokens.index("[INST]") + 1 : tokens.index("[/INST]")]
+    expected = []
+    for w, h in sizes:
+        rows, cols = (n // side for n in get_resize_output_image_size(np.zeros((h, w, 3)), (longest, longest), (side, side)))
+        expected += (["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows
+        expected[-1] = "[IMG_END]"
+    assert body == expected
+    assert [[h // side, w // side] for h, w in inputs["image_sizes"].tolist()] == [
+        [n // side for n in get_resize_output_image_size(np.zeros((h, w, 3)), (longest, longest), (side, side))]
+        for w, h in sizes]
+
+
 # ------------------------------------------------------------------------------------- layout and spatial index
 
 
