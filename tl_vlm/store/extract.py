@@ -205,6 +205,9 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
     for hook in hooks:
         act = cache[hook]
         rows = _sample_rows(act.shape[0], batch, hook)
+        # Rows padded to the batch's largest image (Qwen-VL, Pixtral) pool their real positions only.
+        padded = hook not in language and model.capabilities.padded_vision_rows
+        valid = model.padded_rows(inputs, hook) if padded else None
         for b, selection in enumerate(rows):
             if hook in language:
                 one = act[b]
@@ -216,8 +219,7 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
                 one = act[selection]
                 if hook.endswith(_MULTI_POSITION):
                     pooled = one
-                else:  # rows padded to the batch's largest image (Qwen-VL, Pixtral) pool their real positions only
-                    valid = model.padded_rows(inputs, hook) if model.capabilities.padded_vision_rows else None
+                else:
                     reals = valid[selection].to(one.device) if valid is not None else [None] * len(one)
                     pooled = torch.cat([pool(r, config.pooling_method, None, v) for r, v in zip(one, reals)])
             per_sample[b].append((hook, pooled.half() if config.float16 else pooled))
