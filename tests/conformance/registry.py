@@ -31,11 +31,12 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     MllamaForConditionalGeneration,
+    Mistral3ForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeForConditionalGeneration,
-    SmolVLMForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -49,6 +50,8 @@ from tl_vlm.zoo.tiny_internvl import build_tiny_internvl
 from tl_vlm.zoo.tiny_internvl import chat as internvl_chat
 from tl_vlm.zoo.tiny_mllama import build_tiny_mllama
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
+from tl_vlm.zoo.tiny_pixtral import build_tiny_pixtral
+from tl_vlm.zoo.tiny_pixtral import chat as pixtral_chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 from tl_vlm.zoo.tiny_qwen3_vl import build_tiny_qwen3_vl
 
@@ -180,33 +183,6 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
-INTERNVL_SIZES = [(60, 30), (20, 20)]  # (w, h): 2x1 crops + thumbnail, and one tile
-INTERNVL_PROMPTS = [internvl_chat("<IMG_CONTEXT>\nWhat is the colour?"),
-                    internvl_chat("Describe <IMG_CONTEXT>\n the shape in the image please.")]
-
-
-def internvl_cases(model, entry: Entry) -> dict[str, VLMInputs]:
-    images = sample_images(2, seed=1, sizes=INTERNVL_SIZES)
-    a, b = sample_images(2, seed=3, sizes=[(30, 70), (50, 50)])  # 1x2 crops + thumbnail; 2x2 crops + thumbnail
-    return {
-        "batch": model.prepare(images=images, text=INTERNVL_PROMPTS),
-        "multi_image": model.prepare(images=[a, b], text=[internvl_chat("<IMG_CONTEXT>\n<IMG_CONTEXT>\nWhich one is red?")]),
-        "text": VLMInputs(**dict(model.tokenizer([internvl_chat("What is the colour of a red square?")], return_tensors="pt"))),
-    }
-
-
-IDEFICS3_PROMPTS = [idefics3_chat("<image>What is the colour?"), idefics3_chat("Describe <image> the shape in the image please.")]
-
-
-def idefics3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
-    """Row 0 has 3 sub-images (2x1 + global) and 2 all-zero padding slots, row 1 has 5 (2x2 + global); "padded":
-    the batch with the bottom-right of row 1's first sub-image padded as the processor pads (zero pixels, mask 0)."""
-    batch = model.prepare(images=sample_images(2, seed=1, sizes=INTERNVL_SIZES), text=IDEFICS3_PROMPTS)
-    pixels, mask = batch.pixel_values.clone(), batch.pixel_attention_mask.clone()
-    pixels[1, 0, :, 10:, 7:], mask[1, 0, 10:, 7:] = 0, 0
-    cases = {"batch": batch, "padded": dataclasses.replace(batch, pixel_values=pixels, pixel_attention_mask=mask),
-             "text": VLMInputs(**dict(model.tokenizer([idefics3_chat("What colour is a red square?")], return_tensors="pt")))}
-    return {name: cases[name] for name in entry.cases}
 MLLAMA_PROMPTS = ["<|image|>What is the colour?", "Describe the shape in the image please <|image|> is it a square"]
 MLLAMA_SIZES = [(60, 30), (30, 75)]  # (w, h): 2 of 4 tiles (aspect ratio 1x2), and 3 of 4 (3x1)
 
@@ -261,12 +237,57 @@ def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+# (w, h): 5x8 and 7x4 (rows x cols) patch grids for Pixtral after resizing to whole patches, 6x8 and 8x4 patches (3x4
+# and 4x2 merged tokens) for Mistral3: padded vision rows, one image per prompt or both in one prompt.
+PIXTRAL_SIZES = [(40, 24), (16, 28)]
+
+
+def pixtral_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    images = sample_images(2, seed=1, sizes=PIXTRAL_SIZES)
+    prompts = [pixtral_chat("[IMG]What is the colour?"), pixtral_chat("Describe the shape in [IMG] please")]
+    return {
+        "batch": model.prepare(images=images, text=prompts, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=prompts, padding_side="right"),
+        "multi_image": model.prepare(images=[images], text=[pixtral_chat("[IMG]What colour? [IMG]Which shape?")]),
+        "text": VLMInputs(**dict(model.tokenizer([pixtral_chat("What is the colour of a red square?")], return_tensors="pt"))),
+    }
+
+
+INTERNVL_SIZES = [(60, 30), (20, 20)]  # (w, h): 2x1 crops + thumbnail, and one tile
+INTERNVL_PROMPTS = [internvl_chat("<IMG_CONTEXT>\nWhat is the colour?"),
+                    internvl_chat("Describe <IMG_CONTEXT>\n the shape in the image please.")]
+
+
+def internvl_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    images = sample_images(2, seed=1, sizes=INTERNVL_SIZES)
+    a, b = sample_images(2, seed=3, sizes=[(30, 70), (50, 50)])  # 1x2 crops + thumbnail; 2x2 crops + thumbnail
+    return {
+        "batch": model.prepare(images=images, text=INTERNVL_PROMPTS),
+        "multi_image": model.prepare(images=[a, b], text=[internvl_chat("<IMG_CONTEXT>\n<IMG_CONTEXT>\nWhich one is red?")]),
+        "text": VLMInputs(**dict(model.tokenizer([internvl_chat("What is the colour of a red square?")], return_tensors="pt"))),
+    }
+
+
+IDEFICS3_PROMPTS = [idefics3_chat("<image>What is the colour?"), idefics3_chat("Describe <image> the shape in the image please.")]
+
+
+def idefics3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    """Row 0 has 3 sub-images (2x1 + global) and 2 all-zero padding slots, row 1 has 5 (2x2 + global); "padded":
+    the batch with the bottom-right of row 1's first sub-image padded as the processor pads (zero pixels, mask 0)."""
+    batch = model.prepare(images=sample_images(2, seed=1, sizes=INTERNVL_SIZES), text=IDEFICS3_PROMPTS)
+    pixels, mask = batch.pixel_values.clone(), batch.pixel_attention_mask.clone()
+    pixels[1, 0, :, 10:, 7:], mask[1, 0, 10:, 7:] = 0, 0
+    cases = {"batch": batch, "padded": dataclasses.replace(batch, pixel_values=pixels, pixel_attention_mask=mask),
+             "text": VLMInputs(**dict(model.tokenizer([idefics3_chat("What colour is a red square?")], return_tensors="pt")))}
+    return {name: cases[name] for name in entry.cases}
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
     sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
-             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)],
+             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)], "pixtral": [(16, 12)], "mistral3": [(16, 12)],
              # few tiles keep the prompt (and the per-position patching loops) short
              "internvl3": [(20, 20)], "idefics3": [(60, 30)], "smolvlm": [(60, 30)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
@@ -294,14 +315,6 @@ def blip2_hf_layers(hf) -> dict[str, list[nn.Module]]:
     return {**layers, "language": list(inner.decoder.layers if hasattr(inner, "decoder") else inner.layers)}
 
 
-def internvl_hf_layers(hf) -> dict[str, list[nn.Module]]:
-    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layer)}
-
-
-def idefics3_hf_layers(hf) -> dict[str, list[nn.Module]]:
-    return {"language": list(hf.model.text_model.layers), "vision": list(hf.model.vision_model.encoder.layers)}
-
-
 def qwen_hf_layers(hf) -> dict[str, list[nn.Module]]:
     return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.visual.blocks)}
 
@@ -326,6 +339,18 @@ def qwen_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs
         return list(packed.split(grid.prod(-1).tolist()))
 
     return [[row for r, grid in enumerate(runs) for row in unpack(outputs[r * depth + i], grid)] for i in range(depth)]
+
+
+def pixtral_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.transformer.layers)}
+
+
+def pixtral_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
+    """HF's Pixtral tower runs all images as one packed sequence; per layer one [patch, d] tensor per image."""
+    if tower != "vision":
+        return outputs
+    patches = (inputs.image_sizes // hf.config.vision_config.patch_size).prod(-1).tolist()
+    return [list(out[0].split(patches)) for out in outputs]
 
 
 def onevision_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
@@ -410,6 +435,21 @@ def qwen_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     }
 
 
+def pixtral_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.transformer.layers[i].attention.o_proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def internvl_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layer)}
+
+
+def idefics3_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.text_model.layers), "vision": list(hf.model.vision_model.encoder.layers)}
+
+
 def internvl_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layer[i].attention.projection_layer,
@@ -450,6 +490,7 @@ class Entry:
     not_applicable: dict = field(default_factory=dict)
     moe_blocks: tuple[int, ...] = ()  # language blocks whose MLP is a mixture of experts (mlp.experts.{e}.*)
     path: object = None  # set once built
+    flagship: Callable | None = None  # the flagship checkpoint's HF config, where the HF class's default is another's
 
 
 LLAVA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
@@ -610,6 +651,40 @@ def qwen3(name: str) -> Entry:
     )
 
 
+PIXTRAL_HOOKS = ("vision.hook_embed", "vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized",
+                 "vision.blocks.0.attn.hook_rot_q", "vision.blocks.0.attn.hook_rot_k", "vision.blocks.0.mlp.hook_pre_linear",
+                 "projector.hook_in", "projector.mlp.hook_pre", "projector.mlp.hook_post", "projector.hook_out",
+                 "hook_embed", "hook_image_embed", "hook_text_embed", "blocks.0.attn.hook_rot_q")
+MISTRAL3_HOOKS = ("projector.ln.hook_scale", "projector.ln.hook_normalized", "projector.hook_unfolded",
+                  "projector.hook_merged")
+
+
+def pixtral_flagship():
+    """mistral-community/pixtral-12b's config (LLaVA's default is a CLIP + Llama LLaVA 1.5)."""
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    return LlavaConfig(
+        vision_config=PixtralVisionConfig(hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 1e4}),
+        text_config=MistralConfig(hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+                                  num_key_value_heads=8, head_dim=128, vocab_size=131072, sliding_window=None,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e9}),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=10,
+    )
+
+
+def pixtral(name: str) -> Entry:
+    return Entry(
+        name, build_tiny_pixtral,
+        LlavaForConditionalGeneration if name == "pixtral" else Mistral3ForConditionalGeneration,
+        pixtral_cases, pixtral_hf_layers, pixtral_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "multi_image", "text"), attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        extra_hooks=PIXTRAL_HOOKS + (MISTRAL3_HOOKS if name == "mistral3" else ()),
+        absent_hooks=("vision.hook_pos_embed",) + (() if name == "mistral3" else MISTRAL3_HOOKS),
+        errors=LLAVA_ERRORS, align=pixtral_align, verify_images=lambda: sample_images(2, sizes=PIXTRAL_SIZES),
+        flagship=pixtral_flagship if name == "pixtral" else None,
+    )
+
+
 INTERNVL_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "vision.hook_embed", "vision.hook_pos_embed",
                   "projector.hook_in", "projector.hook_shuffled", "projector.ln.hook_scale", "projector.ln.hook_normalized",
                   "projector.mlp.hook_pre", "projector.mlp.hook_post", "projector.hook_out", "blocks.0.attn.hook_rot_q")
@@ -651,6 +726,7 @@ REGISTRY: dict[str, Entry] = {
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
         qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"), qwen3("qwen3_vl_moe"),
         mllama(),
+        pixtral("pixtral"), pixtral("mistral3"),
         internvl(), idefics3("idefics3"), idefics3("smolvlm"),
     ]
 }

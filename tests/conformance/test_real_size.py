@@ -12,6 +12,8 @@ from tl_vlm import HookedVLM
 
 
 def flagship_config(name: str):
+    if REGISTRY[name].flagship is not None:
+        return REGISTRY[name].flagship()
     config_class = REGISTRY[name].hf_class.config_class
     if name.endswith("flan_t5"):  # HF's BLIP-2 default is OPT; the Flan-T5 checkpoints' LM is T5's
         return config_class(text_config=T5Config(is_gated_act=True, dense_act_fn="gelu_new", decoder_start_token_id=0).to_dict())
