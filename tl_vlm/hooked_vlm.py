@@ -289,7 +289,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         family = cls._family(hf_model.config, [type(hf_model).__name__])
         state = hf_model.state_dict()
         # Rotary frequencies are buffers outside the state dict; a HF model cast with .to(dtype) uses them rounded.
-        frequencies = [(name, b) for name, b in hf_model.named_buffers() if name.endswith(".inv_freq") and name not in state]
+        # Gemma 3 keeps one table per layer type (full_attention_inv_freq, sliding_attention_inv_freq).
+        frequencies = [(name, b) for name, b in hf_model.named_buffers()
+                       if name.endswith((".inv_freq", "_attention_inv_freq")) and name not in state]
         model = family._convert(
             hf_model.config,
             itertools.chain(state.items(), frequencies),
@@ -418,7 +420,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         layout = {"row_images": _placeholders_per_row(image_token, texts, images),
                   "row_videos": _placeholders_per_row(getattr(self.processor, "video_token", None), texts,
                                                       processor_kwargs.get("videos"))}
-        return dataclasses.replace(VLMInputs.from_mapping(batch), **layout).to(self.device)
+        return dataclasses.replace(self._own_fields(VLMInputs.from_mapping(batch)), **layout).to(self.device)
 
     def _inputs(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None, **kwargs) -> VLMInputs:
         """Whatever a caller passes as the model's input, as VLMInputs. Text is text only, as TL tokenizes it
@@ -438,7 +440,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             raise TypeError(f"unsupported input of type {type(input).__name__}")
         if "input_ids" not in batch:
             raise ValueError("input_ids are required")
-        inputs = VLMInputs.from_mapping(batch)
+        inputs = self._own_fields(VLMInputs.from_mapping(batch))
         unused = sorted(set(inputs.as_kwargs()) - self.input_fields)
         if unused:
             raise ValueError(
@@ -448,6 +450,12 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         inputs = inputs.unsqueezed()
         _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
         return inputs
+
+    def _own_fields(self, inputs: VLMInputs) -> VLMInputs:
+        """Tokenizers return ``token_type_ids`` for models that do not read them (all zeros there): dropped for those."""
+        if "token_type_ids" in self.input_fields or inputs.token_type_ids is None:
+            return inputs
+        return dataclasses.replace(inputs, token_type_ids=None)
 
     def prompt_offset(self) -> int:
         """Positions a family puts before ``input_ids`` (legacy BLIP-2's queries), which the attention mask of a
