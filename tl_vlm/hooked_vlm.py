@@ -413,7 +413,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             raise ValueError("prepare needs text (with the model's image placeholder where each image goes)")
         if isinstance(text, list) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
-        batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
+        batch = self.process(images=images, text=text, return_tensors="pt", **processor_kwargs)
         texts = text if isinstance(text, list) else [text]
         # Q-Former families take one image per prompt; their processors insert the placeholders themselves.
         image_token = None if self.capabilities.queries else self.processor.image_token
@@ -450,6 +450,14 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         inputs = inputs.unsqueezed()
         _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
         return inputs
+
+    def process(self, **kwargs) -> Mapping:
+        """The processor's output for ``prepare`` (a family drops what it derives from the rest: PaliGemma's labels)."""
+        return self.processor(**kwargs)
+
+    def unscored_positions(self, inputs: VLMInputs) -> Bool[Tensor, "batch pos"]:
+        """Positions whose token the loss does not score as a target: image placeholders (PaliGemma: its prefix)."""
+        return self.image_token_mask(inputs.input_ids)
 
     def _own_fields(self, inputs: VLMInputs) -> VLMInputs:
         """Tokenizers return ``token_type_ids`` for models that do not read them (all zeros there): dropped for those."""
@@ -519,8 +527,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             return out
         if return_type is None:
             return None
-        image_mask = self.image_token_mask(inputs.input_ids)
-        loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, image_mask)
+        loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, self.unscored_positions(inputs))
         return loss if return_type == "loss" else (out, loss)
 
     def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:

@@ -19,13 +19,14 @@ GEMMA_KINDS = ("gemma", "gemma2", "gemma3_text")
 _ATTN_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 
 
-def gemma_lm_config(tc, name: str) -> TowerConfig:
+def gemma_lm_config(tc, name: str, prefix_lm: bool = False) -> TowerConfig:
     """Gemma / Gemma 2 / Gemma 3 text config -> TowerConfig (TL's Gemma fields: attn_scale, soft caps, norms
-    before and after, attn_types)."""
+    before and after, attn_types). ``prefix_lm``: PaliGemma, whose config sets ``use_bidirectional_attention`` and
+    whose forward builds every mask (prefix bidirectional, suffix causal)."""
     kind = tc.model_type
     if kind not in GEMMA_KINDS:
         raise NotImplementedError(f"language model {kind!r} is not a Gemma; expected one of {GEMMA_KINDS}")
-    if getattr(tc, "use_bidirectional_attention", False):
+    if getattr(tc, "use_bidirectional_attention", False) and not prefix_lm:
         raise NotImplementedError("Gemma with use_bidirectional_attention (an embedding model) is not supported")
     if getattr(tc, "attention_bias", False):
         raise NotImplementedError("Gemma with attention biases is not supported (no Gemma checkpoint has them)")

@@ -6,6 +6,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from tl_vlm.families.blip2 import HookedBlip2, HookedInstructBlip
 from tl_vlm.families.gemma3 import HookedGemma3
+from tl_vlm.families.paligemma import HookedPaliGemma
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
 from tl_vlm.families.llava_onevision import HookedLlavaOnevision
@@ -14,7 +15,7 @@ from tl_vlm.hooked_vlm import HookedVLM
 
 _ALL: tuple[type[HookedVLM], ...] = (
     HookedLlava, HookedLlavaNext, HookedLlavaOnevision, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL,
-    HookedGemma3,
+    HookedGemma3, HookedPaliGemma,
 )
 FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
 
