@@ -59,6 +59,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     architectures: ClassVar[tuple[str, ...]] = ()
     # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
+    # A regular expression for the parameters conversion computes from HF's rather than viewing them (Gemma's norm
+    # scales 1 + w, in float32): the only ones that do not share an in-memory HF model's storage.
+    computed_parameters: ClassVar[str | None] = None
     # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
     fallback_processor: ClassVar[type | None] = None
     vlm_cfg: VLMConfig

@@ -24,10 +24,12 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     Blip2ForConditionalGeneration,
+    Gemma3ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    PaliGemmaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
@@ -37,6 +39,7 @@ from tl_vlm import VLMInputs
 from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+from tl_vlm.zoo.tiny_gemma import build_tiny_gemma
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 
@@ -166,6 +169,35 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+GEMMA3_PROMPTS = ["user <start_of_image> What is the colour? model",
+                  "user Describe the shape <start_of_image> in the image please model"]
+PALIGEMMA_PROMPTS = ["<image>What is the colour?", "<image>Describe the shape in the image please"]
+
+
+def gemma_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    """Gemma 3: a padded batch (each side), two images in one prompt (two bidirectional blocks), text. PaliGemma: a
+    padded batch (each side), a batch with suffixes (causal after the prefix), text with an all-prefix
+    ``token_type_ids`` (what the processor gives a prompt without suffix)."""
+    images = sample_images(2, seed=1)
+    if entry.name == "gemma3":
+        a, b, c = sample_images(3, seed=3, sizes=[(40, 60), (50, 50), (70, 40)])
+        text = "user What is the colour of a red square? model"
+        return {
+            "batch": model.prepare(images=images, text=GEMMA3_PROMPTS, padding_side="left"),
+            "batch_right": model.prepare(images=images, text=GEMMA3_PROMPTS, padding_side="right"),
+            "multi_image": model.prepare(images=[[a, b], [c]], text=["user <start_of_image> <start_of_image> Which one is red? model",
+                                                                     "user <start_of_image> What is the colour? model"]),
+            "text": VLMInputs(**dict(model.tokenizer([text], return_tensors="pt"))),
+        }
+    tokens = model.tokenizer(["What is the colour of a red square?\n"], return_tensors="pt")
+    return {
+        "batch": model.prepare(images=images, text=PALIGEMMA_PROMPTS, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=PALIGEMMA_PROMPTS, padding_side="right"),
+        "suffix": model.prepare(images=images, text=PALIGEMMA_PROMPTS, suffix=["red", "a blue circle"], padding_side="left"),
+        "text": VLMInputs(**dict(tokens), token_type_ids=torch.zeros_like(tokens["input_ids"])),
+    }
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
@@ -255,6 +287,17 @@ def hf_run(entry: Entry, hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str,
 
 
 def llava_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def gemma_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layers)}
+
+
+def gemma_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
         "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
@@ -388,6 +431,29 @@ def qwen(name: str) -> Entry:
     )
 
 
+GEMMA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "vision.hook_embed",
+               "vision.hook_pos_embed", "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_out",
+               "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.mlp.hook_pre_linear")
+POST_NORM_HOOKS = ("blocks.0.ln1_post.hook_scale", "blocks.0.ln1_post.hook_normalized", "blocks.1.ln2_post.hook_scale",
+                   "blocks.1.ln2_post.hook_normalized")
+QK_NORM_HOOKS = ("blocks.0.attn.q_norm.hook_scale", "blocks.1.attn.k_norm.hook_normalized")
+
+
+def gemma(name: str) -> Entry:
+    hooks = GEMMA_HOOKS + (POST_NORM_HOOKS if name != "paligemma" else ())
+    if name == "gemma3":
+        hooks += QK_NORM_HOOKS + ("projector.hook_pooled", "projector.ln.hook_scale", "projector.ln.hook_normalized")
+    absent = ("vision.ln_pre.hook_scale",) + (POST_NORM_HOOKS if name == "paligemma" else ()) + (
+        QK_NORM_HOOKS if name != "gemma3" else ())
+    return Entry(
+        name, build_tiny_gemma, Gemma3ForConditionalGeneration if name == "gemma3" else PaliGemmaForConditionalGeneration,
+        gemma_cases, gemma_hf_layers, gemma_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "multi_image" if name == "gemma3" else "suffix", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=hooks, absent_hooks=absent,
+        errors=LLAVA_ERRORS,
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
@@ -395,6 +461,7 @@ REGISTRY: dict[str, Entry] = {
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
         qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+        gemma("gemma3"), gemma("paligemma"), gemma("paligemma2"),
     ]
 }
 NAMES = tuple(REGISTRY)

@@ -17,6 +17,8 @@ from tl_vlm.convert.rules import Rule, attention_rules, mlp_rules
 
 GEMMA_KINDS = ("gemma", "gemma2", "gemma3_text")
 _ATTN_TYPES = {"sliding_attention": "local", "full_attention": "global"}
+# The TL names of Gemma norm scales (1 + w, computed at conversion); Gemma 3's projector norm too.
+GEMMA_NORMS = r"(blocks\.\d+\.(ln[12](_post)?|attn\.[qk]_norm)|ln_final|projector\.ln)\.w"
 
 
 def gemma_lm_config(tc, name: str, prefix_lm: bool = False) -> TowerConfig:

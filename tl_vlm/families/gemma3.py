@@ -24,7 +24,7 @@ from torch import Tensor
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
-from tl_vlm.convert.gemma_lms import gemma_lm_config, gemma_lm_rules, gemma_norm_rules, gemma_rotaries
+from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_config, gemma_lm_rules, gemma_norm_rules, gemma_rotaries
 from tl_vlm.convert.rules import Rule, WeightMap
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
 from tl_vlm.families.llava import crop_geometry
@@ -50,6 +50,7 @@ class HookedGemma3(HookedVLM):
     family = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     input_fields = frozenset({"input_ids", "pixel_values", "attention_mask", "token_type_ids"})
+    computed_parameters = GEMMA_NORMS
     vlm_cfg: Gemma3VLMConfig
 
     # ------------------------------------------------------------------ conversion
@@ -77,8 +78,8 @@ class HookedGemma3(HookedVLM):
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
-        # In memory keys sit under model.* with SigLIP as vision_tower.vision_model.*; files nest the LM as
-        # language_model.model.* and SigLIP as vision_tower.*
+        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
+        # older files SigLIP as vision_tower.vision_model.*
         key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.)", "", key)
         key = re.sub(r"^language_model\.model\.", "language_model.", key)
         key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
@@ -111,7 +112,18 @@ class HookedGemma3(HookedVLM):
 
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers),
-                "vision": list(hf_model.model.vision_tower.vision_model.encoder.layers)}
+                "vision": list(hf_model.model.vision_tower.encoder.layers)}
+
+    def process(self, images=None, text=None, **kwargs):
+        """HF's Gemma 3 processor takes images nested per prompt; a flat list is split by each prompt's
+        ``<start_of_image>`` count (as LLaVA's processors read it)."""
+        flat = isinstance(images, (list, tuple)) and len(images) > 0 and not isinstance(images[0], (list, tuple))
+        if flat and isinstance(text, list):
+            counts = [t.count(self.processor.image_token) for t in text]
+            if sum(counts) == len(images):
+                queue = iter(images)
+                images = [[next(queue) for _ in range(n)] for n in counts]
+        return self.processor(images=images, text=text, **kwargs)
 
     # ------------------------------------------------------------------ running
 

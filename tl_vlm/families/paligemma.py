@@ -23,7 +23,7 @@ from torch import Tensor
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
-from tl_vlm.convert.gemma_lms import gemma_lm_config, gemma_lm_rules, gemma_rotaries
+from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_config, gemma_lm_rules, gemma_rotaries
 from tl_vlm.convert.rules import WeightMap, linear_rules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
 from tl_vlm.families.llava import crop_geometry, grid_cells
@@ -42,6 +42,7 @@ class HookedPaliGemma(HookedVLM):
     family = "paligemma"
     architectures = ("PaliGemmaForConditionalGeneration",)
     input_fields = frozenset({"input_ids", "pixel_values", "attention_mask", "token_type_ids"})
+    computed_parameters = GEMMA_NORMS
     vlm_cfg: PaliGemmaVLMConfig
 
     # ------------------------------------------------------------------ conversion
@@ -59,8 +60,8 @@ class HookedPaliGemma(HookedVLM):
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
-        # In memory keys sit under model.* with SigLIP as vision_tower.vision_model.*; files nest the LM as
-        # language_model.model.* and SigLIP as vision_tower.*
+        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
+        # older files SigLIP as vision_tower.vision_model.*
         key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.)", "", key)
         key = re.sub(r"^language_model\.model\.", "language_model.", key)
         key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
@@ -89,7 +90,7 @@ class HookedPaliGemma(HookedVLM):
 
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers),
-                "vision": list(hf_model.model.vision_tower.vision_model.encoder.layers)}
+                "vision": list(hf_model.model.vision_tower.encoder.layers)}
 
     # ------------------------------------------------------------------ inputs
 
