@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conformance.registry import REGISTRY, params, quiet
-from transformers import AutoModelForImageTextToText, T5Config
+from transformers import AutoModelForImageTextToText, SiglipVisionConfig, T5Config
 
 from tl_vlm import HookedVLM
 
@@ -15,6 +15,10 @@ def flagship_config(name: str):
     config_class = REGISTRY[name].hf_class.config_class
     if name.endswith("flan_t5"):  # HF's BLIP-2 default is OPT; the Flan-T5 checkpoints' LM is T5's
         return config_class(text_config=T5Config(is_gated_act=True, dense_act_fn="gelu_new", decoder_start_token_id=0).to_dict())
+    if name == "gemma3":  # HF's default pairs a 224 px SigLIP with 256 tokens, which no pooling gives; gemma-3-4b's
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                    image_size=896, patch_size=14, vision_use_head=False)
+        return config_class(vision_config=vision.to_dict())
     return config_class()
 
 

@@ -27,7 +27,8 @@ def test_verify_passes_then_names_the_broken_layer(loaded, name):
     for tower in pair.entry.towers:
         mlp = model.tower(tower).blocks[1].mlp
         original = mlp.W_out
-        mlp.W_out = nn.Parameter(original.detach() * 1.5)
+        # Per output channel, so that a post-norm (Gemma 2 / 3) cannot normalise the change away.
+        mlp.W_out = nn.Parameter(original.detach() * torch.linspace(0.5, 1.5, original.shape[-1], dtype=original.dtype))
         try:
             failures = quiet(verify, model, images=images).failures
         finally:

@@ -43,6 +43,11 @@ class Unembed(nn.Module):
         return F.linear(x, self.W_U.T, self.b_U)
 
 
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """Gemma 2's tanh cap on the logits, op for op as HF (``cap <= 0``: none, TL's convention)."""
+    return logits if cap <= 0 else torch.tanh(logits / cap) * cap
+
+
 class PosEmbed(nn.Module):
     """Learned absolute positions (OPT, the Q-Former's text), TL's ``pos_embed.W_pos``."""
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import KVCache, Rotary, TransformerBlock, Unembed, make_norm
-from tl_vlm.components.embeddings import ScaledEmbed
+from tl_vlm.components.embeddings import ScaledEmbed, soft_cap
 from tl_vlm.components.gemma_block import GemmaBlock
 from tl_vlm.config import TowerConfig
 from tl_vlm.towers.language import DecoderLM
@@ -68,9 +68,7 @@ class GemmaLM(DecoderLM):
             resid = block(resid, rotaries[kinds[i]], *masks[kinds[i]], cache[i] if cache is not None else None)
         if stop_at_layer is not None:
             return resid
-        logits = self.unembed(self.ln_final(resid)[:, -logits_to_keep:])
-        cap = self.cfg.output_logits_soft_cap
-        return logits if cap <= 0 else torch.tanh(logits / cap) * cap
+        return soft_cap(self.unembed(self.ln_final(resid)[:, -logits_to_keep:]), self.cfg.output_logits_soft_cap)
 
     def _gemma_mask(
         self, attention_mask: Tensor | None, pos: int, past: int, like: Tensor, window: int | None, blocks: Tensor | None
