@@ -67,8 +67,9 @@ def test_weight_processing_keeps_probabilities(loaded, name):
     pair = loaded(name)
     if pair.model.capabilities.encoder_decoder:
         pytest.skip("capabilities.encoder_decoder: weight processing is not supported for encoder-decoder LMs")
+    capped = pair.model.cfg.output_logits_soft_cap > 0  # Gemma 2: center_unembed is refused (tests/test_gemma.py)
     processed = quiet(HookedVLM.from_pretrained, pair.path, fold_ln=True, center_writing_weights=True,
-                      center_unembed=True, fold_value_biases=True)
+                      center_unembed=not capped, fold_value_biases=True)
     assert processed.cfg.normalization_type in ("RMSPre", "LNPre")
     assert processed.blocks[0].ln1.w is None and processed.vision.blocks[0].ln1.w is None
     batch, real = pair.batch(), pair.batch().attention_mask.bool()
@@ -76,7 +77,7 @@ def test_weight_processing_keeps_probabilities(loaded, name):
         expected = pair.hf(**batch.as_kwargs()).logits.softmax(-1)
         logits = processed(batch)
     assert max_diff(logits.softmax(-1), expected, real) <= ATOL
-    assert logits[real].mean(-1).abs().max() < 1e-4, "center_unembed gives zero-mean logits"
+    assert capped or logits[real].mean(-1).abs().max() < 1e-4, "center_unembed gives zero-mean logits"
 
 
 # Where tl_vlm knowingly differs from HF in half precision: OneVision runs image tiles and video frames as one

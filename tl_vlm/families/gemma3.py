@@ -139,11 +139,12 @@ class HookedGemma3(HookedVLM):
             image_mask[:, generated_from:] = False
         features = self.checked_image_features(inputs, image_mask)
         embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
-        blocks = self.image_blocks(inputs, image_mask, cache)
+        blocks = self.image_blocks(inputs, image_mask, cache, generated_from)
         return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep, blocks)
 
     def image_blocks(
-        self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], cache: KVCache | None
+        self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], cache: KVCache | None,
+        generated_from: int | None,
     ) -> Int[Tensor, "batch pos"] | None:
         """One id per image run of ``token_type_ids`` (-1 elsewhere), as HF's ``get_block_sequence_ids_for_mask``;
         None in decode steps (HF passes no ids there) and for text without ids (HF's causal fallback is then right)."""
@@ -154,7 +155,7 @@ class HookedGemma3(HookedVLM):
             if not bool(image_mask.any()):
                 return None
             types = image_mask.long()
-        elif types.shape[-1] < image_mask.shape[-1]:  # generation without a KV cache: new tokens are text (0)
+        elif types.shape[-1] == generated_from:  # generation without a KV cache: new tokens are text (0)
             types = torch.cat([types, types.new_zeros(types.shape[0], image_mask.shape[-1] - types.shape[-1])], -1)
         if types.shape != image_mask.shape:
             raise ValueError(

@@ -123,11 +123,12 @@ class HookedPaliGemma(HookedVLM):
         if position_ids is None:  # HF: 1-based, whatever the padding
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past + 1, past + 1 + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        prefix = self.prefix_blocks(inputs, image_mask, cache)
+        prefix = self.prefix_blocks(inputs, image_mask, cache, generated_from)
         return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep, prefix)
 
     def prefix_blocks(
-        self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], cache: KVCache | None
+        self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], cache: KVCache | None,
+        generated_from: int | None,
     ) -> Int[Tensor, "batch pos"] | None:
         """0 on the prefix (one bidirectional block), -1 on the suffix, as HF's ``where(token_type_ids == 0, 0, -1)``;
         None in decode steps, which are suffix (HF passes no ids there)."""
@@ -140,7 +141,7 @@ class HookedPaliGemma(HookedVLM):
                 "the suffix): without them HF silently runs a causal mask. Pass the processor's token_type_ids "
                 "(model.prepare returns them), or zeros for a prompt without suffix"
             )
-        if types.shape[-1] < image_mask.shape[-1]:  # generation without a KV cache: new tokens are suffix (1), as HF's
+        if types.shape[-1] == generated_from:  # generation without a KV cache: new tokens are suffix (1), as HF's
             types = torch.cat([types, types.new_ones(types.shape[0], image_mask.shape[-1] - types.shape[-1])], -1)
         if types.shape != image_mask.shape:
             raise ValueError(
