@@ -11,6 +11,7 @@ import torch
 
 from conformance.registry import quiet
 from tl_vlm import HookedVLM
+from tl_vlm.zoo.data import sample_images
 
 
 def patterns(model, inputs) -> dict[int, torch.Tensor]:
@@ -115,3 +116,18 @@ def test_gemma_norms_hold_one_plus_w_in_float32(loaded):
     w = model.blocks[0].ln1_post.w
     assert w.dtype == torch.float32 and torch.equal(w, hf_w.to(torch.bfloat16).float() + 1)
     assert model.blocks[0].attn.W_Q.dtype == torch.bfloat16
+
+
+def test_gemma3_pan_and_scan_crops_are_images_of_their_own(loaded):
+    """HF's PIL image processor crops without torchvision; each crop is one more image in its row."""
+    pair = loaded("gemma3")
+    model = pair.model
+    wide, square = sample_images(2, seed=2, sizes=[(120, 40), (40, 40)])
+    inputs = model.prepare(images=[[wide], [square]], text=["user <start_of_image> What is it? model"] * 2,
+                           do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_min_ratio_to_activate=1.2)
+    assert inputs.row_images == (4, 1) and inputs.pixel_values.shape[0] == 5  # original + 3 crops, and one image
+    with torch.no_grad():
+        logits = model(inputs)
+        assert (logits - pair.hf(**inputs.as_kwargs()).logits)[inputs.attention_mask.bool()].abs().max() <= 1e-4
+        row = model(inputs[1])  # the second row alone keeps its own image, not a crop of the first
+    assert (row[0] - logits[1])[inputs.attention_mask[1].bool()].abs().max() <= 1e-4

@@ -13,6 +13,7 @@ boi / soft tokens / eoi; they run unchanged, but the spatial index maps each cro
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -113,6 +114,15 @@ class HookedGemma3(HookedVLM):
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers),
                 "vision": list(hf_model.model.vision_tower.encoder.layers)}
+
+    def prepare(self, images=None, text=None, **processor_kwargs) -> VLMInputs:
+        """HookedVLM's ``prepare``; each row's images counted from its ``<start_of_image>`` tokens, since pan-and-scan
+        (``do_pan_and_scan=True``) adds crops, each an image with its own boi / soft tokens / eoi."""
+        inputs = super().prepare(images=images, text=text, **processor_kwargs)
+        if inputs.pixel_values is None:
+            return inputs
+        counts = (inputs.input_ids == self.vlm_cfg.boi_token_id).sum(-1)
+        return dataclasses.replace(inputs, row_images=tuple(counts.tolist()))
 
     def process(self, images=None, text=None, **kwargs):
         """HF's Gemma 3 processor takes images nested per prompt; a flat list is split by each prompt's
