@@ -131,3 +131,25 @@ def test_gemma3_pan_and_scan_crops_are_images_of_their_own(loaded):
         assert (logits - pair.hf(**inputs.as_kwargs()).logits)[inputs.attention_mask.bool()].abs().max() <= 1e-4
         row = model(inputs[1])  # the second row alone keeps its own image, not a crop of the first
     assert (row[0] - logits[1])[inputs.attention_mask[1].bool()].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma"])
+def test_spatial_index_covers_each_image_once(loaded, name):
+    """One cell per image token; Gemma 3's pooled tokens each cover a kernel x kernel block of patches, and the
+    cells of an image tile it exactly (boxes in the original image's pixels)."""
+    from tl_vlm.analysis.spatial import spatial_index
+
+    pair = loaded(name)
+    model = pair.model
+    images = sample_images(2, seed=1, sizes=[(60, 30), (30, 45)])
+    prompts = ["user <start_of_image> What is it? model"] * 2 if name == "gemma3" else ["<image>What is it?"] * 2
+    inputs = model.prepare(images=images, text=prompts)
+    index = spatial_index(model, inputs, images)
+    cfg = model.vlm_cfg
+    per_image = cfg.mm_tokens_per_image if name == "gemma3" else cfg.vision.grid**2
+    assert len(index) == 2 * per_image and index["kind"].eq("patch").all()
+    for image, (w, h) in enumerate(image.size for image in images):
+        cells = index[index["image"] == image]
+        area = ((cells["x1"] - cells["x0"]) * (cells["y1"] - cells["y0"])).sum()
+        assert abs(area - w * h) < 1e-6 * w * h and cells["x1"].max() <= w + 1e-6 and cells["y1"].max() <= h + 1e-6
+    assert model.capabilities.patches_per_token == (cfg.vision.grid // cfg.tokens_per_side) ** 2 if name == "gemma3" else 1
