@@ -153,3 +153,22 @@ def test_spatial_index_covers_each_image_once(loaded, name):
         area = ((cells["x1"] - cells["x0"]) * (cells["y1"] - cells["y0"])).sum()
         assert abs(area - w * h) < 1e-6 * w * h and cells["x1"].max() <= w + 1e-6 and cells["y1"].max() <= h + 1e-6
     assert model.capabilities.patches_per_token == (cfg.vision.grid // cfg.tokens_per_side) ** 2 if name == "gemma3" else 1
+
+
+def test_gemma_blocks_take_per_head_inputs_and_hook_mlp_in(loaded):
+    """TL's use_split_qkv_input / use_hook_mlp_in reach the post-norm blocks too, leaving the output unchanged."""
+    pair = loaded("paligemma2")
+    model, inputs = pair.model, pair.cases["suffix"]
+    real = inputs.attention_mask.bool()
+    with torch.no_grad():
+        clean = model(inputs)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(inputs, names_filter=lambda n: n.endswith(("_input", "mlp_in")))
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+    assert {"blocks.1.attn.hook_k_input", "blocks.1.hook_mlp_in"} <= set(cache.keys())
+    assert (logits - clean)[real].abs().max() <= 1e-5

@@ -36,9 +36,16 @@ class GemmaBlock(TransformerBlock):
         cache: KVCacheEntry | None = None,
         resid_pre_hooked: bool = False,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """As ``TransformerBlock.forward`` (split per-head inputs, ``hook_mlp_in``), with the post-norms."""
         if not resid_pre_hooked:
             resid = run_hook(self.hook_resid_pre, resid)
-        attn_out = run_hook(self.hook_attn_out, self.ln1_post(self.attn(self.ln1(resid), rotary, mask, causal, cache)))
+        if "hook_q_input" in self.attn._modules:
+            q_in, k_in, v_in = self._split_inputs(resid)
+            attn_out = self.attn(q_in, rotary, mask, causal, cache, key_input=k_in, value_input=v_in)
+        else:
+            attn_out = self.attn(self.ln1(resid), rotary, mask, causal, cache)
+        attn_out = run_hook(self.hook_attn_out, self.ln1_post(attn_out))
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
-        mlp_out = run_hook(self.hook_mlp_out, self.ln2_post(self.mlp(self.ln2(resid))))
+        mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
+        mlp_out = run_hook(self.hook_mlp_out, self.ln2_post(self.mlp(self.ln2(mlp_in))))
         return run_hook(self.hook_resid_post, resid + mlp_out)
