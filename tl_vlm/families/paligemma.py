@@ -20,7 +20,6 @@ import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
 from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_config, gemma_lm_rules, gemma_rotaries
@@ -83,10 +82,6 @@ class HookedPaliGemma(HookedVLM):
         self.attach_language(GemmaLM(cfg.language, *gemma_rotaries(cfg.language.hf_config), window_limits_blocks=False))
         self.vision = ViTTower(cfg.vision)
         self.projector = LinearProjector(cfg.vision.d_model, cfg.language.d_model)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities()
 
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers),

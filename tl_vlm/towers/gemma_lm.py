@@ -27,6 +27,7 @@ from tl_vlm.towers.language import DecoderLM
 
 class GemmaLM(DecoderLM):
     def __init__(self, cfg: TowerConfig, rotary: Rotary, rotary_local: Rotary | None, window_limits_blocks: bool):
+        # DecoderLM's embedding merge and weight views are shared; its modules and forward are not.
         nn.Module.__init__(self)
         self.cfg, self.window_limits_blocks = cfg, window_limits_blocks
         self.embed = ScaledEmbed(cfg.d_vocab, cfg.d_model, cfg.d_model**0.5)
