@@ -26,6 +26,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     MistralConfig,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
     OPTConfig,
     PreTrainedConfig,
     PreTrainedModel,
@@ -38,6 +40,10 @@ from transformers import (
     T5Config,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.models.mllama.processing_mllama import (
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
 
 from tl_vlm import VLMInputs
 
@@ -302,6 +308,62 @@ def draw_blip2(seed: int, i: int, instruct: bool) -> Draw:
                 config, make_inputs)
 
 
+# --------------------------------------------------------------------------------------------- Mllama
+
+
+def draw_mllama(seed: int, i: int) -> Draw:
+    """Tiles (2 or 4 per image, their aspect ratios), tile / patch sizes, local / global depths, intermediate layers,
+    GQA, cross-attention layers anywhere (the first and last layers included) and rope kind drawn; one prompt has
+    text before its image, the other sometimes two images (else an empty image slot is not drawn)."""
+    rng = random.Random(seed)
+    heads, d_head = rng.choice([2, 4]), rng.choice([8, 16])
+    v_heads = rng.choice([1, 2, 4])
+    v_width = v_heads * rng.choice([8, 16])
+    patch, n_local, n_tiles = rng.choice([4, 6]), rng.choice([2, 3]), (2, 4)[i % 2]
+    ratios = None if n_tiles == 4 else [[1, 1], [1, 2], [2, 1]]
+    intermediate = sorted(rng.sample(range(n_local), rng.choice([1, 2])))
+    vision = dict(hidden_size=v_width, intermediate_size=2 * v_width, attention_heads=v_heads,
+                  num_hidden_layers=n_local, num_global_layers=rng.choice([1, 2]), intermediate_layers_indices=intermediate,
+                  vision_output_dim=v_width * (1 + len(intermediate)), image_size=patch * rng.choice([2, 3]),
+                  patch_size=patch, max_num_tiles=n_tiles, supported_aspect_ratios=ratios,
+                  hidden_act=rng.choice(["gelu", "gelu_new"]), norm_eps=rng.choice([1e-5, 1e-6]), initializer_range=INIT_RANGE)
+    n_layers = rng.choice([3, 4])
+    rope = rng.choice([{"rope_type": "default", "rope_theta": 1e4},
+                       {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+    text_config = dict(vocab_size=VOCAB, hidden_size=heads * d_head, intermediate_size=2 * heads * d_head,
+                       num_hidden_layers=n_layers, num_attention_heads=heads,
+                       num_key_value_heads=rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
+                       cross_attention_layers=sorted(rng.sample(range(n_layers), rng.choice([1, 2]))),
+                       hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=128, rope_parameters=rope,
+                       initializer_range=INIT_RANGE, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=VOCAB - 1)
+    config = MllamaConfig(vision_config=vision, text_config=text_config, image_token_index=IMAGE)
+    supported = config.vision_config.supported_aspect_ratios
+
+    def make_inputs(model, rng):
+        per_row = [1, rng.choice([1, 2])]
+        rows = [[BOS, IMAGE, *text(rng, 4)], [BOS, *text(rng, 3), *[IMAGE, *text(rng, 2)] * per_row[1]]]
+        ids, mask = padded(rows, rng.choice(["left", "right"]))
+        n_images, size = max(per_row), config.vision_config.image_size
+        ratio_ids = torch.zeros(2, n_images, dtype=torch.long)
+        tiles = torch.zeros(2, n_images, n_tiles, dtype=torch.long)
+        tiles[..., 0] = 1  # an empty slot has its first tile marked, as HF's processor does
+        n_real = [[0] * n_images for _ in range(2)]
+        for b, n in enumerate(per_row):
+            for j in range(n):
+                ratio_ids[b, j] = rng.randrange(1, len(supported) + 1)
+                n_real[b][j] = supported[ratio_ids[b, j] - 1][0] * supported[ratio_ids[b, j] - 1][1]
+                tiles[b, j, : n_real[b][j]] = 1
+        sparse = [get_cross_attention_token_mask(row.tolist(), IMAGE) for row in ids]
+        cross = convert_sparse_cross_attention_mask_to_dense(sparse, n_real, n_tiles, ids.shape[1])
+        return VLMInputs(ids, torch.randn(2, n_images, n_tiles, 3, size, size), mask, aspect_ratio_ids=ratio_ids,
+                         aspect_ratio_mask=tiles, cross_attention_mask=torch.from_numpy(cross))
+
+    label = (f"mllama-tiles{n_tiles}-cross{text_config['cross_attention_layers']}-of{n_layers}"
+             f"-inter{intermediate}-kv{text_config['num_key_value_heads']}-{rope['rope_type']}")
+    return Draw("mllama", label, seed, MllamaForConditionalGeneration, config, make_inputs)
+
+
 # (seed, i) -> the family's i-th draw; its main categorical choices (tower, language model) cycle with i, so a
 # handful of draws covers each of them.
 DRAWERS: dict[str, Callable[[int, int], Draw]] = {
@@ -311,6 +373,7 @@ DRAWERS: dict[str, Callable[[int, int], Draw]] = {
     "qwen2_5_vl": lambda seed, i: draw_qwen(seed, i, "qwen2_5_vl"),
     "blip2": lambda seed, i: draw_blip2(seed, i, instruct=False),
     "instructblip": lambda seed, i: draw_blip2(seed, i, instruct=True),
+    "mllama": draw_mllama,
 }
 
 

@@ -20,7 +20,8 @@ from random_configs import Draw, draws
 
 from tl_vlm import HookedVLM
 
-DRAWS = draws({"llava": 6, "llava_next": 2, "qwen2_vl": 2, "qwen2_5_vl": 2, "blip2": 4, "instructblip": 2}, seed=26)
+DRAWS = draws({"llava": 6, "llava_next": 2, "qwen2_vl": 2, "qwen2_5_vl": 2, "blip2": 4, "instructblip": 2, "mllama": 2},
+              seed=26)
 PARAMS = [pytest.param(d, id=f"{i}-{d.label}") for i, d in enumerate(DRAWS)]
 
 

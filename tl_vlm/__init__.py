@@ -2,6 +2,7 @@
 
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.families.clip import HookedCLIP
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.prompts import format_prompt
@@ -9,4 +10,4 @@ from tl_vlm.verify import verify  # the function: tl_vlm.verify(name, images=, p
 
 __version__ = "0.1.0"
 
-__all__ = ["Capabilities", "HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__", "format_prompt", "verify"]
+__all__ = ["Capabilities", "HookedCLIP", "HookedVLM", "TowerConfig", "VLMConfig", "VLMInputs", "__version__", "format_prompt", "verify"]

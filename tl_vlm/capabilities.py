@@ -25,3 +25,6 @@ class Capabilities:
     padded_vision_rows: bool = False
     # The language model is an encoder-decoder (``encoder.*`` / ``decoder.*`` towers, no top-level ``blocks``).
     encoder_decoder: bool = False
+    # Images reach the language model only through cross-attention layers (Mllama's ``blocks.{i}.cross_attn``): no
+    # language position holds image features (``image_positions`` False), and those blocks have no self-attention.
+    cross_attention: bool = False

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-vlm", description="TransformerLens for vision-language models")
     debug = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite a --debug given before the subcommand.
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+    debug.add_argument("-d", "--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,10 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--device", default=None)
     hooks.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights' dtype (a 7B model "
                        "needs 28 GB in fp32)")
+    hooks.add_argument("--hf-names", action="store_true", help="list the HF module names (today's and VLM-Lens's older "
+                       "spelling) with the hook point or module holding the same output")
 
     extract = sub.add_parser("extract", parents=[debug], help="extract hook activations to a VLM-Lens-compatible SQLite store")
-    extract.add_argument("config", help="YAML config (VLM-Lens keys plus batch_size, float16, dtype, device)")
-    extract.add_argument("--output-db", dest="output_db")
+    extract.add_argument("config", nargs="?", help="YAML config (VLM-Lens keys plus batch_size, float16, dtype, device)")
+    # VLM-Lens's flags (src/main.py), so its commands run unchanged
+    extract.add_argument("-c", "--config", dest="config_flag", metavar="CONFIG", help="the YAML config (VLM-Lens's form)")
+    extract.add_argument("-a", "--architecture", help="architecture name stored in the DB (default: the model's family)")
+    extract.add_argument("-m", "--model-path", dest="model_path", help="checkpoint folder (overrides model_path)")
+    extract.add_argument("-i", "--input-dir", dest="input_dir", help="folder of images (overrides input_dir)")
+    extract.add_argument("-o", "--output-db", dest="output_db")
+    extract.add_argument("-l", "--log-named-modules", "--log_named_modules", dest="log_named_modules", action="store_true",
+                         help="print the model's HF module names with their hook equivalents and stop")
+    extract.add_argument("--download-path", help=argparse.SUPPRESS)
     extract.add_argument("--batch-size", dest="batch_size", type=int)
     extract.add_argument("--pooling", dest="pooling_method")
     extract.add_argument("--modules", nargs="+", help="regular expressions or globs over hook names")
@@ -74,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", parents=[debug], help="merge shard stores into one without duplicates")
     merge.add_argument("target")
     merge.add_argument("sources", nargs="+")
+
+    explore = sub.add_parser("explore", parents=[debug], help="a local web explorer: attention, logit lens, patching by "
+                             "region, head ablations (needs pip install 'tl-vlm[explore]')")
+    explore.add_argument("model", nargs="?", default="tl-vlm/toy-llava")
+    explore.add_argument("--port", type=int, default=7860, help="another free port is used if this one is taken")
+    explore.add_argument("--host", default="127.0.0.1")
+    explore.add_argument("--device", default=None)
     return parser
 
 
@@ -83,12 +100,27 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.model, args.out, args.device, seed=args.seed)
     elif args.command == "hooks":
-        _hooks(args.model, args.filter, args.shapes, args.device, args.dtype)
+        _hooks(args.model, args.filter, args.shapes, args.device, args.dtype, args.hf_names)
     elif args.command == "extract":
         from tl_vlm.store import ExtractConfig, extract
 
-        overrides = {k: getattr(args, k) for k in ("output_db", "batch_size", "pooling_method", "modules", "device", "float16")}
-        counts = extract(ExtractConfig.from_yaml(args.config, **overrides), trust_remote_code=args.trust_remote_code)
+        if args.download_path is not None:
+            raise ValueError("--download-path: tl_vlm never downloads a model; give a local checkpoint as -m / model_path")
+        if args.config and args.config_flag and args.config != args.config_flag:
+            raise ValueError(f"two configs given ({args.config} and -c {args.config_flag}); give one")
+        config_path = args.config or args.config_flag
+        keys = ("output_db", "batch_size", "pooling_method", "modules", "device", "float16", "architecture", "model_path",
+                "input_dir")
+        overrides = {k: getattr(args, k) for k in keys}
+        if args.log_named_modules:
+            model_path = args.model_path or (ExtractConfig.raw_yaml(config_path).get("model_path") if config_path else None)
+            if model_path is None:
+                raise ValueError("-l needs the model: give -m MODEL_PATH or a config with model_path")
+            _hooks(model_path, None, False, args.device, "fp32", hf_names=True)
+            return 0
+        if config_path is None:
+            raise ValueError("give the config: tl-vlm extract -c CONFIG.yaml (or tl-vlm extract CONFIG.yaml)")
+        counts = extract(ExtractConfig.from_yaml(config_path, **overrides), trust_remote_code=args.trust_remote_code)
         print(f"extracted {counts['done']} samples, {counts['skipped']} already stored, {counts['failed']} failed (see errors table)")
         return 1 if counts["failed"] else 0
     elif args.command == "verify":
@@ -104,17 +136,28 @@ def _run(args: argparse.Namespace) -> int:
         from tl_vlm.store import merge
 
         print(f"merged {merge(args.target, args.sources)} tensor rows into {args.target}")
+    elif args.command == "explore":
+        try:
+            from tl_vlm.explore.app import serve
+        except ModuleNotFoundError as err:
+            raise ValueError(f"the explorer needs {err.name}: pip install 'tl-vlm[explore]'") from None
+        serve(args.model, args.host, args.port, args.device)
     return 0
 
 
-def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str | None, dtype: str) -> None:
+def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str | None, dtype: str,
+           hf_names: bool = False) -> None:
     import re
 
-    from tl_vlm import HookedVLM
+    from tl_vlm import HookedCLIP
     from tl_vlm.dtypes import DTYPES
+    from tl_vlm.loading import load_model
 
-    model = HookedVLM.from_pretrained(model_name, device=device, dtype=DTYPES[dtype])
+    model = load_model(model_name, device=device, dtype=DTYPES[dtype])
     pattern = re.compile(name_filter) if name_filter else None
+    if hf_names:
+        _print_hf_names(model, pattern)
+        return
     names = [n for n in model.hook_dict if pattern is None or pattern.search(n)]
     if not shapes:
         print("\n".join(names))
@@ -122,11 +165,25 @@ def _hooks(model_name: str, name_filter: str | None, shapes: bool, device: str |
     from tl_vlm.prompts import format_prompt
     from tl_vlm.zoo.data import sample_images
 
-    inputs = model.prepare(images=sample_images(1), text=format_prompt(model.processor, "Describe the image."))
+    dual = isinstance(model, HookedCLIP)  # a dual encoder takes a caption, not a prompt with an image placeholder
+    inputs = model.prepare(images=sample_images(1), text="a photo" if dual else format_prompt(model.processor, "Describe the image."))
     model.set_use_attn_result(True)
     _, cache = model.run_with_cache(inputs, names_filter=names)
     for name in names:
         print(f"{name:50s} {tuple(cache[name].shape) if name in cache else 'not run on this input'}")
+
+
+def _print_hf_names(model, pattern) -> None:
+    """HF module (today) | the same module in transformers < 4.52 (VLM-Lens configs) | what holds its output here."""
+    from tl_vlm.hf_names import hf_names, is_module_target
+
+    rows = [e for e in hf_names(model) if pattern is None or any(pattern.search(s) for s in (*e.spellings(), e.target))]
+    width = max((len(e.name) for e in rows), default=0)
+    older = max((len(e.legacy or "") for e in rows), default=0)
+    print(f"{'HF module':{width}s}  {'older transformers':{older}s}  tl_vlm")
+    for e in rows:
+        what = f"{e.target} (module output)" if is_module_target(model, e.target) else e.target
+        print(f"{e.name:{width}s}  {e.legacy or '=':{older}s}  {what}")
 
 
 if __name__ == "__main__":

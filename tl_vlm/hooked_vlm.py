@@ -29,18 +29,21 @@ import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 from transformers import AutoConfig, GenerationConfig
 
 from tl_vlm import weight_processing
+from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache, TransformerBlock
+from tl_vlm.components.gated_cross_block import GatedCrossBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
 from tl_vlm.dtypes import resolve_dtype
+from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
@@ -64,6 +67,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     computed_parameters: ClassVar[str | None] = None
     # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
     fallback_processor: ClassVar[type | None] = None
+    # HF module-name prefixes as transformers < 4.52 wrote them (VLM-Lens configs): (today's prefix, older prefix).
+    legacy_module_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vlm_cfg: VLMConfig
 
     def __init__(self, cfg: VLMConfig, processor=None, generation_config: GenerationConfig | None = None):
@@ -113,6 +118,12 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     def normalize_key(cls, key: str) -> str:
         """Map any historical checkpoint key layout onto one canonical HF layout."""
         return key
+
+    @classmethod
+    def hf_module_rules(cls, cfg: VLMConfig) -> list[ModuleRule]:
+        """HF module names (today's in-memory layout) -> the hook point or module holding the same output
+        (``convert/hf_modules.py``; ``tl_vlm.hf_names`` resolves them)."""
+        raise NotImplementedError(f"{cls.__name__} declares no HF module names")
 
     @classmethod
     def fp32_parameters(cls, cfg: VLMConfig, dtype: torch.dtype) -> str | None:
@@ -222,6 +233,11 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         """Prompt positions as HF's generate computes them: left padding does not shift them."""
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def new_kv_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache for generation (a family whose layers cache more than keys and values overrides it);
+        ``device``: one, or one per language block."""
+        return KVCache(self.cfg, batch, max_len, device, dtype)
 
     def next_positions(self, positions: Tensor) -> Tensor:
         """Positions of the next generated token (last axis is the sequence)."""
@@ -611,7 +627,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             if remove_batch_dim:
                 cache = {name: drop_batch_dim(t) for name, t in cache.items()}
         if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache = VLMActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ---------------------------------------------------------------- generation
@@ -677,7 +693,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         # Sized by the positions, which count any positions a family adds to the prompt (BLIP-2's legacy queries).
         n_cached = positions.shape[-1] + n_new
         check_context(self.cfg, n_cached)
-        cache = KVCache(self.cfg, batch, n_cached, self.block_devices(), self.embed.W_E.dtype) if use_past_kv_cache else None
+        cache = self.new_kv_cache(batch, n_cached, self.block_devices(), self.embed.W_E.dtype) if use_past_kv_cache else None
         # Only the last position's logits are needed (HF's logits_to_keep=1): skips the prompt's unembedding.
         logits = self(inputs, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
 
@@ -715,6 +731,8 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         for name, tower in self.towers().items():
             prefix = "" if name == "language" else f"{name}."
             for i, block in enumerate(tower.blocks):
+                if isinstance(block, GatedCrossBlock):  # no self-attention (Mllama)
+                    continue
                 params[f"{prefix}blocks.{i}.attn.W_K"] = block.attn.W_K
                 params[f"{prefix}blocks.{i}.attn.W_V"] = block.attn.W_V
         return params

@@ -21,8 +21,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 # Fields with one entry per row, per image, per video; and the row layout, which is no model input.
-_PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "token_type_ids", "qformer_input_ids",
-            "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+_PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "token_type_ids",
+            "qformer_input_ids", "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask",
+            "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}
 _PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw"}
 _LAYOUT = {"row_images", "row_videos"}
 
@@ -48,6 +49,11 @@ class VLMInputs:
     qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
     decoder_input_ids: Int[Tensor, "batch dec_pos"] | None = None  # encoder-decoder LMs (Flan-T5)
     decoder_attention_mask: Int[Tensor, "batch dec_pos"] | None = None
+    # Mllama: one pixel_values entry per row [batch, image, tile, ...]; aspect-ratio id and real tiles per image,
+    # and which image tiles each token may see.
+    aspect_ratio_ids: Int[Tensor, "batch image"] | None = None
+    aspect_ratio_mask: Int[Tensor, "batch image tile"] | None = None
+    cross_attention_mask: Int[Tensor, "batch pos image tile"] | None = None
     # Images / videos of each row, in order (set by model.prepare); not model inputs.
     row_images: tuple[int, ...] | None = None
     row_videos: tuple[int, ...] | None = None

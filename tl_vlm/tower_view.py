@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from transformer_lens import ActivationCache
 
+from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.inputs import VLMInputs
 
 if TYPE_CHECKING:
@@ -190,4 +191,4 @@ class TowerView:
                 relative[rel] = tensor
         if self.prefix and self.full_name("hook_embed") in cache.cache_dict:
             relative["hook_embed"] = cache.cache_dict[self.full_name("hook_embed")]
-        return out, ActivationCache(relative, self, has_batch_dim=cache.has_batch_dim)
+        return out, VLMActivationCache(relative, self, has_batch_dim=cache.has_batch_dim)

@@ -21,12 +21,19 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from tl_vlm.components.moe import MoE
+
 
 def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: bool, fold_value_biases: bool) -> None:
     if "language" not in model.towers():  # encoder-decoder language models list "encoder" and "decoder"
         if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
             raise NotImplementedError("weight processing of encoder-decoder language models (T5) is not implemented yet")
         return
+    if model.capabilities.cross_attention and (fold_ln or center_writing_weights or center_unembed or fold_value_biases):
+        raise NotImplementedError(
+            "weight processing of language models with cross-attention layers (Mllama) is not implemented yet; load "
+            "without fold_ln / center_writing_weights / center_unembed / fold_value_biases"
+        )
     if center_unembed and model.cfg.output_logits_soft_cap > 0:
         raise ValueError(
             f"center_unembed=True is refused: this model caps its logits (tanh, output_logits_soft_cap="
@@ -89,6 +96,9 @@ def fold_layer_norms(tower, final: bool) -> None:
     for block in tower.blocks:
         attn, mlp = block.attn, block.mlp
         _fold_into(block.ln1, [(attn, "W_Q", "b_Q", 1), (attn, "_W_K", "_b_K", 1), (attn, "_W_V", "_b_V", 1)])
+        if isinstance(mlp, MoE):  # the router and every expert read the normalised stream
+            _fold_into(block.ln2, [(mlp, "W_router", None, 0), *((e, w, None, 0) for e in mlp.experts for w in ("W_in", "W_gate"))])
+            continue
         mlp_targets = [(mlp, "W_in", "b_in", 0)]
         if mlp.W_gate is not None:
             mlp_targets.append((mlp, "W_gate", "b_gate", 0))

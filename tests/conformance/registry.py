@@ -29,9 +29,12 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    MllamaForConditionalGeneration,
     PaliGemmaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.vision_utils import get_vision_window_index
 
@@ -39,9 +42,11 @@ from tl_vlm import VLMInputs
 from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.data import sample_images
 from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
+from tl_vlm.zoo.tiny_mllama import build_tiny_mllama
 from tl_vlm.zoo.tiny_gemma import build_tiny_gemma
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
+from tl_vlm.zoo.tiny_qwen3_vl import build_tiny_qwen3_vl
 
 ATOL = 1e-4
 
@@ -133,6 +138,8 @@ class QwenPrepare:
         expanded = []
         for text in texts:
             for token, n in counts.items():
+                if not n:  # no such inputs (or already expanded: Qwen3Prepare's video frames)
+                    continue
                 parts = text.split(token)
                 text = parts[0] + "".join(token * n.pop(0) + rest for rest in parts[1:])
             expanded.append(text)
@@ -159,6 +166,60 @@ def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
     return {
         "batch": prepare(  # left-padded
+            [qwen_chat(f"{image}What colour?"),
+             qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
+            images,
+        ),
+        "two_images": prepare([qwen_chat(f"{image}What colour? {image}Which shape?")], images),
+        "video": prepare([qwen_chat(f"{QWEN_VISION.format(QWEN_VIDEO)}What moves? Like {image}?")], images[:1], frames),
+        "text": VLMInputs(**dict(prepare.tok([qwen_chat("What colour is a red square?")], return_tensors="pt"))),
+    }
+
+
+MLLAMA_PROMPTS = ["<|image|>What is the colour?", "Describe the shape in the image please <|image|> is it a square"]
+MLLAMA_SIZES = [(60, 30), (30, 75)]  # (w, h): 2 of 4 tiles (aspect ratio 1x2), and 3 of 4 (3x1)
+
+
+def mllama_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    """The second prompt has text before its image (rows that may see no image: HF's full-text-row masking);
+    ``multi_image`` has two images in one prompt and one in the other (an empty image slot, aspect ratio id 0)."""
+    a, b = sample_images(2, seed=1, sizes=MLLAMA_SIZES)
+    c = sample_images(1, seed=3, sizes=[(50, 50)])[0]
+    return {
+        "batch": model.prepare(images=[[a], [b]], text=MLLAMA_PROMPTS, padding_side="left"),
+        "batch_right": model.prepare(images=[[a], [b]], text=MLLAMA_PROMPTS, padding_side="right"),
+        "multi_image": model.prepare(images=[[a, c], [b]], text=["<|image|>Which one <|image|> is red?",
+                                                                 "<|image|>What is the colour?"]),
+    }
+
+
+class Qwen3Prepare(QwenPrepare):
+    """As ``QwenPrepare``, but a video is written as Qwen3-VL's processor writes it: per temporal patch
+    ``<t seconds>`` + ``<|vision_start|>`` + its ``<|video_pad|>`` run + ``<|vision_end|>``, with the timestamps
+    HF's ``Qwen3VLProcessor`` computes for frames sampled at ``FPS``."""
+
+    FPS = 2.0
+
+    def __call__(self, texts: list[str], images=None, video=None) -> VLMInputs:
+        if video is None:
+            return super().__call__(texts, images)
+        from transformers import Qwen3VLProcessor
+
+        pixels, grid = self.video(video)
+        _, h, w = grid[0].tolist()
+        stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(video))), self.FPS, self.images.temporal_patch_size)
+        frames = "".join(f"<{s:.1f} seconds>" + QWEN_VISION.format(QWEN_VIDEO * (h * w // self.merge**2)) for s in stamps)
+        inputs = super().__call__([t.replace(QWEN_VISION.format(QWEN_VIDEO), frames) for t in texts], images)
+        return dataclasses.replace(inputs, pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    prepare = Qwen3Prepare(entry.path, entry.name)
+    images = sample_images(2, seed=1, sizes=QWEN_SIZES)
+    image = QWEN_VISION.format(QWEN_IMAGE)
+    frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
+    return {
+        "batch": prepare(  # left-padded, images of different sizes
             [qwen_chat(f"{image}What colour?"),
              qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
             images,
@@ -202,7 +263,8 @@ def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
-    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)]}.get(entry.name)
+    sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
+             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -324,6 +386,22 @@ def blip2_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return heads
 
 
+def mllama_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    vision = hf.model.vision_model
+    return {"language": list(hf.model.language_model.layers), "vision": list(vision.transformer.layers),
+            "vision_global": list(vision.global_transformer.layers)}
+
+
+def mllama_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    vision, language = hf.model.vision_model, hf.model.language_model
+    return {
+        "vision.blocks.{}.attn": lambda i: vision.transformer.layers[i].self_attn.o_proj,
+        "vision_global.blocks.{}.attn": lambda i: vision.global_transformer.layers[i].self_attn.o_proj,
+        "blocks.{}.attn": lambda i: language.layers[i].self_attn.o_proj,
+        "blocks.{}.cross_attn": lambda i: language.layers[i].cross_attn.o_proj,
+    }
+
+
 def qwen_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.visual.blocks[i].attn.proj,
@@ -350,6 +428,12 @@ class Entry:
     errors: dict = field(default_factory=dict)  # bad-input kind -> message regex
     align: Callable = lambda entry, hf, tower, outputs, inputs: outputs
     verify_images: Callable | None = None  # images verify runs on (None: its own samples)
+    # Language blocks whose only attention is cross-attention (Mllama): they have ``cross_attn.*`` and
+    # ``hook_cross_attn_out`` instead of ``attn.*`` / ``hook_attn_out``.
+    cross_only_blocks: tuple[int, ...] = ()
+    # Contract tests (``test`` or ``test[tower]``) that do not apply to this entry, with the reason.
+    not_applicable: dict = field(default_factory=dict)
+    moe_blocks: tuple[int, ...] = ()  # language blocks whose MLP is a mixture of experts (mlp.experts.{e}.*)
     path: object = None  # set once built
 
 
@@ -431,6 +515,86 @@ def qwen(name: str) -> Entry:
     )
 
 
+MLLAMA_NO_SELF_ATTENTION = (
+    "the language blocks at cross_attention_layers have no self-attention (no hook_attn_out / attn.*), which this "
+    "TL tool reads in every block; tests/test_mllama.py runs the residual-stream and cross-attention versions"
+)
+
+MLLAMA_GATED = (
+    "gated layers scale hook_attn_out / hook_mlp_out by tanh(gate) after the per-head results and neurons, so those "
+    "do not sum to the stream (decompose_resid does; tests/test_mllama.py)"
+)
+
+
+def mllama() -> Entry:
+    return Entry(
+        "mllama", build_tiny_mllama, MllamaForConditionalGeneration, mllama_cases, mllama_hf_layers, mllama_heads,
+        ("language", "vision", "vision_global"), cases=("batch", "batch_right", "multi_image"),
+        attentions=("vision.blocks.{}.attn", "vision_global.blocks.{}.attn", "blocks.{}.attn", "blocks.{}.cross_attn"),
+        extra_hooks=("hook_embed", "vision.hook_embed", "vision.hook_tile_embed", "vision_global.hook_tile_embed",
+                     "vision.ln_pre.hook_scale", "vision.ln_post.hook_normalized", "projector.hook_in",
+                     "projector.hook_out", "blocks.2.hook_cross_attn_out", "blocks.2.cross_attn.q_norm.hook_scale",
+                     "blocks.2.cross_attn.k_norm.hook_normalized", "blocks.0.attn.hook_rot_q"),
+        absent_hooks=("blocks.2.attn.hook_q", "blocks.2.hook_attn_out", "blocks.0.cross_attn.hook_q"),
+        errors={"no_pixels": "no pixel_values", "no_placeholders": "<\\|image\\|> tokens but", "count": "tokens but"},
+        cross_only_blocks=(2, 3),
+        not_applicable={
+            "test_weight_processing_keeps_probabilities": "weight processing of cross-attention language models is "
+            "refused (a cross-attention block's norm feeds its queries only; not implemented)",
+            "test_language_patching_matches_manual_loops": MLLAMA_NO_SELF_ATTENTION,
+            "test_logit_lens_and_cache_algebra": MLLAMA_NO_SELF_ATTENTION,
+            "test_decompositions_are_exact_at_every_position[language]": MLLAMA_NO_SELF_ATTENTION,
+            "test_decompositions_are_exact_at_every_position[vision_global]": MLLAMA_GATED,
+            "test_every_hook_point_fires_with_tl_shapes[vision_global]": MLLAMA_GATED,
+            "test_attribution_patching_reaches_the_first_block": "clean and corrupted runs differ only in the image, "
+            "which enters at the cross-attention layers: blocks.0.hook_resid_pre is the same in both, its attribution "
+            "exactly 0; tests/test_mllama.py attributes the first cross-attention block and the vision tower",
+        },
+    )
+
+
+def not_applicable(entry: Entry, test: str, detail: str | None = None) -> None:
+    """Skip ``test`` (for ``detail``, e.g. a tower) where the entry declares it does not apply, with its reason."""
+    import pytest
+
+    key = f"{test}[{detail}]" if detail is not None else test
+    if key in entry.not_applicable:
+        pytest.skip(f"{entry.name}: {entry.not_applicable[key]}")
+
+
+def attention_layers(entry: Entry, attention: str, n_layers: int) -> list[int]:
+    """The layers that have this attention (``blocks.{}.attn`` is absent from cross-only blocks, which alone have
+    ``blocks.{}.cross_attn`` in a decoder-only LM)."""
+    if attention == "blocks.{}.attn":
+        return [i for i in range(n_layers) if i not in entry.cross_only_blocks]
+    if attention == "blocks.{}.cross_attn" and entry.cross_only_blocks:
+        return list(entry.cross_only_blocks)
+    return list(range(n_layers))
+
+
+QWEN3_HOOKS = QWEN_HOOKS + ("vision.hook_pos_embed", "blocks.0.attn.q_norm.hook_normalized", "blocks.0.hook_deepstack",
+                             "projector.deepstack.0.hook_in", "projector.deepstack.0.ln.hook_scale",
+                             "projector.deepstack.0.hook_out")
+
+
+QWEN3_MOE_HOOKS = QWEN3_HOOKS + ("blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_router_logits",
+                                 "blocks.1.mlp.hook_expert_indices", "blocks.1.mlp.hook_expert_weights",
+                                 "blocks.1.mlp.experts.3.hook_out", "blocks.1.mlp.experts.0.hook_post")
+
+
+def qwen3(name: str) -> Entry:
+    moe = name == "qwen3_vl_moe"
+    return Entry(
+        name, build_tiny_qwen3_vl, Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration,
+        qwen3_cases, qwen_hf_layers, qwen_heads, ("language", "vision"), cases=("batch", "two_images", "video", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        absent_hooks=("blocks.1.hook_deepstack", "projector.deepstack.1.hook_out") + (("blocks.1.mlp.hook_pre",) if moe else ()),
+        extra_hooks=QWEN3_MOE_HOOKS if moe else QWEN3_HOOKS,
+        errors=QWEN_ERRORS, align=qwen_align,
+        verify_images=lambda: sample_images(2, sizes=[(40, 28), (28, 56)]), moe_blocks=(1,) if moe else (),
+    )
+
+
 GEMMA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "vision.hook_embed",
                "vision.hook_pos_embed", "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_out",
                "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.mlp.hook_pre_linear")
@@ -460,7 +624,8 @@ REGISTRY: dict[str, Entry] = {
         llava("llava15"), llava("llava_qwen2"), llava("llava_interleave_siglip"), llava("llava_next_mistral"),
         onevision(),
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
-        qwen("qwen2_vl"), qwen("qwen2_5_vl"),
+        qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"), qwen3("qwen3_vl_moe"),
+        mllama(),
         gemma("gemma3"), gemma("paligemma"), gemma("paligemma2"),
     ]
 }
@@ -499,7 +664,7 @@ def generation_inputs(inputs: VLMInputs) -> VLMInputs:
 def tower_of(hook: str) -> str:
     """The tower a hook name belongs to (``blocks.*`` and top-level names are the language model's)."""
     head = hook.split(".")[0]
-    return head if head in ("vision", "qformer", "encoder", "decoder") else "language"
+    return head if head in ("vision", "vision_global", "qformer", "encoder", "decoder") else "language"
 
 
 def resid_hook(tower: str, layer: int) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformer_lens import SVDInterpreter, patching
 
-from conformance.registry import params, quiet, single_inputs
+from conformance.registry import not_applicable, params, quiet, single_inputs
 from tl_vlm.analysis.attribution import attribution_patch
 from tl_vlm.components.embeddings import soft_cap
 
@@ -56,7 +56,8 @@ def manual_patch(model, corrupt, cache, metric, name_of, n_layers, positions):
 
 
 @pytest.mark.parametrize("name", params())
-def test_language_patching_matches_manual_loops(experiments, name):
+def test_language_patching_matches_manual_loops(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_language_patching_matches_manual_loops")
     model, clean, corrupt, cache, metric = experiments(name)
     if model.capabilities.encoder_decoder:
         pytest.skip(ENCODER_DECODER)
@@ -80,9 +81,11 @@ def test_language_patching_matches_manual_loops(experiments, name):
             with torch.no_grad():
                 expected[layer, head] = metric(model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)]))
     assert torch.allclose(heads.cpu(), expected, atol=1e-6)
-    # Patching the whole residual stream before layer 0 at every position restores the clean run exactly.
+    # Patching the whole residual stream before layer 0 at every position (and the DeepStack terms, which carry the
+    # image past it) restores the clean run exactly.
+    restore = ["blocks.0.hook_resid_pre", *(f"blocks.{k}.hook_deepstack" for k in range(model.cfg.deepstack_layers))]
     with torch.no_grad():
-        restored = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: cache["blocks.0.hook_resid_pre"])])
+        restored = model.run_with_hooks(corrupt, fwd_hooks=[(name, lambda a, hook: cache[hook.name]) for name in restore])
         assert torch.allclose(metric(restored), metric(model(clean)), atol=1e-5)
 
 
@@ -122,7 +125,8 @@ NOT_ADDITIVE = {
 
 
 @pytest.mark.parametrize("name, tower", params(lambda e: e.towers))
-def test_decompositions_are_exact_at_every_position(experiments, name, tower):
+def test_decompositions_are_exact_at_every_position(loaded, experiments, name, tower):
+    not_applicable(loaded(name).entry, "test_decompositions_are_exact_at_every_position", tower)
     if tower in NOT_ADDITIVE:
         pytest.skip(NOT_ADDITIVE[tower])
     model, clean, *_ = experiments(name)
@@ -148,7 +152,8 @@ def test_decompositions_are_exact_at_every_position(experiments, name, tower):
 
 
 @pytest.mark.parametrize("name", params())
-def test_logit_lens_and_cache_algebra(experiments, name):
+def test_logit_lens_and_cache_algebra(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_logit_lens_and_cache_algebra")
     model, clean, *_ = experiments(name)
     if model.capabilities.encoder_decoder:
         pytest.skip(ENCODER_DECODER)
@@ -175,7 +180,8 @@ def test_logit_lens_and_cache_algebra(experiments, name):
 
 
 @pytest.mark.parametrize("name", params())
-def test_attribution_patching_reaches_the_first_block(experiments, name):
+def test_attribution_patching_reaches_the_first_block(loaded, experiments, name):
+    not_applicable(loaded(name).entry, "test_attribution_patching_reaches_the_first_block")
     model, clean, corrupt, _, metric = experiments(name)
     hook = "encoder.blocks.0.hook_resid_pre" if model.capabilities.encoder_decoder else "blocks.0.hook_resid_pre"
     attr = attribution_patch(model, clean, corrupt, metric, lambda n: n == hook)

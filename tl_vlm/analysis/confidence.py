@@ -98,7 +98,7 @@ def localization(
     painted over its pixel box (max where boxes overlap)."""
     scores = confidence_map(model, inputs, word, normed, top_k).amax(0)  # [batch, image token], placeholder order
     if model.capabilities.queries:
-        return _query_localization(model, inputs, scores, images)
+        return query_localization(model, inputs, scores, images)
     index = spatial_index(model, inputs, images)
     index["score"] = scores.flatten().cpu().tolist()
     maps = [torch.zeros(image.size[1], image.size[0]) for image in images]
@@ -109,8 +109,11 @@ def localization(
     return maps
 
 
-def _query_localization(model, inputs: VLMInputs, scores: Tensor, images) -> list[Tensor]:
-    # Each query's score times what it reads from each patch (mean over cross-attention layers and heads).
+def query_localization(
+    model, inputs: VLMInputs, scores: Float[Tensor, "batch query"], images
+) -> list[Float[Tensor, "height width"]]:
+    """Per-query scores as maps over each image's pixels: each query's score times what it reads from each patch
+    (mean over the Q-Former's cross-attention layers and heads)."""
     from tl_vlm.families.blip2 import query_patch_attention
 
     with torch.no_grad():

@@ -1,9 +1,10 @@
-"""Concept geometry of pooled activations (from ``probing.pooled_activations`` or store rows): PCA, cosine
-similarity to concept centroids, and weighted k-NN concept votes."""
+"""Concept geometry of pooled activations (from ``probing.pooled_activations`` or store rows): PCA (on one set, or
+fitted on one set and projecting another), cosine similarity to concept centroids, and weighted k-NN concept votes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,28 @@ def pca(features: Float[Tensor, "sample d"] | np.ndarray, n_components: int = 2)
     fitted = PCA(n_components=n_components)
     coords = fitted.fit_transform(np.asarray(features, dtype=np.float64))
     return pd.DataFrame(coords, columns=[f"pc{i + 1}" for i in range(n_components)]), fitted.explained_variance_ratio_
+
+
+@dataclass
+class FittedPCA:
+    """Principal components fitted on some features (``fit_pca``), to project others onto: VLM-Lens fits on concept
+    images and projects held-out targets."""
+
+    model: PCA
+
+    @property
+    def explained_variance_ratio(self) -> np.ndarray:
+        return self.model.explained_variance_ratio_
+
+    def transform(self, features: Float[Tensor, "sample d"] | np.ndarray) -> pd.DataFrame:
+        """Coordinates of ``features`` on the fitted components (columns pc1, pc2, ...)."""
+        coords = self.model.transform(np.asarray(features, dtype=np.float64))
+        return pd.DataFrame(coords, columns=[f"pc{i + 1}" for i in range(coords.shape[1])])
+
+
+def fit_pca(features: Float[Tensor, "sample d"] | np.ndarray, n_components: int = 2) -> FittedPCA:
+    """Principal components of ``features``; ``.transform`` projects these or held-out features onto them."""
+    return FittedPCA(PCA(n_components=n_components).fit(np.asarray(features, dtype=np.float64)))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -41,5 +41,12 @@ def knockout_text_to_image(model, inputs, layers: Iterable[int] | None = None) -
     image = model.image_token_mask(inputs.input_ids.to(model.device))
     real = inputs.attention_mask.to(model.device).bool() if inputs.attention_mask is not None else torch.ones_like(image)
     layers = range(model.cfg.n_layers) if layers is None else layers
+    if model.capabilities.cross_attention:
+        # Images are read only by the cross-attention blocks: no text reads them when those blocks add nothing.
+        # (Masking every key would not do it: a row with no key left attends to all of them, as in HF's mask.)
+        chosen = [layer for layer in layers if layer in model.vlm_cfg.cross_attention_layers]
+        silence = [(f"blocks.{layer}.hook_cross_attn_out", lambda x, hook: x.masked_fill(real[..., None], 0.0))
+                   for layer in chosen]
+        return model.run_with_hooks(inputs, fwd_hooks=silence)
     with attention_knockout(model, layers, queries=~image & real, keys=image):
         return model(inputs)

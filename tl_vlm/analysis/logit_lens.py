@@ -46,6 +46,8 @@ def image_positions(model, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, 
     """Language positions holding image features (BLIP-2: the query outputs) in a decoder-only language model."""
     if model.capabilities.encoder_decoder:
         raise NotImplementedError("image positions of an encoder-decoder language model are encoder positions")
+    if model.capabilities.cross_attention:
+        raise NotImplementedError("images enter this model by cross-attention: no language position holds image features")
     if not model.capabilities.image_positions:
         raise NotImplementedError("legacy BLIP-2 configs (queries prepended, no image_token_index); use a current config")
     return model.image_token_mask(input_ids)

@@ -105,3 +105,28 @@ def qwen_vit_rules(hf: str, tl: str, cfg: TowerConfig) -> list[Rule]:
         *norm_rules(rf"{layer}\.norm2", rf"{block}.ln2"),
         *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", *mlp),
     ]
+
+
+def qwen3_vit_config(vc) -> TowerConfig:
+    """Qwen3-VL's vision blocks: LayerNorm, GELU(tanh) MLP, biases everywhere, bidirectional attention."""
+    d = vc.hidden_size
+    return TowerConfig(
+        n_layers=vc.depth, d_model=d, n_heads=vc.num_heads, d_head=d // vc.num_heads, d_mlp=vc.intermediate_size,
+        act_fn=vc.hidden_act, normalization_type="LN", eps=1e-6, attn_bias=True, attn_out_bias=True, mlp_bias=True,
+        attention_dir="bidirectional", original_architecture=type(vc).__name__, hf_config=vc,
+    )
+
+
+def qwen3_vit_rules(hf: str, tl: str, cfg: TowerConfig) -> list[Rule]:
+    """HF Qwen3-VL vision model (under ``hf``) -> ``Qwen3VisionTower`` (``tl``); mergers are the projector's."""
+    layer, block = rf"{hf}\.blocks\.(\d+)", rf"{tl}.blocks.\1"
+    return [
+        Rule(rf"{hf}\.patch_embed\.proj\.weight", f"{tl}.embed.W_patch"),
+        Rule(rf"{hf}\.patch_embed\.proj\.bias", f"{tl}.embed.b_patch"),
+        Rule(rf"{hf}\.pos_embed\.weight", f"{tl}.W_pos"),
+        Rule(rf"{hf}\.rotary_pos_emb\.inv_freq", f"{tl}.rotary.inv_freq"),  # only an in-memory HF model has it
+        *attention_rules(rf"{layer}\.attn", rf"{block}.attn", cfg.d_head, o="proj", qkv="qkv", biases=("q", "k", "v", "o")),
+        *norm_rules(rf"{layer}\.norm1", rf"{block}.ln1"),
+        *norm_rules(rf"{layer}\.norm2", rf"{block}.ln2"),
+        *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", "linear_fc1", "linear_fc2"),
+    ]

@@ -50,7 +50,7 @@ def activation_patching(
                      "region is skipped (every query reads the whole image)")
     else:
         box = clean_ex.objects[0]["box"]
-        patching.update(_patch_regions(model, clean, corrupt, clean_cache, clean_ex.image, box, metric))
+        patching.update(patch_regions(model, clean, corrupt, clean_cache, clean_ex.image, box, metric))
     patching["layer_position"], patching["positions"] = _patch_positions(model, corrupt, clean_cache, metric, notes)
     return patching
 
@@ -82,7 +82,7 @@ def _patch_language(model, clean, corrupt, clean_cache, metric: Metric) -> list[
     return scores
 
 
-def _patch_regions(model, clean, corrupt, clean_cache, image, box, metric: Metric) -> dict:
+def patch_regions(model, clean, corrupt, clean_cache, image, box, metric: Metric) -> dict:
     """Per language layer: patch only the image tokens whose cell overlaps the object's box, then only the others;
     per vision layer: the same with the patches feeding those tokens."""
     index = spatial_index(model, clean, [image])
@@ -103,7 +103,9 @@ def _patch_regions(model, clean, corrupt, clean_cache, image, box, metric: Metri
     for row in index[index["kind"] == "patch"].itertuples():
         patches[bool(inside[row.batch, row.position])] += [(row.tile, row.patch + k) for k in range(per_token)]
     for key, label in ((True, "vision_resid_pre_object_region"), (False, "vision_resid_pre_rest_of_image")):
-        tiles, cols = (torch.tensor(v, device=model.device) for v in zip(*patches[key]))
+        # an empty side (a box over the whole image) patches nothing: the corrupted run at every layer
+        tiles, cols = (torch.tensor([pair[i] for pair in patches[key]], dtype=torch.long, device=model.device)
+                       for i in (0, 1))
         out[label] = _patch_vision(model, corrupt, clean_cache, metric, (tiles, cols))
     return out
 

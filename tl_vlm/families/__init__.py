@@ -10,11 +10,15 @@ from tl_vlm.families.paligemma import HookedPaliGemma
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
 from tl_vlm.families.llava_onevision import HookedLlavaOnevision
+from tl_vlm.families.mllama import HookedMllama
 from tl_vlm.families.qwen2_vl import HookedQwen2VL, HookedQwen25VL
+from tl_vlm.families.qwen3_vl import HookedQwen3VL, HookedQwen3VLMoe
 from tl_vlm.hooked_vlm import HookedVLM
 
 _ALL: tuple[type[HookedVLM], ...] = (
     HookedLlava, HookedLlavaNext, HookedLlavaOnevision, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL,
+    HookedMllama,
+    HookedQwen3VL, HookedQwen3VLMoe,
     HookedGemma3, HookedPaliGemma,
 )
 FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
@@ -31,6 +35,8 @@ def family_for(hf_config, architectures=None) -> type[HookedVLM]:
     for name in names:
         if name in FAMILIES:
             return FAMILIES[name]
+    if set(names) & {"CLIPModel", "SiglipModel"} or hf_config.model_type in ("clip", "siglip"):
+        raise NotImplementedError("a CLIP / SigLIP dual encoder is not a generative VLM: load it with tl_vlm.HookedCLIP")
     raise NotImplementedError(
         f"unsupported architecture {names or hf_config.model_type!r}; tl_vlm supports: {', '.join(sorted(FAMILIES))}"
     )

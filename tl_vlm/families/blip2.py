@@ -32,6 +32,9 @@ from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, Rotary
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.config import QFormerConfig, T5Config, ViTVLMConfig
+from tl_vlm.convert.hf_modules import (
+    ModuleRule, decoder_lm_modules, opt_modules, qformer_modules, t5_modules, vit_modules,
+)
 from tl_vlm.convert.qformer import qformer_config, qformer_rules
 from tl_vlm.convert.rules import WeightMap, linear_rules
 from tl_vlm.convert.text_lms import (
@@ -93,6 +96,22 @@ class HookedBlip2(HookedVLM):
     @classmethod
     def normalize_key(cls, key: str) -> str:
         return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+    @classmethod
+    def hf_module_rules(cls, cfg: Blip2Config) -> list[ModuleRule]:
+        if cfg.language.original_architecture == "opt":
+            language = opt_modules("language_model.model.decoder")
+        elif cfg.encoder_decoder:
+            language = t5_modules("language_model")
+        else:
+            language = decoder_lm_modules("language_model.model")
+        return [
+            *vit_modules("vision_model", "vision", cfg.vision),
+            *qformer_modules("qformer", cls.text_input),
+            ModuleRule("language_projection", "projector.hook_out"),
+            *language,
+            ModuleRule("language_model.lm_head", "unembed"),
+        ]
 
     @classmethod
     def weight_map(cls, cfg: Blip2Config) -> WeightMap:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tl_vlm.components import Rotary
 from tl_vlm.config import ViTConfig, ViTVLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules, vit_modules
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
@@ -80,6 +81,20 @@ class HookedLlava(HookedVLM):
         key = re.sub(r"^language_model\.model\.", "language_model.", key)
         key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
         return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+    legacy_module_prefixes = (
+        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower.vision_model"),
+        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
+    )
+
+    @classmethod
+    def hf_module_rules(cls, cfg: LlavaConfig) -> list[ModuleRule]:
+        return [
+            *vit_modules("model.vision_tower", "vision", cfg.vision),
+            ModuleRule("model.multi_modal_projector", "projector.hook_out"),
+            *decoder_lm_modules("model.language_model"),
+            ModuleRule("lm_head", "unembed"),
+        ]
 
     @classmethod
     def weight_map(cls, cfg: LlavaConfig) -> WeightMap:

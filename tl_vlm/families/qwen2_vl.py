@@ -24,6 +24,7 @@ from tl_vlm.components import KVCache
 from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import MultimodalRotary
 from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules, qwen_vit_modules
 from tl_vlm.convert.rules import WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import qwen_vit_config, qwen_vit_rules
@@ -104,6 +105,16 @@ class HookedQwen2VL(HookedVLM):
         # model.*; saved files and older hub checkpoints have visual.* and the LM as model.*.
         key = re.sub(r"^model\.(?=visual\.|language_model\.)", "", key)
         return re.sub(r"^model\.", "language_model.", key)
+
+    legacy_module_prefixes = (("model.language_model", "model"), ("model.visual", "visual"))
+
+    @classmethod
+    def hf_module_rules(cls, cfg: QwenVLConfig) -> list[ModuleRule]:
+        return [
+            *qwen_vit_modules("model.visual", "vision"),
+            *decoder_lm_modules("model.language_model"),
+            ModuleRule("lm_head", "unembed"),
+        ]
 
     @classmethod
     def weight_map(cls, cfg: QwenVLConfig) -> WeightMap:

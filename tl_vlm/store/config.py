@@ -30,16 +30,17 @@ PathStr = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v,
 @dataclass(config=ConfigDict(extra="forbid"))
 class ExtractConfig:
     model_path: PathStr
-    output_db: PathStr
-    modules: list[str] | str
+    modules: list[str] | str  # hook names, or HF module names as VLM-Lens writes them (tl_vlm.hf_names)
+    output_db: PathStr = "embeddings.db"  # VLM-Lens's default
     architecture: str | None = None
     model: list[dict[str, Any]] | dict[str, Any] = field(default_factory=list)  # VLM-Lens: from_pretrained kwargs
-    forward: dict[str, Any] = field(default_factory=dict)
+    forward: list[dict[str, Any]] | dict[str, Any] = field(default_factory=dict)  # VLM-Lens: a list of one-key dicts
     prompt: str | None = None
     input_dir: PathStr | None = None
     # VLM-Lens writes it, like model, as a list of one-key dicts
     dataset: list[dict[str, Any]] | dict[str, Any] | None = None
     pooling_method: str | None = "none"
+    pooled_output: StrictBool | None = None  # VLM-Lens: true = mean over the sequence (pooling_method mean)
     batch_size: StrictInt = 8
     float16: StrictBool = False
     device: str | None = None
@@ -50,8 +51,14 @@ class ExtractConfig:
         _check_size({f.name: getattr(self, f.name) for f in fields(self)})
         if self.pooling_method in (None, "None"):
             self.pooling_method = "none"
+        if self.pooled_output and self.pooling_method not in ("none", "mean"):
+            raise ValueError(f"pooled_output: true is mean pooling; it contradicts pooling_method {self.pooling_method!r}")
+        if self.pooled_output:
+            self.pooling_method = "mean"
         if self.pooling_method not in POOLING:
             raise ValueError(f"pooling_method {self.pooling_method!r} is not one of {POOLING}")
+        if isinstance(self.forward, list):
+            self.forward = {k: v for item in self.forward for k, v in item.items()}
         if isinstance(self.dataset, list):
             self.dataset = {k: v for item in self.dataset for k, v in item.items()}
         if isinstance(self.modules, str):
@@ -72,6 +79,21 @@ class ExtractConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ExtractConfig":
+        raw = cls.raw_yaml(path)
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        _check_size(raw)
+        try:
+            return cls(**raw)
+        except ValidationError as err:
+            raise ValueError(f"config {path}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+    @staticmethod
+    def raw_yaml(path: str | Path) -> dict:
+        """The config file's mapping, read within the size bounds."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config {path} does not exist or is not a regular file")
@@ -83,16 +105,8 @@ class ExtractConfig:
             raise ValueError(f"config {path} is not valid YAML (plain keys and values only): {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config {path} must be a mapping of keys to values, got a {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
         _check_size(raw)
-        try:
-            return cls(**raw)
-        except ValidationError as err:
-            raise ValueError(f"config {path}: " + "; ".join(_describe(e) for e in err.errors())) from None
+        return raw
 
     def model_kwargs(self) -> dict:
         """VLM-Lens lists from_pretrained kwargs as a list of one-key dicts; accept both forms."""
@@ -106,7 +120,7 @@ class ExtractConfig:
     def run_id(self) -> str:
         """Everything that changes the stored numbers; batch size and paths to the DB do not."""
         keys = asdict(self)
-        for volatile in ("output_db", "batch_size", "device"):
+        for volatile in ("output_db", "batch_size", "device", "pooled_output"):  # pooled_output: in pooling_method
             keys.pop(volatile)
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from tl_vlm.store.config import ExtractConfig
+from tl_vlm.store.text_images import local_table, text_to_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # 16-bit greyscale (PNG, TIFF)
@@ -88,6 +89,8 @@ def _folder(config: ExtractConfig) -> list[Sample]:
 
 def _dataset(config: ExtractConfig) -> list[Sample]:
     spec = config.dataset
+    if "text_dataset_path" in spec:
+        return [Sample(**row, fingerprint=fingerprint(row["image_path"])) for row in text_to_images(spec, config.prompt)]
     image_root = Path(spec.get("image_dataset_path") or ".").resolve()
     found = []
     for row in _load_table(spec):
@@ -132,5 +135,5 @@ def _load_table(spec: dict):
             data = datasets.load_dataset(kind, data_files=str(path))
         return data[split] if isinstance(data, datasets.DatasetDict) else data
     if spec.get("dataset_path") is not None:
-        return datasets.load_dataset(spec["dataset_path"], split=split)
-    raise ValueError("dataset needs local_dataset_path or dataset_path")
+        return local_table(spec["dataset_path"], split, "dataset_path")
+    raise ValueError("dataset needs local_dataset_path or dataset_path (or VLM-Lens's text_dataset_path)")

@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tl_vlm.hf_names import run_with_outputs, select_hf_modules, unknown_module_message
+from tl_vlm.families.clip import HookedCLIP
 from tl_vlm.prompts import format_prompt
 from tl_vlm.store.config import ExtractConfig
+from tl_vlm.store.dual import extract_dual_batch
 from tl_vlm.store.dataset import Sample, samples
 from tl_vlm.store.io import to_blob
 from tl_vlm.store.lock import writer_lock
@@ -47,6 +50,17 @@ def select_hooks(names: list[str], patterns: list[str]) -> list[str]:
     return chosen
 
 
+def select_layers(model, patterns: list[str]) -> dict[str, str]:
+    """Stored layer name -> hook point or module to read: HF module names (as the pattern matched them, today's
+    spelling or VLM-Lens's older one) map to their equivalents, hook-name patterns select hooks."""
+    chosen, rest = select_hf_modules(model, patterns)
+    for pattern in rest:
+        if not any(re.fullmatch(pattern, n) or fnmatch.fnmatchcase(n, pattern) for n in model.hook_dict):
+            raise ValueError(unknown_module_message(model, pattern))
+    hooks = select_hooks(list(model.hook_dict), rest) if rest else []
+    return {**chosen, **{h: h for h in hooks if h not in chosen}}
+
+
 def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Run (or resume) an extraction; returns counts of samples done, skipped and failed.
 
@@ -55,7 +69,8 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
     anyone. Samples, ids and the model kwargs are checked before the model loads, and the output file is held
     by one writer at a time (another ``extract`` or ``merge`` on it is refused up front).
     """
-    from tl_vlm import HookedVLM, __version__
+    from tl_vlm import __version__
+    from tl_vlm.loading import load_model
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,9 +89,18 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
             done.update(_done(store, run_id))
         mine = [s for i, s in enumerate(every) if i % world == rank]
         todo = [s for s in mine if s.key not in done or _changed(done[s.key], s.fingerprint)]
-        model = HookedVLM.from_pretrained(config.model_path, device=device, revision=config.revision, **load_kwargs)
-        hooks = select_hooks(list(model.hook_dict), config.modules)
-        if config.pooling_method != "none" and any(h.endswith(_MULTI_POSITION) for h in hooks):
+        model = load_model(config.model_path, device=device, revision=config.revision, **load_kwargs)
+        if isinstance(model, HookedCLIP):  # no HF module names for dual encoders: hook names only
+            layers = {h: h for h in select_hooks(list(model.hook_dict), config.modules)}
+        else:
+            layers = select_layers(model, config.modules)
+        changed = [k for k in ("fold_ln", "center_writing_weights", "center_unembed") if load_kwargs.get(k)]
+        if changed and any(name != target for name, target in layers.items()):
+            raise ValueError(
+                f"HF module names read HF's outputs, which {changed} change by design (folded norms, centred "
+                "streams); drop those model kwargs or select hook names"
+            )
+        if config.pooling_method != "none" and any(t.endswith(_MULTI_POSITION) for t in layers.values()):
             raise ValueError("attention scores/patterns cannot be pooled over positions; use pooling_method none for them")
         conn = connect(out)
         try:
@@ -85,7 +109,7 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
                     "INSERT OR IGNORE INTO runs (run_id, model, revision, config_hash, tl_vlm_version, dtype, pooling, "
                     "hooks, config) VALUES (?,?,?,?,?,?,?,?,?)",
                     (run_id, config.model_path, config.revision, run_id, __version__, config.dtype,
-                     config.pooling_method, json.dumps(hooks), json.dumps(asdict(config), default=str)),
+                     config.pooling_method, json.dumps(layers), json.dumps(asdict(config), default=str)),
                 )
             counts = {"done": 0, "skipped": len(mine) - len(todo), "failed": 0}
             architecture = config.architecture or model.vlm_cfg.family
@@ -95,7 +119,7 @@ def extract(config: ExtractConfig, progress: bool = True, trust_remote_code: boo
                     batch = todo[start : start + config.batch_size]
                     loaded = _load_images(conn, run_id, batch, counts)
                     if loaded:
-                        rows = _extract_batch(model, hooks, config, loaded)
+                        rows = _extract_batch(model, layers, config, loaded)
                         _write(conn, run_id, config, architecture, loaded, rows)
                         counts["done"] += len(loaded)
                     bar.update(len(batch))
@@ -153,12 +177,13 @@ def _load_kwargs(config: ExtractConfig, trust_remote_code: bool) -> dict:
     unknown = set(kwargs) - _LOAD_KEYS
     if unknown:
         raise ValueError(f"model kwargs {sorted(unknown)} are not supported; use {sorted(_LOAD_KEYS | {'torch_dtype'})}")
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    if str(dtype).removeprefix("torch.") not in DTYPES and dtype != "auto":  # auto: the checkpoint's (VLM-Lens)
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)} or auto")
     for flag, value in kwargs.items():
         if not isinstance(value, bool):
             raise ValueError(f"model kwarg {flag} must be true or false, got {value!r}")
-    return {**kwargs, "trust_remote_code": trust_remote_code, "dtype": DTYPES[str(dtype).removeprefix("torch.")]}
+    return {**kwargs, "trust_remote_code": trust_remote_code,
+            "dtype": "auto" if dtype == "auto" else DTYPES[str(dtype).removeprefix("torch.")]}
 
 
 def _done(db: Path, run_id: str) -> dict[str, str | None]:
@@ -189,24 +214,27 @@ def _load_images(conn: sqlite3.Connection, run_id: str, batch: list[Sample], cou
     return loaded
 
 
-def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
-    """Per sample, (hook, pooled activation) pairs."""
+def _extract_batch(model, layers: dict[str, str], config: ExtractConfig, loaded) -> list[list[tuple[str, torch.Tensor]]]:
+    """Per sample, (stored layer name, pooled activation) pairs."""
+    if isinstance(model, HookedCLIP):
+        return extract_dual_batch(model, list(layers.values()), config.pooling_method, config.float16, loaded)
     texts = [format_prompt(model.processor, sample.prompt) for sample, _ in loaded]
     inputs = model.scoring_inputs(model.prepare(images=[image for _, image in loaded], text=texts))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks, stop_at_layer=_stop_layer(model, hooks))
+    targets = list(dict.fromkeys(layers.values()))
+    _, outputs = run_with_outputs(model, inputs, targets, stop_at_layer=_stop_layer(model, targets))
     batch = inputs.input_ids.shape[0]
     real = inputs.attention_mask.bool() if inputs.attention_mask is not None else torch.ones_like(inputs.input_ids, dtype=torch.bool)
     image = model.image_token_mask(inputs.input_ids)
     # The tower over prompt positions: pooled by image / text tokens (a T5 decoder's one step is pooled plainly).
-    prompt_tower = "encoder" if model.capabilities.encoder_decoder else "language"
-    language = set(model.tower(prompt_tower).hook_dict)
+    prompt_tower = model.tower("encoder" if model.capabilities.encoder_decoder else "language")
+    language = set(prompt_tower.hook_dict)
     per_sample: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(batch)]
-    for hook in hooks:
-        act = cache[hook]
+    for name, hook in layers.items():
+        act = outputs[hook]
         rows = _sample_rows(act.shape[0], batch, hook)
+        on_prompt = hook in language if hook in model.hook_dict else prompt_tower.relative_name(hook) == hook
         for b, selection in enumerate(rows):
-            if hook in language:
+            if on_prompt:
                 one = act[b]
                 if hook.endswith(_MULTI_POSITION):
                     pooled = one[None]
@@ -218,14 +246,14 @@ def _extract_batch(model, hooks: list[str], config: ExtractConfig, loaded) -> li
                     pooled = one
                 else:
                     pooled = torch.cat([pool(r, config.pooling_method, None, None) for r in one])
-            per_sample[b].append((hook, pooled.half() if config.float16 else pooled))
+            per_sample[b].append((name, pooled.half() if config.float16 else pooled))
     return per_sample
 
 
 def _stop_layer(model, hooks: list[str]) -> int | None:
     """Run the language tower only as deep as the hooks need: the unembedding alone was a quarter of the
     compute at vocab 32k, and VLM-Lens's loop always pays for it."""
-    if "language" not in model.towers():
+    if "language" not in model.towers():  # a dual encoder runs both towers whole
         return None
     language, deepest = model.tower("language"), -1
     for hook in hooks:

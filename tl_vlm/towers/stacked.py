@@ -7,6 +7,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import FactoredMatrix
 
+from tl_vlm.components.gated_cross_block import GatedCrossBlock
+
 
 class StackedWeights:
     """Mixin for anything with ``blocks``; the tower's own names, as in TL."""
@@ -16,25 +18,32 @@ class StackedWeights:
     def _stack(self, get) -> Tensor:
         return torch.stack([get(block) for block in self.blocks], dim=0)
 
+    def _self_attention(self, get) -> Tensor:
+        """``_stack`` of a self-attention parameter; a block without self-attention (Mllama's ``GatedCrossBlock``)
+        reads as zeros: a zero attention adds nothing, so the stack still describes the model, layer by layer."""
+        values = [None if isinstance(block, GatedCrossBlock) else get(block) for block in self.blocks]
+        like = next(v for v in values if v is not None)
+        return torch.stack([like.new_zeros(like.shape) if v is None else v for v in values], dim=0)
+
     @property
     def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_Q)
+        return self._self_attention(lambda b: b.attn.W_Q)
 
     @property
     def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_K)
+        return self._self_attention(lambda b: b.attn.W_K)
 
     @property
     def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_V)
+        return self._self_attention(lambda b: b.attn.W_V)
 
     @property
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
-        return self._stack(lambda b: b.attn.W_O)
+        return self._self_attention(lambda b: b.attn.W_O)
 
     def _bias(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """Absent biases read as zeros, as HookedTransformer reports them."""
-        return self._stack(lambda b: getattr(b.attn, name) if getattr(b.attn, name) is not None else b.attn.W_Q.new_zeros(shape))
+        return self._self_attention(lambda b: getattr(b.attn, name) if getattr(b.attn, name) is not None else b.attn.W_Q.new_zeros(shape))
 
     @property
     def b_Q(self) -> Float[Tensor, "layer head d_head"]:
@@ -76,13 +85,14 @@ class StackedWeights:
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
     ) -> Float[Tensor, " d_model"]:
         """Sum of the biases written into the residual stream before ``layer`` (TL's definition)."""
-        bias = self.blocks[0].attn.W_O.new_zeros(self.cfg.d_model)
+        bias = self.blocks[0].mlp.W_out.new_zeros(self.cfg.d_model)
         for block in self.blocks[:layer]:
-            if block.attn.b_O is not None:
+            if not isinstance(block, GatedCrossBlock) and block.attn.b_O is not None:
                 bias = bias + block.attn.b_O
             if include_mlp_biases and block.mlp.b_out is not None:
                 bias = bias + block.mlp.b_out
-        if mlp_input and layer < self.cfg.n_layers and self.blocks[layer].attn.b_O is not None:
+        attention = layer < self.cfg.n_layers and not isinstance(self.blocks[layer], GatedCrossBlock)
+        if mlp_input and attention and self.blocks[layer].attn.b_O is not None:
             bias = bias + self.blocks[layer].attn.b_O
         return bias
 

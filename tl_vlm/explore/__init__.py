@@ -1,0 +1,1 @@
+"""``tl-vlm explore``: a local web explorer (``app``) over plain analysis functions (``compute``)."""
