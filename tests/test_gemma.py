@@ -172,3 +172,25 @@ def test_gemma_blocks_take_per_head_inputs_and_hook_mlp_in(loaded):
         model.set_use_hook_mlp_in(False)
     assert {"blocks.1.attn.hook_k_input", "blocks.1.hook_mlp_in"} <= set(cache.keys())
     assert (logits - clean)[real].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gemma3", "paligemma2"])
+def test_hf_module_names_are_hfs_bit_for_bit_in_bfloat16(checkpoint, name):
+    """VLM-Lens's HF module names on Gemma: pre- and post-norms (float32 1 + w), attention and MLP before the
+    post-norms, lm_head before the logit cap; bfloat16 outputs equal HF's bit for bit."""
+    from conformance.registry import REGISTRY
+    from test_hf_module_names import assert_same, hf_outputs
+    from transformers import AutoModelForImageTextToText
+
+    from tl_vlm.hf_names import hf_names, run_with_outputs
+
+    entry, path = REGISTRY[name], checkpoint(name)
+    hf = quiet(AutoModelForImageTextToText.from_pretrained, path, dtype=torch.bfloat16).eval()
+    model = quiet(HookedVLM.from_pretrained, path, dtype=torch.bfloat16)
+    inputs = quiet(entry.make_cases, model, entry)["batch"]
+    table = hf_names(model)
+    assert {"model.language_model.layers.0.post_feedforward_layernorm", "lm_head"} <= {e.name for e in table}
+    reference = hf_outputs(hf, [e.name for e in table], inputs)
+    _, ours = run_with_outputs(model, inputs, [e.target for e in table])
+    for e in table:
+        assert_same(entry, hf, inputs, e.name, e.target, ours[e.target], reference[e.name], atol=0)

@@ -13,6 +13,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from tl_vlm.components import Rotary
 from tl_vlm.components import param_layout as layout
 from tl_vlm.config import TowerConfig
+from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.rules import Rule, attention_rules, mlp_rules
 
 GEMMA_KINDS = ("gemma", "gemma2", "gemma3_text")
@@ -118,3 +119,29 @@ def gemma_lm_rules(hf: str, cfg: TowerConfig) -> list[Rule]:
         Rule(rf"{hf}\.rotary_emb\.(inv_freq|full_attention_inv_freq)", "rotary.inv_freq"),
         Rule(rf"{hf}\.rotary_emb\.sliding_attention_inv_freq", "rotary_local.inv_freq"),
     ]
+
+
+def gemma_lm_modules(hf: str, cfg: TowerConfig) -> list[ModuleRule]:
+    """HF module names of a Gemma decoder (``gemma_lm_rules``' layout) -> what holds the same output here. In Gemma 2 /
+    3 HF's ``self_attn`` / ``mlp`` outputs precede the post-norms, so they are our ``attn`` / ``mlp`` modules'
+    outputs, and ``post_attention_layernorm`` is ``ln1_post``; in Gemma 1 it is the MLP's pre-norm, ``ln2``."""
+    layer = f"{hf}.layers.{{i}}"
+    rules = [ModuleRule(layer, "blocks.{i}.hook_resid_post", "language"),
+             ModuleRule(f"{layer}.input_layernorm", "blocks.{i}.ln1", "language")]
+    if cfg.use_normalization_before_and_after:
+        rules += [
+            ModuleRule(f"{layer}.self_attn", "blocks.{i}.attn", "language"),
+            ModuleRule(f"{layer}.post_attention_layernorm", "blocks.{i}.ln1_post", "language"),
+            ModuleRule(f"{layer}.pre_feedforward_layernorm", "blocks.{i}.ln2", "language"),
+            ModuleRule(f"{layer}.mlp", "blocks.{i}.mlp", "language"),
+            ModuleRule(f"{layer}.post_feedforward_layernorm", "blocks.{i}.ln2_post", "language"),
+        ]
+    else:
+        rules += [
+            ModuleRule(f"{layer}.self_attn", "blocks.{i}.hook_attn_out", "language"),
+            ModuleRule(f"{layer}.post_attention_layernorm", "blocks.{i}.ln2", "language"),
+            ModuleRule(f"{layer}.mlp", "blocks.{i}.hook_mlp_out", "language"),
+        ]
+    # q_norm / k_norm are not listed: HF's run on [batch, head, pos, d_head], ours on [batch, pos, head, d_head].
+    # lm_head is before Gemma 2's logit cap, as unembed's output is.
+    return rules + [ModuleRule(f"{hf}.norm", "ln_final"), ModuleRule("lm_head", "unembed")]

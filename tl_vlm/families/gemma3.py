@@ -25,8 +25,9 @@ from torch import Tensor
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
-from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_config, gemma_lm_rules, gemma_norm_rules, gemma_rotaries
+from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_modules, gemma_lm_config, gemma_lm_rules, gemma_norm_rules, gemma_rotaries
 from tl_vlm.convert.rules import Rule, WeightMap
+from tl_vlm.convert.hf_modules import ModuleRule, vit_modules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
 from tl_vlm.families.llava import crop_geometry
 from tl_vlm.hooked_vlm import HookedVLM
@@ -52,6 +53,10 @@ class HookedGemma3(HookedVLM):
     architectures = ("Gemma3ForConditionalGeneration",)
     input_fields = frozenset({"input_ids", "pixel_values", "attention_mask", "token_type_ids"})
     computed_parameters = GEMMA_NORMS
+    legacy_module_prefixes = (
+        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower.vision_model"),
+        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
+    )
     vlm_cfg: Gemma3VLMConfig
 
     # ------------------------------------------------------------------ conversion
@@ -85,6 +90,15 @@ class HookedGemma3(HookedVLM):
         key = re.sub(r"^language_model\.model\.", "language_model.", key)
         key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
         return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+
+    @classmethod
+    def hf_module_rules(cls, cfg) -> list[ModuleRule]:
+        return [
+            *vit_modules("model.vision_tower", "vision", cfg.vision),
+            ModuleRule("model.multi_modal_projector.mm_soft_emb_norm", "projector.ln"),
+            ModuleRule("model.multi_modal_projector", "projector.hook_out"),
+            *gemma_lm_modules("model.language_model", cfg.language),
+        ]
 
     @classmethod
     def weight_map(cls, cfg: Gemma3VLMConfig) -> WeightMap:
