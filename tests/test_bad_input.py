@@ -21,9 +21,9 @@ def test_unsupported_architecture_names_supported_ones():
 
 
 def test_unsupported_vision_tower_is_named():
-    config = LlavaConfig(vision_config={"model_type": "pixtral"}, text_config=LlamaConfig())
+    config = LlavaConfig(vision_config={"model_type": "dinov2"}, text_config=LlamaConfig())
     config.architectures = ["LlavaForConditionalGeneration"]
-    with pytest.raises(NotImplementedError, match="pixtral.*clip_vision_model"):
+    with pytest.raises(NotImplementedError, match="dinov2.*clip_vision_model"):
         family_for(config).config_from_hf(config)
 
 

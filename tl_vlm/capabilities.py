@@ -21,7 +21,7 @@ class Capabilities:
     tiles: bool = False
     # Takes videos (frames through the vision tower, placeholders of their own).
     video: bool = False
-    # Vision-tower rows are padded to the longest image (Qwen-VL's dynamic resolution); ``model.vision.patch_mask``.
+    # Vision-tower rows are padded to the longest image (Qwen-VL, Pixtral); ``model.padded_rows(inputs, hook)``.
     padded_vision_rows: bool = False
     # The language model is an encoder-decoder (``encoder.*`` / ``decoder.*`` towers, no top-level ``blocks``).
     encoder_decoder: bool = False

@@ -102,6 +102,15 @@ class ViTConfig(TowerConfig):
 
 
 @dataclass
+class PixtralViTConfig(TowerConfig):
+    """Pixtral's native-resolution ViT: no positions table (2D rotary), images of any size up to ``max_image_size``."""
+
+    patch_size: int = 16
+    num_channels: int = 3
+    max_image_size: int = 1024  # longest edge the processor resizes to (HF's ``image_size``)
+
+
+@dataclass
 class QFormerConfig(TowerConfig):
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2

@@ -60,6 +60,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     # The family's short name (``vlm_cfg.family``) and the HF architecture names it converts.
     family: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
+    # Vision-config model types this family converts within its architectures (empty: any the others do not claim);
+    # e.g. LLaVA with a ``pixtral`` tower is its own family.
+    vision_model_types: ClassVar[tuple[str, ...]] = ()
     # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
     # A regular expression for the parameters conversion computes from HF's rather than viewing them (Gemma's norm
@@ -167,6 +170,16 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         """Per image token, in placeholder order: image, tile, patch, row, col, kind and pixel box
         (see analysis/spatial.py)."""
         raise NotImplementedError(f"no spatial index for {type(self).__name__} yet")
+
+    def padded_rows(self, inputs: VLMInputs, hook: str) -> Bool[Tensor, "row pos"] | None:
+        """Which positions of a vision or projector hook's rows are real when rows are padded to the largest image
+        (``capabilities.padded_vision_rows``), so pooling skips the padding; None when every position is real."""
+        return None
+
+    def token_patches(self, cell: Mapping[str, Any]) -> list[int]:
+        """The vision patches (in the cell's vision row ``tile``) behind the image token of one ``image_token_cells``
+        cell: ``patches_per_token`` consecutive ones from its ``patch`` (a merge block in Qwen-VL's patch order)."""
+        return [cell["patch"] + k for k in range(self.capabilities.patches_per_token)]
 
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """Which language positions hold image features."""

@@ -30,6 +30,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     MllamaForConditionalGeneration,
+    Mistral3ForConditionalGeneration,
     PaliGemmaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
@@ -45,6 +46,8 @@ from tl_vlm.zoo.tiny_blip2 import build_tiny_blip2
 from tl_vlm.zoo.tiny_mllama import build_tiny_mllama
 from tl_vlm.zoo.tiny_gemma import build_tiny_gemma
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
+from tl_vlm.zoo.tiny_pixtral import build_tiny_pixtral
+from tl_vlm.zoo.tiny_pixtral import chat as pixtral_chat
 from tl_vlm.zoo.tiny_qwen_vl import build_tiny_qwen_vl
 from tl_vlm.zoo.tiny_qwen3_vl import build_tiny_qwen3_vl
 
@@ -230,6 +233,22 @@ def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     }
 
 
+# (w, h): 5x8 and 7x4 (rows x cols) patch grids for Pixtral after resizing to whole patches, 6x8 and 8x4 patches (3x4
+# and 4x2 merged tokens) for Mistral3: padded vision rows, one image per prompt or both in one prompt.
+PIXTRAL_SIZES = [(40, 24), (16, 28)]
+
+
+def pixtral_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    images = sample_images(2, seed=1, sizes=PIXTRAL_SIZES)
+    prompts = [pixtral_chat("[IMG]What is the colour?"), pixtral_chat("Describe the shape in [IMG] please")]
+    return {
+        "batch": model.prepare(images=images, text=prompts, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=prompts, padding_side="right"),
+        "multi_image": model.prepare(images=[images], text=[pixtral_chat("[IMG]What colour? [IMG]Which shape?")]),
+        "text": VLMInputs(**dict(model.tokenizer([pixtral_chat("What is the colour of a red square?")], return_tensors="pt"))),
+    }
+
+
 GEMMA3_PROMPTS = ["user <start_of_image> What is the colour? model",
                   "user Describe the shape <start_of_image> in the image please model"]
 PALIGEMMA_PROMPTS = ["<image>What is the colour?", "<image>Describe the shape in the image please"]
@@ -264,7 +283,7 @@ def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
 
     sizes = {"llava_next_mistral": [NON_SQUARE[0]], "qwen2_vl": [(40, 28)], "qwen2_5_vl": [(40, 28)],
-             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)]}.get(entry.name)
+             "qwen3_vl": [(24, 24)], "qwen3_vl_moe": [(24, 24)], "pixtral": [(16, 12)], "mistral3": [(16, 12)]}.get(entry.name)
     inputs = model.prepare(images=sample_images(1, seed=seed, sizes=sizes),
                            text=format_prompt(model.processor, "What colour is the shape?"))
     if model.capabilities.encoder_decoder:
@@ -314,6 +333,18 @@ def qwen_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs
         return list(packed.split(grid.prod(-1).tolist()))
 
     return [[row for r, grid in enumerate(runs) for row in unpack(outputs[r * depth + i], grid)] for i in range(depth)]
+
+
+def pixtral_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.transformer.layers)}
+
+
+def pixtral_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
+    """HF's Pixtral tower runs all images as one packed sequence; per layer one [patch, d] tensor per image."""
+    if tower != "vision":
+        return outputs
+    patches = (inputs.image_sizes // hf.config.vision_config.patch_size).prod(-1).tolist()
+    return [list(out[0].split(patches)) for out in outputs]
 
 
 def onevision_align(entry: Entry, hf, tower: str, outputs: list[torch.Tensor], inputs: VLMInputs):
@@ -409,6 +440,13 @@ def qwen_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     }
 
 
+def pixtral_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.transformer.layers[i].attention.o_proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 
@@ -435,6 +473,7 @@ class Entry:
     not_applicable: dict = field(default_factory=dict)
     moe_blocks: tuple[int, ...] = ()  # language blocks whose MLP is a mixture of experts (mlp.experts.{e}.*)
     path: object = None  # set once built
+    flagship: Callable | None = None  # the flagship checkpoint's HF config, where the HF class's default is another's
 
 
 LLAVA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
@@ -595,12 +634,66 @@ def qwen3(name: str) -> Entry:
     )
 
 
+PIXTRAL_HOOKS = ("vision.hook_embed", "vision.ln_pre.hook_scale", "vision.ln_pre.hook_normalized",
+                 "vision.blocks.0.attn.hook_rot_q", "vision.blocks.0.attn.hook_rot_k", "vision.blocks.0.mlp.hook_pre_linear",
+                 "projector.hook_in", "projector.mlp.hook_pre", "projector.mlp.hook_post", "projector.hook_out",
+                 "hook_embed", "hook_image_embed", "hook_text_embed", "blocks.0.attn.hook_rot_q")
+MISTRAL3_HOOKS = ("projector.ln.hook_scale", "projector.ln.hook_normalized", "projector.hook_unfolded",
+                  "projector.hook_merged")
+
+
+def pixtral_flagship():
+    """mistral-community/pixtral-12b's config (LLaVA's default is a CLIP + Llama LLaVA 1.5)."""
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    return LlavaConfig(
+        vision_config=PixtralVisionConfig(hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 1e4}),
+        text_config=MistralConfig(hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+                                  num_key_value_heads=8, head_dim=128, vocab_size=131072, sliding_window=None,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e9}),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=10,
+    )
+
+
+def pixtral(name: str) -> Entry:
+    return Entry(
+        name, build_tiny_pixtral,
+        LlavaForConditionalGeneration if name == "pixtral" else Mistral3ForConditionalGeneration,
+        pixtral_cases, pixtral_hf_layers, pixtral_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "multi_image", "text"), attentions=("vision.blocks.{}.attn", "blocks.{}.attn"),
+        extra_hooks=PIXTRAL_HOOKS + (MISTRAL3_HOOKS if name == "mistral3" else ()),
+        absent_hooks=("vision.hook_pos_embed",) + (() if name == "mistral3" else MISTRAL3_HOOKS),
+        errors=LLAVA_ERRORS, align=pixtral_align, verify_images=lambda: sample_images(2, sizes=PIXTRAL_SIZES),
+        flagship=pixtral_flagship if name == "pixtral" else None,
+    )
+
+
 GEMMA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "vision.hook_embed",
                "vision.hook_pos_embed", "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_out",
                "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.mlp.hook_pre_linear")
 POST_NORM_HOOKS = ("blocks.0.ln1_post.hook_scale", "blocks.0.ln1_post.hook_normalized", "blocks.1.ln2_post.hook_scale",
                    "blocks.1.ln2_post.hook_normalized")
 QK_NORM_HOOKS = ("blocks.0.attn.q_norm.hook_scale", "blocks.1.attn.k_norm.hook_normalized")
+
+
+def gemma3_flagship():
+    """gemma-3-4b-it's config: HF's default pairs a 224 px SigLIP with 256 image tokens, which no pooling gives."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    return Gemma3Config(vision_config=SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=896,
+        patch_size=14, vision_use_head=False).to_dict())
+
+
+def paligemma2_flagship():
+    """paligemma2-3b's config: Gemma 2 2B (HF's default LM is PaliGemma 1's Gemma) and SigLIP so400m."""
+    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
+
+    text = Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, vocab_size=257216)
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=224, patch_size=14, projection_dim=2304)
+    return PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=2304)
 
 
 def gemma(name: str) -> Entry:
@@ -614,7 +707,7 @@ def gemma(name: str) -> Entry:
         gemma_cases, gemma_hf_layers, gemma_heads, ("language", "vision"),
         cases=("batch", "batch_right", "multi_image" if name == "gemma3" else "suffix", "text"),
         attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=hooks, absent_hooks=absent,
-        errors=LLAVA_ERRORS,
+        errors=LLAVA_ERRORS, flagship={"gemma3": gemma3_flagship, "paligemma2": paligemma2_flagship}.get(name),
     )
 
 
@@ -626,6 +719,7 @@ REGISTRY: dict[str, Entry] = {
         blip2("blip2_opt"), blip2("blip2_flan_t5"), blip2("instructblip_vicuna"), blip2("instructblip_flan_t5"),
         qwen("qwen2_vl"), qwen("qwen2_5_vl"), qwen3("qwen3_vl"), qwen3("qwen3_vl_moe"),
         mllama(),
+        pixtral("pixtral"), pixtral("mistral3"),
         gemma("gemma3"), gemma("paligemma"), gemma("paligemma2"),
     ]
 }

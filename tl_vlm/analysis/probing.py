@@ -104,12 +104,10 @@ def _pool_rows(act: Tensor, inputs: VLMInputs, model, hook: str) -> Tensor:
     # Vision / Q-Former / projector activations are [image, patch, d]: mean over a row's real patches.
     if act.shape[0] != inputs.input_ids.shape[0]:
         raise ValueError(f"{hook} has {act.shape[0]} rows for {inputs.input_ids.shape[0]} samples; probe one image per sample")
-    grid = inputs.image_grid_thw
-    if grid is None or not model.capabilities.padded_vision_rows:
+    valid = model.padded_rows(inputs, hook) if model.capabilities.padded_vision_rows else None
+    if valid is None:
         return act.mean(1)
-    valid = model.vision.patch_layout(grid.to(act.device)).valid  # Qwen-VL rows are padded to the longest image
-    if not hook.startswith("vision."):
-        valid = valid[:, :: model.capabilities.patches_per_token]
+    valid = valid.to(act.device)  # rows padded to the largest image (Qwen-VL, Pixtral): the real positions only
     return (act * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
 
 

@@ -98,10 +98,9 @@ def patch_regions(model, clean, corrupt, clean_cache, image, box, metric: Metric
                 out[f"language_resid_pre_{label}"].append(metric(patch_image_region(model, corrupt, clean, mask, name)))
     # The same split in the vision tower: the patches feeding the object's tokens (a merge block of patches per
     # token for Qwen-VL), then all other patches (the class token and padding stay corrupted).
-    per_token = model.capabilities.patches_per_token
     patches = {True: [], False: []}
     for row in index[index["kind"] == "patch"].itertuples():
-        patches[bool(inside[row.batch, row.position])] += [(row.tile, row.patch + k) for k in range(per_token)]
+        patches[bool(inside[row.batch, row.position])] += [(row.tile, p) for p in model.token_patches(row._asdict())]
     for key, label in ((True, "vision_resid_pre_object_region"), (False, "vision_resid_pre_rest_of_image")):
         # an empty side (a box over the whole image) patches nothing: the corrupted run at every layer
         tiles, cols = (torch.tensor([pair[i] for pair in patches[key]], dtype=torch.long, device=model.device)

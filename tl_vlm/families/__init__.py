@@ -11,6 +11,8 @@ from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
 from tl_vlm.families.llava_onevision import HookedLlavaOnevision
 from tl_vlm.families.mllama import HookedMllama
+from tl_vlm.families.mistral3 import HookedMistral3
+from tl_vlm.families.pixtral import HookedPixtral
 from tl_vlm.families.qwen2_vl import HookedQwen2VL, HookedQwen25VL
 from tl_vlm.families.qwen3_vl import HookedQwen3VL, HookedQwen3VLMoe
 from tl_vlm.hooked_vlm import HookedVLM
@@ -19,11 +21,18 @@ _ALL: tuple[type[HookedVLM], ...] = (
     HookedLlava, HookedLlavaNext, HookedLlavaOnevision, HookedBlip2, HookedInstructBlip, HookedQwen2VL, HookedQwen25VL,
     HookedMllama,
     HookedQwen3VL, HookedQwen3VLMoe,
+    HookedPixtral, HookedMistral3,
     HookedGemma3, HookedPaliGemma,
 )
-FAMILIES: dict[str, type[HookedVLM]] = {arch: family for family in _ALL for arch in family.architectures}
+FAMILIES: dict[str, type[HookedVLM]] = {
+    arch: family for family in _ALL for arch in family.architectures if not family.vision_model_types
+}
+# Families that claim an architecture for some vision towers only: (architecture, vision model type) -> family.
+VISION_FAMILIES: dict[tuple[str, str], type[HookedVLM]] = {
+    (arch, kind): family for family in _ALL for arch in family.architectures for kind in family.vision_model_types
+}
 
-__all__ = [family.__name__ for family in _ALL] + ["FAMILIES", "family_for"]
+__all__ = [family.__name__ for family in _ALL] + ["FAMILIES", "VISION_FAMILIES", "family_for"]
 
 
 def family_for(hf_config, architectures=None) -> type[HookedVLM]:
@@ -32,7 +41,10 @@ def family_for(hf_config, architectures=None) -> type[HookedVLM]:
     names = list(architectures if architectures is not None else getattr(hf_config, "architectures", None) or [])
     if not names and hf_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         names = [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[hf_config.model_type]]
+    vision = getattr(hf_config, "vision_config", None)  # HF configs of every supported family have one
     for name in names:
+        if vision is not None and (name, vision.model_type) in VISION_FAMILIES:
+            return VISION_FAMILIES[name, vision.model_type]
         if name in FAMILIES:
             return FAMILIES[name]
     if set(names) & {"CLIPModel", "SiglipModel"} or hf_config.model_type in ("clip", "siglip"):

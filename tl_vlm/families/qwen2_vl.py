@@ -166,6 +166,15 @@ class HookedQwen2VL(HookedVLM):
         natural[order] = packed
         return natural
 
+    def padded_rows(self, inputs: VLMInputs, hook: str) -> Bool[Tensor, "row pos"] | None:
+        """Real patches of each image, then video row; the merger's rows from its MLP on are merged tokens."""
+        grids = [g for g in (inputs.image_grid_thw, inputs.video_grid_thw) if g is not None]
+        if not grids:
+            return None
+        valid = self.vision.patch_layout(torch.cat(grids)).valid
+        patch_rows = hook.startswith(("vision.", "projector.hook_in", "projector.ln."))
+        return valid if patch_rows else valid[:, :: self.vlm_cfg.geometry.merge_size**2]
+
     # ------------------------------------------------------------------ running
 
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:

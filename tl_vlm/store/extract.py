@@ -233,6 +233,9 @@ def _extract_batch(model, layers: dict[str, str], config: ExtractConfig, loaded)
         act = outputs[hook]
         rows = _sample_rows(act.shape[0], batch, hook)
         on_prompt = hook in language if hook in model.hook_dict else prompt_tower.relative_name(hook) == hook
+        # Rows padded to the batch's largest image (Qwen-VL, Pixtral) pool their real positions only.
+        padded = not on_prompt and model.capabilities.padded_vision_rows
+        valid = model.padded_rows(inputs, hook) if padded else None
         for b, selection in enumerate(rows):
             if on_prompt:
                 one = act[b]
@@ -245,7 +248,8 @@ def _extract_batch(model, layers: dict[str, str], config: ExtractConfig, loaded)
                 if hook.endswith(_MULTI_POSITION):
                     pooled = one
                 else:
-                    pooled = torch.cat([pool(r, config.pooling_method, None, None) for r in one])
+                    reals = valid[selection].to(one.device) if valid is not None else [None] * len(one)
+                    pooled = torch.cat([pool(r, config.pooling_method, None, v) for r, v in zip(one, reals)])
             per_sample[b].append((name, pooled.half() if config.float16 else pooled))
     return per_sample
 
