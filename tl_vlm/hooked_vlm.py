@@ -125,8 +125,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     @classmethod
     def hf_module_rules(cls, cfg: VLMConfig) -> list[ModuleRule]:
         """HF module names (today's in-memory layout) -> the hook point or module holding the same output
-        (``convert/hf_modules.py``; ``tl_vlm.hf_names`` resolves them)."""
-        raise NotImplementedError(f"{cls.__name__} declares no HF module names")
+        (``convert/hf_modules.py``; ``tl_vlm.hf_names`` resolves them). None declared: HF names are refused as
+        unknown names, hook names still select."""
+        return []
 
     @classmethod
     def fp32_parameters(cls, cfg: VLMConfig, dtype: torch.dtype) -> str | None:

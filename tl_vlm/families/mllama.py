@@ -31,6 +31,7 @@ from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import Rotary
 from tl_vlm.components.cross_kv_cache import CrossAttentionKVCache
 from tl_vlm.config import TowerConfig, VLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.rules import Rule, WeightMap, attention_rules, linear_rules, mlp_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.hooked_vlm import HookedVLM
@@ -69,6 +70,14 @@ class HookedMllama(HookedVLM):
     vlm_cfg: MllamaConfig
 
     # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def hf_module_rules(cls, cfg) -> list[ModuleRule]:
+        """The language model's layer outputs, final norm and head; the tiled vision encoder runs HF's
+        ``[image * tile, position]`` rows (tl_vlm: ``[image, tile * position]``), so its names are not mapped, nor
+        the sublayers, which differ between self- and cross-attention layers."""
+        return [ModuleRule("model.language_model.layers.{i}", "blocks.{i}.hook_resid_post", "language"),
+                ModuleRule("model.language_model.norm", "ln_final"), ModuleRule("lm_head", "unembed")]
 
     @classmethod
     def config_from_hf(cls, hf_config) -> MllamaConfig:

@@ -24,6 +24,7 @@ from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import Rotary
 from tl_vlm.components.pixtral_rotary import PixtralRotary
 from tl_vlm.config import PixtralViTConfig, VLMConfig
+from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules
 from tl_vlm.convert.pixtral_vit import pixtral_vit_config, pixtral_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
@@ -65,6 +66,12 @@ class HookedPixtral(HookedLlava):
     vlm_cfg: PixtralConfig
 
     # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def hf_module_rules(cls, cfg) -> list[ModuleRule]:
+        """The language model's modules; HF's Pixtral vision tower and projector run on the images packed into one
+        sequence (tl_vlm: one row per image), so their names are not mapped."""
+        return [*decoder_lm_modules("model.language_model"), ModuleRule("lm_head", "unembed")]
 
     @classmethod
     def config_fields(cls, hf_config) -> dict:

@@ -29,6 +29,7 @@ from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.mrope import InterleavedMultimodalRotary
 from tl_vlm.config import TowerConfig
 from tl_vlm.components.moe import MoEConfig
+from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.moe import qwen_moe_config, qwen_moe_rules
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
@@ -72,6 +73,11 @@ class HookedQwen3VL(HookedQwen2VL):
     vlm_cfg: Qwen3VLConfig
 
     # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def hf_module_rules(cls, cfg) -> list[ModuleRule]:
+        """Qwen2-VL's names, without ``merger.ln_q``: Qwen3-VL's merger norm has another name and place."""
+        return [rule for rule in super().hf_module_rules(cfg) if not rule.hf.endswith("merger.ln_q")]
 
     @classmethod
     def config_from_hf(cls, hf_config) -> Qwen3VLConfig:
