@@ -36,6 +36,13 @@ class TowerConfig:
     sliding_window: Optional[int] = None
     use_qk_norm: bool = False  # RMSNorm over d_head on each query / key head before rotary (Qwen3, Gemma 3), as TL
     deepstack_layers: int = 0  # the first blocks whose outputs get visual features added (Qwen3-VL's DeepStack)
+    # Gemma (TL's names): scores divided by attn_scale (-1: sqrt(d_head)); tanh soft caps (-1: none) on the attention
+    # scores and the logits; norms before and after each sublayer; per-layer "global" / "local" (sliding) attention.
+    attn_scale: float = -1.0
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    use_normalization_before_and_after: bool = False
+    attn_types: Optional[list[str]] = None
     final_rms: bool = False
     original_architecture: str = ""
     model_name: str = ""

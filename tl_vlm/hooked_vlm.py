@@ -65,6 +65,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     vision_model_types: ClassVar[tuple[str, ...]] = ()
     # VLMInputs fields the family consumes; any other non-empty field is an error, never dropped.
     input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
+    # A regular expression for the parameters conversion computes from HF's rather than viewing them (Gemma's norm
+    # scales 1 + w, in float32): the only ones that do not share an in-memory HF model's storage.
+    computed_parameters: ClassVar[str | None] = None
     # A processor class (with ``from_pretrained(path)``) to use where HF's needs a package that is not installed.
     fallback_processor: ClassVar[type | None] = None
     # HF module-name prefixes as transformers < 4.52 wrote them (VLM-Lens configs): (today's prefix, older prefix).
@@ -319,7 +322,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         family = cls._family(hf_model.config, [type(hf_model).__name__])
         state = hf_model.state_dict()
         # Rotary frequencies are buffers outside the state dict; a HF model cast with .to(dtype) uses them rounded.
-        frequencies = [(name, b) for name, b in hf_model.named_buffers() if name.endswith(".inv_freq") and name not in state]
+        # Gemma 3 keeps one table per layer type (full_attention_inv_freq, sliding_attention_inv_freq).
+        frequencies = [(name, b) for name, b in hf_model.named_buffers()
+                       if name.endswith((".inv_freq", "_attention_inv_freq")) and name not in state]
         model = family._convert(
             hf_model.config,
             itertools.chain(state.items(), frequencies),
@@ -441,14 +446,14 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             raise ValueError("prepare needs text (with the model's image placeholder where each image goes)")
         if isinstance(text, list) and len(text) > 1:
             processor_kwargs.setdefault("padding", True)
-        batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
+        batch = self.process(images=images, text=text, return_tensors="pt", **processor_kwargs)
         texts = text if isinstance(text, list) else [text]
         # Q-Former families take one image per prompt; their processors insert the placeholders themselves.
         image_token = None if self.capabilities.queries else self.processor.image_token
         layout = {"row_images": _placeholders_per_row(image_token, texts, images),
                   "row_videos": _placeholders_per_row(getattr(self.processor, "video_token", None), texts,
                                                       processor_kwargs.get("videos"))}
-        return dataclasses.replace(VLMInputs.from_mapping(batch), **layout).to(self.device)
+        return dataclasses.replace(self._own_fields(VLMInputs.from_mapping(batch)), **layout).to(self.device)
 
     def _inputs(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None, **kwargs) -> VLMInputs:
         """Whatever a caller passes as the model's input, as VLMInputs. Text is text only, as TL tokenizes it
@@ -468,7 +473,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             raise TypeError(f"unsupported input of type {type(input).__name__}")
         if "input_ids" not in batch:
             raise ValueError("input_ids are required")
-        inputs = VLMInputs.from_mapping(batch)
+        inputs = self._own_fields(VLMInputs.from_mapping(batch))
         unused = sorted(set(inputs.as_kwargs()) - self.input_fields)
         if unused:
             raise ValueError(
@@ -478,6 +483,20 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         inputs = inputs.unsqueezed()
         _check_token_ids(inputs.input_ids, self.cfg.d_vocab, self.image_token_mask)
         return inputs
+
+    def process(self, **kwargs) -> Mapping:
+        """The processor's output for ``prepare`` (a family drops what it derives from the rest: PaliGemma's labels)."""
+        return self.processor(**kwargs)
+
+    def unscored_positions(self, inputs: VLMInputs) -> Bool[Tensor, "batch pos"]:
+        """Positions whose token the loss does not score as a target: image placeholders (PaliGemma: its prefix)."""
+        return self.image_token_mask(inputs.input_ids)
+
+    def _own_fields(self, inputs: VLMInputs) -> VLMInputs:
+        """Tokenizers return ``token_type_ids`` for models that do not read them (all zeros there): dropped for those."""
+        if "token_type_ids" in self.input_fields or inputs.token_type_ids is None:
+            return inputs
+        return dataclasses.replace(inputs, token_type_ids=None)
 
     def prompt_offset(self) -> int:
         """Positions a family puts before ``input_ids`` (legacy BLIP-2's queries), which the attention mask of a
@@ -541,8 +560,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             return out
         if return_type is None:
             return None
-        image_mask = self.image_token_mask(inputs.input_ids)
-        loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, image_mask)
+        loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, self.unscored_positions(inputs))
         return loss if return_type == "loss" else (out, loss)
 
     def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:

@@ -20,12 +20,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-# Keys processors return that these families do not consume and that carry no information we drop.
-_IGNORED_KEYS = {"token_type_ids"}
 # Fields with one entry per row, per image, per video; and the row layout, which is no model input.
-_PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "qformer_input_ids",
-            "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask", "aspect_ratio_ids",
-            "aspect_ratio_mask", "cross_attention_mask"}
+_PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "token_type_ids",
+            "qformer_input_ids", "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask",
+            "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}
 _PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask"}
 _LAYOUT = {"row_images", "row_videos"}
 
@@ -44,6 +42,9 @@ class VLMInputs:
     video_grid_thw: Int[Tensor, "video 3"] | None = None
     second_per_grid_ts: Float[Tensor, " video"] | None = None  # Qwen2.5-VL: seconds per temporal patch
     mm_token_type_ids: Int[Tensor, "batch pos"] | None = None
+    # Gemma 3: 1 at image tokens; PaliGemma: 1 on the suffix. Tokenizers return them for other models too, which
+    # carry nothing there: HookedVLM drops them for families that do not read them.
+    token_type_ids: Int[Tensor, "batch pos"] | None = None
     qformer_input_ids: Int[Tensor, "batch qpos"] | None = None  # InstructBLIP: instruction for the Q-Former
     qformer_attention_mask: Int[Tensor, "batch qpos"] | None = None
     decoder_input_ids: Int[Tensor, "batch dec_pos"] | None = None  # encoder-decoder LMs (Flan-T5)
@@ -168,7 +169,7 @@ class VLMInputs:
     @classmethod
     def from_mapping(cls, batch: Mapping[str, Any]) -> "VLMInputs":
         known = {f.name for f in fields(cls)}
-        unknown = set(batch) - known - _IGNORED_KEYS
+        unknown = set(batch) - known
         if unknown:
             raise ValueError(
                 f"inputs {sorted(unknown)} are not used by this model; refusing to drop them silently "

@@ -8,7 +8,8 @@ Every function writes new tensors (never edits in place), so a model converted w
 - center_writing_weights: writers into the residual stream get zero mean. Only where every reader is
   a LayerNorm (mean-invariant): language towers with LN. RMSNorm towers and the vision tower, whose
   raw residual feeds the projector, are left alone with a warning.
-- center_unembed: W_U gets zero mean over the vocabulary (logits shift per position, softmax unchanged).
+- center_unembed: W_U gets zero mean over the vocabulary (logits shift per position, softmax unchanged). Refused
+  where the logits are soft-capped (Gemma 2): tanh is not shift-invariant.
 - fold_value_biases: b_V moves into b_O (patterns sum to one).
 """
 
@@ -32,6 +33,12 @@ def process(model, fold_ln: bool, center_writing_weights: bool, center_unembed: 
         raise NotImplementedError(
             "weight processing of language models with cross-attention layers (Mllama) is not implemented yet; load "
             "without fold_ln / center_writing_weights / center_unembed / fold_value_biases"
+        )
+    if center_unembed and model.cfg.output_logits_soft_cap > 0:
+        raise ValueError(
+            f"center_unembed=True is refused: this model caps its logits (tanh, output_logits_soft_cap="
+            f"{model.cfg.output_logits_soft_cap}), and a capped softmax is not invariant to shifting the logits, so "
+            "centering W_U would change the output distribution; load with center_unembed=False"
         )
     towers = [model.towers()[name] for name in ("language", "vision")]
     if fold_ln:

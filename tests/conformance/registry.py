@@ -25,6 +25,7 @@ from transformers import (
     AutoTokenizer,
     Blip2ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
+    Gemma3ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
@@ -32,6 +33,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     MllamaForConditionalGeneration,
     Mistral3ForConditionalGeneration,
+    PaliGemmaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     SmolVLMForConditionalGeneration,
@@ -49,6 +51,7 @@ from tl_vlm.zoo.tiny_idefics3 import chat as idefics3_chat
 from tl_vlm.zoo.tiny_internvl import build_tiny_internvl
 from tl_vlm.zoo.tiny_internvl import chat as internvl_chat
 from tl_vlm.zoo.tiny_mllama import build_tiny_mllama
+from tl_vlm.zoo.tiny_gemma import build_tiny_gemma
 from tl_vlm.zoo.tiny_onevision import build_tiny_onevision, chat
 from tl_vlm.zoo.tiny_pixtral import build_tiny_pixtral
 from tl_vlm.zoo.tiny_pixtral import chat as pixtral_chat
@@ -282,6 +285,35 @@ def idefics3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
     return {name: cases[name] for name in entry.cases}
 
 
+GEMMA3_PROMPTS = ["user <start_of_image> What is the colour? model",
+                  "user Describe the shape <start_of_image> in the image please model"]
+PALIGEMMA_PROMPTS = ["<image>What is the colour?", "<image>Describe the shape in the image please"]
+
+
+def gemma_cases(model, entry: Entry) -> dict[str, VLMInputs]:
+    """Gemma 3: a padded batch (each side), two images in one prompt (two bidirectional blocks), text. PaliGemma: a
+    padded batch (each side), a batch with suffixes (causal after the prefix), text with an all-prefix
+    ``token_type_ids`` (what the processor gives a prompt without suffix)."""
+    images = sample_images(2, seed=1)
+    if entry.name == "gemma3":
+        a, b, c = sample_images(3, seed=3, sizes=[(40, 60), (50, 50), (70, 40)])
+        text = "user What is the colour of a red square? model"
+        return {
+            "batch": model.prepare(images=images, text=GEMMA3_PROMPTS, padding_side="left"),
+            "batch_right": model.prepare(images=images, text=GEMMA3_PROMPTS, padding_side="right"),
+            "multi_image": model.prepare(images=[[a, b], [c]], text=["user <start_of_image> <start_of_image> Which one is red? model",
+                                                                     "user <start_of_image> What is the colour? model"]),
+            "text": VLMInputs(**dict(model.tokenizer([text], return_tensors="pt"))),
+        }
+    tokens = model.tokenizer(["What is the colour of a red square?\n"], return_tensors="pt")
+    return {
+        "batch": model.prepare(images=images, text=PALIGEMMA_PROMPTS, padding_side="left"),
+        "batch_right": model.prepare(images=images, text=PALIGEMMA_PROMPTS, padding_side="right"),
+        "suffix": model.prepare(images=images, text=PALIGEMMA_PROMPTS, suffix=["red", "a blue circle"], padding_side="left"),
+        "text": VLMInputs(**dict(tokens), token_type_ids=torch.zeros_like(tokens["input_ids"])),
+    }
+
+
 def single_inputs(model, entry: Entry, seed: int) -> VLMInputs:
     """One prompt with one image (seeded): clean and corrupted runs differ only in the image."""
     from tl_vlm.prompts import format_prompt  # tl_vlm.prompts.format_prompt after the refactor
@@ -386,6 +418,17 @@ def hf_run(entry: Entry, hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str,
 
 
 def llava_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
+    return {
+        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
+        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
+    }
+
+
+def gemma_hf_layers(hf) -> dict[str, list[nn.Module]]:
+    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layers)}
+
+
+def gemma_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
         "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
@@ -718,6 +761,49 @@ def idefics3(name: str) -> Entry:
     )
 
 
+GEMMA_HOOKS = ("hook_embed", "hook_text_embed", "hook_image_embed", "ln_final.hook_scale", "vision.hook_embed",
+               "vision.hook_pos_embed", "vision.ln_post.hook_normalized", "projector.hook_in", "projector.hook_out",
+               "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.mlp.hook_pre_linear")
+POST_NORM_HOOKS = ("blocks.0.ln1_post.hook_scale", "blocks.0.ln1_post.hook_normalized", "blocks.1.ln2_post.hook_scale",
+                   "blocks.1.ln2_post.hook_normalized")
+QK_NORM_HOOKS = ("blocks.0.attn.q_norm.hook_scale", "blocks.1.attn.k_norm.hook_normalized")
+
+
+def gemma3_flagship():
+    """gemma-3-4b-it's config: HF's default pairs a 224 px SigLIP with 256 image tokens, which no pooling gives."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    return Gemma3Config(vision_config=SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=896,
+        patch_size=14, vision_use_head=False).to_dict())
+
+
+def paligemma2_flagship():
+    """paligemma2-3b's config: Gemma 2 2B (HF's default LM is PaliGemma 1's Gemma) and SigLIP so400m."""
+    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
+
+    text = Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, vocab_size=257216)
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=224, patch_size=14, projection_dim=2304)
+    return PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=2304)
+
+
+def gemma(name: str) -> Entry:
+    hooks = GEMMA_HOOKS + (POST_NORM_HOOKS if name != "paligemma" else ())
+    if name == "gemma3":
+        hooks += QK_NORM_HOOKS + ("projector.hook_pooled", "projector.ln.hook_scale", "projector.ln.hook_normalized")
+    absent = ("vision.ln_pre.hook_scale",) + (POST_NORM_HOOKS if name == "paligemma" else ()) + (
+        QK_NORM_HOOKS if name != "gemma3" else ())
+    return Entry(
+        name, build_tiny_gemma, Gemma3ForConditionalGeneration if name == "gemma3" else PaliGemmaForConditionalGeneration,
+        gemma_cases, gemma_hf_layers, gemma_heads, ("language", "vision"),
+        cases=("batch", "batch_right", "multi_image" if name == "gemma3" else "suffix", "text"),
+        attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=hooks, absent_hooks=absent,
+        errors=LLAVA_ERRORS, flagship={"gemma3": gemma3_flagship, "paligemma2": paligemma2_flagship}.get(name),
+    )
+
+
 REGISTRY: dict[str, Entry] = {
     e.name: e
     for e in [
@@ -728,6 +814,7 @@ REGISTRY: dict[str, Entry] = {
         mllama(),
         pixtral("pixtral"), pixtral("mistral3"),
         internvl(), idefics3("idefics3"), idefics3("smolvlm"),
+        gemma("gemma3"), gemma("paligemma"), gemma("paligemma2"),
     ]
 }
 NAMES = tuple(REGISTRY)

@@ -3,6 +3,8 @@ equal to HF's, generation token for token, head ablation by hooks equal to HF mo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -47,7 +49,9 @@ def test_from_hf_model_shares_weights_and_matches(loaded, name):
     pair = loaded(name)
     hf_storages = {p.untyped_storage().data_ptr() for p in pair.hf.parameters()}
     model = quiet(HookedVLM.from_hf_model, pair.hf, pair.model.processor)
-    copied = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in hf_storages]
+    computed = model.computed_parameters
+    copied = [n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in hf_storages
+              and not (computed and re.fullmatch(computed, n))]
     assert not copied, f"conversion must not copy the weights: {copied[:5]}"
     with torch.no_grad():
         assert max_diff(model(pair.batch()), pair.model(pair.batch())) == 0.0, "from_hf_model equals from_pretrained"
@@ -66,8 +70,9 @@ def test_weight_processing_keeps_probabilities(loaded, name):
     not_applicable(pair.entry, "test_weight_processing_keeps_probabilities")
     if pair.model.capabilities.encoder_decoder:
         pytest.skip("capabilities.encoder_decoder: weight processing is not supported for encoder-decoder LMs")
+    capped = pair.model.cfg.output_logits_soft_cap > 0  # Gemma 2: center_unembed is refused (tests/test_gemma.py)
     processed = quiet(HookedVLM.from_pretrained, pair.path, fold_ln=True, center_writing_weights=True,
-                      center_unembed=True, fold_value_biases=True)
+                      center_unembed=not capped, fold_value_biases=True)
     assert processed.cfg.normalization_type in ("RMSPre", "LNPre")
     assert processed.blocks[0].ln1.w is None and processed.vision.blocks[0].ln1.w is None
     batch, real = pair.batch(), pair.batch().attention_mask.bool()
@@ -75,7 +80,7 @@ def test_weight_processing_keeps_probabilities(loaded, name):
         expected = pair.hf(**batch.as_kwargs()).logits.softmax(-1)
         logits = processed(batch)
     assert max_diff(logits.softmax(-1), expected, real) <= ATOL
-    assert logits[real].mean(-1).abs().max() < 1e-4, "center_unembed gives zero-mean logits"
+    assert capped or logits[real].mean(-1).abs().max() < 1e-4, "center_unembed gives zero-mean logits"
 
 
 # Where tl_vlm knowingly differs from HF in half precision: OneVision runs image tiles and video frames as one

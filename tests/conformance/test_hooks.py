@@ -97,6 +97,8 @@ def test_every_hook_point_fires_with_tl_shapes(loaded, name):
         # The attention result summed over heads plus bias is the attention output.
         attn = view.blocks[-1].attn
         summed = cache[f"{p}blocks.{cfg.n_layers - 1}.attn.hook_result"].sum(2) + (attn.b_O if attn.b_O is not None else 0)
+        if cfg.use_normalization_before_and_after:  # Gemma 2 / 3: the heads' sum is the post-norm's input
+            summed = view.blocks[-1].ln1_post(summed)
         assert torch.allclose(summed, cache[f"{p}blocks.{cfg.n_layers - 1}.hook_attn_out"], atol=1e-5), tower
     if not model.capabilities.encoder_decoder:
         assert cache["blocks.0.hook_resid_pre"].shape[:2] == batch.shape

@@ -29,7 +29,8 @@ def test_verify_passes_then_names_the_broken_layer(loaded, name):
         if tower == "language" and 1 in pair.entry.moe_blocks:
             mlp = mlp.experts[0]  # one expert's output weights
         original = mlp.W_out
-        mlp.W_out = nn.Parameter(original.detach() * 1.5)
+        # Per output channel, so that a post-norm (Gemma 2 / 3) cannot normalise the change away.
+        mlp.W_out = nn.Parameter(original.detach() * torch.linspace(0.5, 1.5, original.shape[-1], dtype=original.dtype))
         try:
             failures = quiet(verify, model, images=images).failures
         finally:

@@ -22,6 +22,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 from transformers import TopKLogitsWarper
 
+from tl_vlm.components.embeddings import soft_cap
+
 
 def lens_hook_names(model) -> list[str]:
     """The streams a language logit lens reads: each layer's input, then the last block's output (layer n)."""
@@ -56,7 +58,8 @@ def lens_probs(
 ) -> Float[Tensor, "... d_vocab"]:
     """Vocabulary distribution of residual-stream vectors: through ``ln_final`` (normed) or not, then ``unembed``;
     with ``top_k``, the k largest logits (and any tied with the k-th) renormalised."""
-    logits = model.unembed(model.ln_final(resid) if normed else resid)
+    # Gemma 2 caps its logits: the last lens layer is still the model's own distribution.
+    logits = soft_cap(model.unembed(model.ln_final(resid) if normed else resid), model.cfg.output_logits_soft_cap)
     if top_k is not None:
         logits = TopKLogitsWarper(top_k)(None, logits)  # input ids are unused by this warper
     return logits.softmax(-1)

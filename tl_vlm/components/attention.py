@@ -44,6 +44,8 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(d)) if cfg.attn_out_bias else None
         self.knockout: Bool[Tensor, "batch 1 q k"] | None = None  # set by analysis.knockout.attention_knockout
         scale = dh**-0.5 if cfg.use_attn_scale else 1.0  # T5 folds the scale into its weights
+        if cfg.attn_scale > 0:  # Gemma 2 / 3: query_pre_attn_scalar**-0.5
+            scale = 1.0 / cfg.attn_scale
         # OPT scales the projected queries and attends unscaled: in half precision the rounded queries differ.
         self.q_scale, self.scale = (scale, 1.0) if cfg.scale_queries else (1.0, scale)
         self.repeat = h // kv
@@ -132,6 +134,11 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos head d_head"]:
         """softmax(QK^T)V per head, hooked z; ``mask`` is boolean (True = may attend), an additive float bias, or
         ``Segments`` (SDPA per segment unless the pattern is asked for or knocked out)."""
+        if self.cfg.attn_scores_soft_cap > 0:  # no fused kernel caps scores: HF runs eager attention too
+            mask = mask.mask if isinstance(mask, Segments) else mask
+            if self.knockout is not None:
+                mask, causal = self._knocked_out(mask, causal, q.shape[2], k.shape[2], q)
+            return run_hook(self.hook_z, self._soft_capped(q, k, v, mask, causal).transpose(1, 2))
         observed = active(self.hook_attn_scores) or active(self.hook_pattern)
         # An fp32 model: the explicit path is within 1e-6 of SDPA and serves both. Half precision (a float32 tower
         # of a half-precision model too, whose output is rounded): a pattern that is only cached is computed beside
@@ -206,6 +213,23 @@ class Attention(nn.Module):
             pattern = pattern * mask.any(-1, keepdim=True)
         pattern = run_hook(self.hook_pattern, pattern)
         return None if for_cache else torch.matmul(pattern, v).to(dtype)
+
+    def _soft_capped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """HF's eager attention with Gemma 2's tanh cap on the scores, op for op in the model dtype (so half precision
+        is HF's bit for bit): scale, cap, additive mask of the dtype's minimum, float32 softmax, rounded pattern."""
+        if self.repeat > 1:
+            k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
+        cap = self.cfg.attn_scores_soft_cap
+        scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * self.scale / cap) * cap
+        if mask is None and causal:
+            mask = ~causal_block(q.shape[2], k.shape[2], q.device)
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores + torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        elif mask is not None:
+            scores = scores + mask
+        scores = run_hook(self.hook_attn_scores, scores)
+        pattern = run_hook(self.hook_pattern, F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return torch.matmul(pattern, v)
 
 
 @functools.lru_cache(maxsize=4)

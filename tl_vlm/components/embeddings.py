@@ -20,6 +20,18 @@ class Embed(nn.Module):
         return F.embedding(tokens, self.W_E)
 
 
+class ScaledEmbed(Embed):
+    """Gemma's token embedding: times sqrt(d_model) rounded to the weights' dtype, as HF multiplies (in bfloat16
+    sqrt(3072) = 55.43 becomes 55.5)."""
+
+    def __init__(self, d_vocab: int, d_model: int, scale: float):
+        super().__init__(d_vocab, d_model)
+        self.scale = scale
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E) * torch.tensor(self.scale).to(self.W_E.dtype)
+
+
 class Unembed(nn.Module):
     def __init__(self, d_model: int, d_vocab: int):
         super().__init__()
@@ -29,6 +41,11 @@ class Unembed(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return F.linear(x, self.W_U.T, self.b_U)
+
+
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """Gemma 2's tanh cap on the logits, op for op as HF (``cap <= 0``: none, TL's convention)."""
+    return logits if cap <= 0 else torch.tanh(logits / cap) * cap
 
 
 class PosEmbed(nn.Module):

@@ -62,6 +62,9 @@ class RMSNorm(nn.Module):
             if active(self.hook_scale) or active(self.hook_normalized):  # for the cache; the output stays HF's
                 run_hook(self.hook_normalized, x / run_hook(self.hook_scale, (mean_square + self.eps).sqrt()))
             x = x * torch.rsqrt(mean_square + self.eps)
+        if self.w is not None and self.w.dtype == torch.float32 != dtype:
+            # Gemma keeps its (1 + w) in float32 and multiplies before rounding, as HF's Gemma RMSNorm.
+            return (self.w * x).to(dtype)
         # Back to the input dtype; to a half-precision weight's dtype when they differ (T5's float32 residual stream
         # after a float32 W_out, as HF's T5LayerNorm does).
         half = self.w is not None and self.w.dtype in (torch.float16, torch.bfloat16)

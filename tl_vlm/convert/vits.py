@@ -52,7 +52,7 @@ def vit_rules(hf: str, tl: str, cfg: ViTConfig) -> list[Rule]:
     """HF ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Blip2VisionModel`` (under ``hf``) -> ``ViTTower`` (under
     ``tl``); rules for parts a flavour lacks (class token, ``pre_layrnorm``, patch bias) simply match nothing."""
     layer, block = rf"{hf}\.encoder\.layers\.(\d+)", rf"{tl}.blocks.\1"
-    eva = cfg.ln_post
+    eva = cfg.class_token and cfg.patch_bias
     if eva:  # one fused [q; k; v]; its bias is HF's cat(q_bias, zeros, v_bias), loaded as stored
         attention = attention_rules(rf"{layer}\.self_attn", rf"{block}.attn", cfg.d_head, o="projection", qkv="qkv",
                                     biases=("q", "k", "v", "o") if cfg.attn_bias else ("o",))
@@ -71,7 +71,7 @@ def vit_rules(hf: str, tl: str, cfg: ViTConfig) -> list[Rule]:
         *norm_rules(rf"{layer}\.layer_norm1", rf"{block}.ln1"),
         *norm_rules(rf"{layer}\.layer_norm2", rf"{block}.ln2"),
         *mlp_rules(rf"{layer}\.mlp", rf"{block}.mlp", "fc1", "fc2"),
-        *(norm_rules(rf"{hf}\.post_layernorm", f"{tl}.ln_post") if eva else []),
+        *(norm_rules(rf"{hf}\.post_layernorm", f"{tl}.ln_post") if cfg.ln_post else []),
     ]
 
 

@@ -7,6 +7,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from tl_vlm.families.blip2 import HookedBlip2, HookedInstructBlip
 from tl_vlm.families.idefics3 import HookedIdefics3, HookedSmolVLM
 from tl_vlm.families.internvl import HookedInternVL
+from tl_vlm.families.gemma3 import HookedGemma3
+from tl_vlm.families.paligemma import HookedPaliGemma
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.llava_next import HookedLlavaNext
 from tl_vlm.families.llava_onevision import HookedLlavaOnevision
@@ -23,6 +25,7 @@ _ALL: tuple[type[HookedVLM], ...] = (
     HookedQwen3VL, HookedQwen3VLMoe,
     HookedPixtral, HookedMistral3,
     HookedInternVL, HookedIdefics3, HookedSmolVLM,
+    HookedGemma3, HookedPaliGemma,
 )
 FAMILIES: dict[str, type[HookedVLM]] = {
     arch: family for family in _ALL for arch in family.architectures if not family.vision_model_types
