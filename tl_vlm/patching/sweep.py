@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -147,7 +148,11 @@ def _repeat(tokens, n: int):
     if isinstance(tokens, TowerInputs):
         return TowerInputs(_repeat(tokens.inputs, n), torch.Size([n * tokens.shape[0], *tokens.shape[1:]]))
     if isinstance(tokens, VLMInputs):
-        return VLMInputs.cat([tokens.unsqueezed()] * n)
+        # The whole batch repeats, so every field (per row, per image, packed patches) repeats along its first axis,
+        # images staying in their rows' order; no row layout is needed.
+        tokens = tokens.unsqueezed()
+        layout = {k: None if v is None else v * n for k, v in (("row_images", tokens.row_images), ("row_videos", tokens.row_videos))}
+        return replace(tokens, **{k: v.repeat(n, *([1] * (v.ndim - 1))) for k, v in tokens.as_kwargs().items()}, **layout)
     if isinstance(tokens, Tensor):
         tokens = tokens if tokens.ndim == 2 else tokens[None]
         return tokens.repeat(n, 1)
