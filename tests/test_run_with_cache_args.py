@@ -10,6 +10,7 @@ from conftest import PROMPTS
 from transformer_lens import HookedRootModule
 from transformer_lens.utilities import Slice
 
+from tl_vlm import CacheArena
 from tl_vlm.cache_store import SlicedCache
 from tl_vlm.zoo.data import sample_images
 
@@ -61,3 +62,36 @@ def test_gpu_to_cpu_copies_are_pinned_and_complete():
     store["blocks.0.attn.hook_z"] = x
     kept = store.finish()["blocks.0.attn.hook_z"]
     assert kept.is_pinned() and torch.equal(kept, x[:, :3].cpu())
+
+
+def test_arena_reuses_storage_only_when_asked(llava15, inputs):
+    model = llava15.model
+    arena = CacheArena()
+    other = model.prepare(images=sample_images(1, seed=4), text=PROMPTS[0])
+    with torch.no_grad():
+        _, plain = model.run_with_cache(inputs)
+        _, first = model.run_with_cache(inputs, arena=arena)
+        kept = {name: t.clone() for name, t in first.items()}
+        _, second = model.run_with_cache(other, arena=arena)
+        _, other_plain = model.run_with_cache(other)
+    assert list(first.cache_dict) == list(plain.cache_dict)
+    for name, tensor in plain.items():
+        assert torch.equal(kept[name], tensor), name
+        assert torch.equal(second[name], other_plain[name]), name
+        # Documented: the arena's buffers are reused, so the first cache now shows the second run.
+        assert second[name].data_ptr() == first[name].data_ptr()
+    assert not torch.equal(first["blocks.0.hook_resid_pre"], kept["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="arena"):
+        model.run_with_cache(inputs, arena=arena, incl_bwd=True)
+
+
+def test_arena_reallocates_for_a_new_shape(llava15, inputs):
+    model = llava15.model
+    arena = CacheArena()
+    longer = model.prepare(images=sample_images(1, seed=3), text=PROMPTS[1])
+    with torch.no_grad():
+        _, a = model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_pre", arena=arena)
+        _, b = model.run_with_cache(longer, names_filter="blocks.0.hook_resid_pre", arena=arena)
+        _, plain = model.run_with_cache(longer, names_filter="blocks.0.hook_resid_pre")
+    assert a["blocks.0.hook_resid_pre"].shape != b["blocks.0.hook_resid_pre"].shape
+    assert torch.equal(b["blocks.0.hook_resid_pre"], plain["blocks.0.hook_resid_pre"])

@@ -48,7 +48,7 @@ from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
 from tl_vlm.beam_search import beam_search
-from tl_vlm.cache_store import SlicedCache
+from tl_vlm.cache_store import CacheArena, SlicedCache
 from tl_vlm.saes import SAEMethods
 from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
@@ -590,6 +590,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         incl_bwd: bool = False,
         device=None,
         pos_slice=None,
+        arena: CacheArena | None = None,
         **kwargs,
     ):
         """TL's run_with_cache returning an ActivationCache. As in HookedTransformer, caching everything
@@ -598,13 +599,16 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
 
         Forward caching stores activations straight from the hook points (components/hooks.py), sliced and
         moved as they are stored for ``pos_slice`` / ``device`` (cache_store.py); gradients go through TL's own
-        caching hooks."""
+        caching hooks. ``arena``: a ``tl_vlm.CacheArena`` whose buffers hold the activations, reused by the next
+        run with it (which overwrites this cache's tensors; opt-in, see cache_store.py)."""
         if names_filter is None and not self.cfg.use_attn_result:
             names_filter = _not_result
-        if not incl_bwd and (device is not None or pos_slice is not None):
+        if incl_bwd and arena is not None:
+            raise ValueError("arena= holds forward activations only; drop it to cache gradients (incl_bwd=True)")
+        if not incl_bwd and (device is not None or pos_slice is not None or arena is not None):
             for hook_cleanup in ("reset_hooks_end", "clear_contexts"):  # no hooks are registered on this path
                 kwargs.pop(hook_cleanup, None)
-            store = SlicedCache(device, pos_slice, remove_batch_dim)
+            store = SlicedCache(device, pos_slice, remove_batch_dim, arena)
             out, _ = self._run_caching(model_args, _name_predicate(names_filter), kwargs, store)
             cache = store.finish()
         elif incl_bwd:
