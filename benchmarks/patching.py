@@ -12,6 +12,8 @@ Rows (seconds per sweep; ``speedup`` = TL's time / tl_vlm's for the same cells):
   positions and layers are cheaper), so it is measured on ``--windows`` windows of ``--window`` consecutive
   positions at every layer, spread over the sequence, and scaled to the grid (each row says what was timed;
   ``--window 100000`` times the whole grid).
+- the same with ``logits_to_keep=1`` (the metric reads the last position only; opt-in: the unembedding of the
+  other positions is skipped).
 - the same sample of cells without the shortcut (batching alone), and TL's loop on it.
 - language head outputs at all positions [layer, head] and vision resid_pre on a sample: whole runs for both.
 The max abs difference from TL's values on the sampled cells is reported with each row. Rounds alternate
@@ -95,6 +97,12 @@ def main() -> None:
         "language resid_pre, whole grid": (
             timed(lambda: tl_patching.generic_activation_patch(model, corrupt, cache, metric, **sweep)),
             timed(lambda: patching.generic_activation_patch(model, corrupt, cache, metric, **{**sweep, "index_df": windows}, **ours_kw)),
+            grid / len(sample), grid / len(windows),
+        ),
+        "language resid_pre, whole grid, logits_to_keep=1": (
+            timed(lambda: tl_patching.generic_activation_patch(model, corrupt, cache, metric, **sweep)),
+            timed(lambda: patching.generic_activation_patch(model, corrupt, cache, metric, **{**sweep, "index_df": windows},
+                                                            logits_to_keep=1, **ours_kw)),
             grid / len(sample), grid / len(windows),
         ),
         "language resid_pre, sample, batching only": (

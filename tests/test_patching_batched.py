@@ -164,3 +164,17 @@ def test_metric_must_be_scalar(one_prompt):
     model, corrupt, cache, _ = one_prompt
     with pytest.raises(ValueError, match="scalar"):
         patching.get_act_patch_resid_pre(model, corrupt, cache, lambda out: out[0, -1, :2], batch_size=4)
+
+
+def test_logits_to_keep_skips_the_unembedding_of_unread_positions(one_prompt):
+    model, corrupt, cache, metric = one_prompt  # the metric reads the last position only
+    theirs = tl_patching.get_act_patch_mlp_out(model, corrupt, cache, metric)
+    _same(patching.get_act_patch_mlp_out(model, corrupt, cache, metric, logits_to_keep=1, batch_size=9), theirs)
+    vision = model.tower("vision")
+    clean = model.prepare(images=sample_images(1, seed=5), text=PROMPTS[0])
+    with torch.no_grad():
+        _, vcache = vision.run_with_cache(clean)
+    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(vision, vision.inputs(corrupt), vcache, metric)
+    _same(patching.get_act_patch_attn_head_out_all_pos(vision, vision.inputs(corrupt), vcache, metric, logits_to_keep=2), theirs)
+    with pytest.raises(ValueError, match="outside the last 1 positions"):
+        patching.get_act_patch_mlp_out(model, corrupt, cache, lambda out: out[0, -2, 0], logits_to_keep=1)

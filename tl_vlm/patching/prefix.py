@@ -74,9 +74,10 @@ class PrefixRun:
             return None  # the language positions are not the token positions
         return cls(model, resid_pre, kv, logits, captured[0])
 
-    def run(self, hooks: list, layer: int, first: int, n: int) -> Tensor:
+    def run(self, hooks: list, layer: int, first: int, n: int, keep: int = 0) -> Tensor:
         """Logits of ``n`` copies of the corrupted batch with ``hooks`` attached, computed from block ``layer`` on
-        for positions ``first:`` (the hooks see activations of those positions only)."""
+        for positions ``first:`` (the hooks see activations of those positions only). ``keep``: only the last
+        ``keep`` positions' logits, the others NaN (0: all)."""
         tower, batch, n_pos = self.vlm.language, self.logits.shape[0], self.logits.shape[1]
         resid = _rows(self.resid_pre[layer][:, first:], n, batch)
         rotary = None if self.rotary is None else tuple(_rows(t[:, first:], n, batch) for t in self.rotary)
@@ -88,10 +89,13 @@ class PrefixRun:
                 entry.k[:, :, :first], entry.v[:, :, :first] = _rows(past.k[:, :, :first], n, batch), _rows(past.v[:, :, :first], n, batch)
                 entry.length = first
                 resid = tower.blocks[i](resid, rotary, mask, causal, entry)
-            suffix = tower.unembed(tower.ln_final(resid))
+            kept = max(first, n_pos - keep if keep else 0)  # the first position whose logits are computed
+            suffix = tower.unembed(tower.ln_final(resid[:, kept - first :]))
         logits = torch.empty(n * batch, n_pos, suffix.shape[-1], dtype=suffix.dtype, device=suffix.device)
-        logits.view(n, batch, n_pos, -1)[:, :, :first] = self.logits[:, :first]
-        logits[:, first:] = suffix
+        reused = n_pos - keep if keep else 0  # positions before it stay NaN
+        logits[:, :reused] = float("nan")
+        logits.view(n, batch, n_pos, -1)[:, :, reused:kept] = self.logits[:, reused:kept]
+        logits[:, kept:] = suffix
         return logits
 
     def _suffix_mask(self, first: int, n_pos: int, n: int, batch: int, device) -> tuple[Tensor | None, bool]:

@@ -57,12 +57,20 @@ def generic_activation_patch(
     *,
     batch_size: int | None = None,
     reuse_prefix: bool = True,
+    logits_to_keep: int = 0,
 ) -> Tensor | tuple[Tensor, pd.DataFrame]:
     """TL's ``generic_activation_patch`` (same arguments, same tensor), evaluating ``batch_size`` cells per
     forward. ``patching_metric`` must return a scalar (TL's default ``reduce="scalar"``). ``reuse_prefix``: use
-    the first-position shortcut where it applies (prefix.py); False runs every cell in full."""
+    the first-position shortcut where it applies (prefix.py); False runs every cell in full.
+
+    ``logits_to_keep`` (opt-in, HookedVLM and its tower views): unembed only the last ``logits_to_keep``
+    positions (HF's argument of that name), for a metric that reads only those; the unembedding of every
+    position is then skipped, which at a real vocabulary is most of a cell's cost. The metric still gets
+    ``[batch, pos, d_vocab]`` logits, NaN at the other positions; a metric that returns NaN (it read one) is an
+    error, checked on the corrupted run before the sweep and on every cell."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells per forward, got {batch_size}")
+    keep = _check_keep(model, corrupted_tokens, patching_metric, logits_to_keep)
     index_df, shape = _index(model, corrupted_tokens, activation_name, index_axis_names, index_df)
     cells = [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)]
     out = torch.zeros(len(cells) if shape is None else shape, device=model.cfg.device)
@@ -74,7 +82,7 @@ def generic_activation_patch(
             chunk = cells[start : start + per_forward]
             try:
                 values = _evaluate(model, corrupted_tokens, clean_cache, patching_metric, patch_setter,
-                                   activation_name, chunk, prefix)
+                                   activation_name, chunk, prefix, keep)
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not _out_of_memory(err):
                     raise
@@ -96,7 +104,7 @@ def generic_activation_patch(
     return (out, index_df) if return_index_df else out
 
 
-def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells, prefix) -> list[float]:
+def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells, prefix, keep) -> list[float]:
     """The metric of each cell, from one forward of ``len(cells)`` copies of the corrupted batch."""
     n = len(cells)
     first = min(cell[1] for cell in cells) if prefix is not None else 0
@@ -124,11 +132,45 @@ def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells
 
     hooks = [(name, patcher(name)) for name in by_name]
     if prefix is not None:
-        logits = prefix.run(hooks, start_layer, first, n)
+        logits = prefix.run(hooks, start_layer, first, n, keep[0] if keep else 0)
+    elif keep:
+        logits = _padded(model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks, logits_to_keep=keep[0]), keep[1])
     else:
         logits = model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks)
     rows = logits.shape[0] // n
-    return [_scalar(metric(logits[j * rows : (j + 1) * rows])) for j in range(n)]
+    values = [_scalar(metric(logits[j * rows : (j + 1) * rows])) for j in range(n)]
+    if keep and any(v != v for v in values):
+        raise ValueError(_read_outside(keep[0]))
+    return values
+
+
+def _check_keep(model, tokens, metric, logits_to_keep: int) -> tuple[int, int] | None:
+    """(positions kept, positions of the logits) for ``logits_to_keep``; None when it is 0. Runs the metric on
+    the corrupted run's logits with the other positions NaN, so a metric that reads them fails before the sweep."""
+    from tl_vlm.hooked_vlm import HookedVLM
+
+    if not logits_to_keep:
+        return None
+    if logits_to_keep < 0 or not isinstance(getattr(model, "model", model), HookedVLM):
+        raise ValueError("logits_to_keep must be a positive number of last positions, on a HookedVLM or its tower view")
+    with torch.no_grad():
+        logits = model(tokens)
+    keep = (min(logits_to_keep, logits.shape[1]), logits.shape[1])
+    if _scalar(metric(_padded(logits[:, -keep[0] :], keep[1]))) != _scalar(metric(logits)):
+        raise ValueError(_read_outside(logits_to_keep))
+    return keep
+
+
+def _padded(logits: Tensor, n_pos: int) -> Tensor:
+    """The last positions' logits at their places in ``n_pos`` positions, NaN before them."""
+    out = logits.new_full((logits.shape[0], n_pos, logits.shape[2]), float("nan"))
+    out[:, n_pos - logits.shape[1] :] = logits
+    return out
+
+
+def _read_outside(keep: int) -> str:
+    return (f"patching_metric read logits outside the last {keep} positions (logits_to_keep={keep}, the others are "
+            "NaN); raise logits_to_keep to cover every position the metric reads, or leave it at 0 (all)")
 
 
 def _scalar(value) -> float:
