@@ -38,8 +38,8 @@ def test_equals_tl_per_hook_caching(llava15, inputs, args):
         if "names_filter" not in tl_args:  # HookedVLM's default leaves out hook_result, as HookedTransformer
             tl_args["names_filter"] = lambda n: not n.endswith("hook_result")
         tl_out, theirs = HookedRootModule.run_with_cache(model, inputs, **tl_args)
-    # TL's hooks make every hook point a module call, and the forward rounds differently by ~1e-6 (so does the plain
-    # run_with_cache); names, shapes and values otherwise agree.
+    # TL's per-hook caching and the direct path (plain run_with_cache too) round the forward differently by ~1e-6;
+    # names and shapes agree exactly.
     torch.testing.assert_close(out, tl_out, atol=1e-5, rtol=1e-5)
     assert list(ours.cache_dict) == list(theirs) and theirs
     for name, tensor in theirs.items():
