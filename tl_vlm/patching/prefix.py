@@ -38,6 +38,11 @@ class PrefixRun:
     def __init__(self, vlm, resid_pre: list[Tensor], kv: KVCache, logits: Tensor, block_args: tuple):
         self.vlm, self.resid_pre, self.kv, self.logits = vlm, resid_pre, kv, logits
         self.rotary, self.mask, self.causal = block_args
+        # Logits of every chunk go into one buffer: positions no cell changes (the corrupted prefix, the NaN of
+        # positions not kept) are written once per sweep, not per chunk; ``dirty_from``: positions from here on
+        # hold the last chunk's values.
+        self.buffer: Tensor | None = None
+        self.buffer_keep, self.dirty_from = 0, 0
 
     @classmethod
     def build(cls, model, tokens, setter, activation_name: str) -> "PrefixRun | None":
@@ -91,11 +96,17 @@ class PrefixRun:
                 resid = tower.blocks[i](resid, rotary, mask, causal, entry)
             kept = max(first, n_pos - keep if keep else 0)  # the first position whose logits are computed
             suffix = tower.unembed(tower.ln_final(resid[:, kept - first :]))
-        logits = torch.empty(n * batch, n_pos, suffix.shape[-1], dtype=suffix.dtype, device=suffix.device)
-        reused = n_pos - keep if keep else 0  # positions before it stay NaN
-        logits[:, :reused] = float("nan")
-        logits.view(n, batch, n_pos, -1)[:, :, reused:kept] = self.logits[:, reused:kept]
+        reused = n_pos - keep if keep else 0  # positions before it are NaN
+        if self.buffer is None or self.buffer.shape[0] < n * batch or self.buffer_keep != keep:
+            self.buffer = torch.empty(n * batch, n_pos, suffix.shape[-1], dtype=suffix.dtype, device=suffix.device)
+            self.buffer[:, :reused] = float("nan")
+            self.buffer_keep, self.dirty_from = keep, reused
+        logits = self.buffer[: n * batch]
+        restore = max(self.dirty_from, reused)
+        if restore < kept:  # positions an earlier chunk patched that this one does not: the corrupted run's
+            logits.view(n, batch, n_pos, -1)[:, :, restore:kept] = self.logits[:, restore:kept]
         logits[:, kept:] = suffix
+        self.dirty_from = kept
         return logits
 
     def _suffix_mask(self, first: int, n_pos: int, n: int, batch: int, device) -> tuple[Tensor | None, bool]:

@@ -37,7 +37,7 @@ from tl_vlm.tower_view import TowerInputs
 
 Setter = Callable[[Tensor, Sequence[int], Tensor], Tensor]
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Any]
-CPU_BUDGET_BYTES = 1 << 30  # activations per forward on CPU by default (the estimate is rough; OOM still splits)
+CPU_BUDGET_BYTES = 1 << 28  # per forward on CPU: batching saves no FLOPs there, and small chunks share a first position
 
 
 class CellDoesNotFit(MemoryError):
@@ -67,7 +67,9 @@ def generic_activation_patch(
     positions (HF's argument of that name), for a metric that reads only those; the unembedding of every
     position is then skipped, which at a real vocabulary is most of a cell's cost. The metric still gets
     ``[batch, pos, d_vocab]`` logits, NaN at the other positions; a metric that returns NaN (it read one) is an
-    error, checked on the corrupted run before the sweep and on every cell."""
+    error, checked on the corrupted run before the sweep and on every cell. The logits a metric gets are views of
+    a buffer the next chunk reuses: the metric reads them, it does not keep or edit them (as TL's return a
+    number)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells per forward, got {batch_size}")
     keep = _check_keep(model, corrupted_tokens, patching_metric, logits_to_keep)
@@ -76,10 +78,13 @@ def generic_activation_patch(
     out = torch.zeros(len(cells) if shape is None else shape, device=model.cfg.device)
     prefix = PrefixRun.build(model, corrupted_tokens, patch_setter, activation_name) if reuse_prefix else None
     per_forward = batch_size or _default_batch_size(model, corrupted_tokens, len(cells))
+    # The shortcut's cost follows a chunk's first layer and position: chunks of neighbouring cells share them.
+    order = sorted(range(len(cells)), key=lambda i: cells[i][:2]) if prefix is not None else list(range(len(cells)))
     start = 0
     with torch.no_grad():
         while start < len(cells):
-            chunk = cells[start : start + per_forward]
+            picked = order[start : start + per_forward]
+            chunk = [cells[i] for i in picked]
             try:
                 values = _evaluate(model, corrupted_tokens, clean_cache, patching_metric, patch_setter,
                                    activation_name, chunk, prefix, keep)
@@ -98,8 +103,8 @@ def generic_activation_patch(
                 warnings.warn(f"{len(chunk)} patching cells per forward ran out of memory; retrying with "
                               f"batch_size={per_forward} (pass batch_size= to start there)")
                 continue
-            for c, (cell, value) in enumerate(zip(chunk, values)):
-                out[start + c if shape is None else cell] = value
+            for i, cell, value in zip(picked, chunk, values):
+                out[i if shape is None else cell] = value
             start += len(chunk)
     return (out, index_df) if return_index_df else out
 
@@ -132,21 +137,37 @@ def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells
 
     hooks = [(name, patcher(name)) for name in by_name]
     if prefix is not None:
-        logits = prefix.run(hooks, start_layer, first, n, keep[0] if keep else 0)
+        logits = prefix.run(hooks, start_layer, first, n, keep.keep if keep else 0)
     elif keep:
-        logits = _padded(model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks, logits_to_keep=keep[0]), keep[1])
+        logits = keep.padded(model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks, logits_to_keep=keep.keep))
     else:
         logits = model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks)
     rows = logits.shape[0] // n
     values = [_scalar(metric(logits[j * rows : (j + 1) * rows])) for j in range(n)]
     if keep and any(v != v for v in values):
-        raise ValueError(_read_outside(keep[0]))
+        raise ValueError(_read_outside(keep.keep))
     return values
 
 
-def _check_keep(model, tokens, metric, logits_to_keep: int) -> tuple[int, int] | None:
-    """(positions kept, positions of the logits) for ``logits_to_keep``; None when it is 0. Runs the metric on
-    the corrupted run's logits with the other positions NaN, so a metric that reads them fails before the sweep."""
+class _Kept:
+    """The last ``keep`` of ``n_pos`` positions' logits at their places, NaN before them, in one buffer reused
+    by every chunk (the NaN are written once)."""
+
+    def __init__(self, keep: int, n_pos: int):
+        self.keep, self.n_pos, self.buffer = keep, n_pos, None
+
+    def padded(self, logits: Tensor) -> Tensor:
+        rows = logits.shape[0]
+        if self.buffer is None or self.buffer.shape[0] < rows:
+            self.buffer = logits.new_full((rows, self.n_pos, logits.shape[2]), float("nan"))
+        out = self.buffer[:rows]
+        out[:, self.n_pos - logits.shape[1] :] = logits
+        return out
+
+
+def _check_keep(model, tokens, metric, logits_to_keep: int) -> _Kept | None:
+    """``logits_to_keep`` checked; None when it is 0. Runs the metric on the corrupted run's logits with the
+    other positions NaN, so a metric that reads them fails before the sweep."""
     from tl_vlm.hooked_vlm import HookedVLM
 
     if not logits_to_keep:
@@ -155,17 +176,10 @@ def _check_keep(model, tokens, metric, logits_to_keep: int) -> tuple[int, int] |
         raise ValueError("logits_to_keep must be a positive number of last positions, on a HookedVLM or its tower view")
     with torch.no_grad():
         logits = model(tokens)
-    keep = (min(logits_to_keep, logits.shape[1]), logits.shape[1])
-    if _scalar(metric(_padded(logits[:, -keep[0] :], keep[1]))) != _scalar(metric(logits)):
+    kept = min(logits_to_keep, logits.shape[1])
+    if _scalar(metric(_Kept(kept, logits.shape[1]).padded(logits[:, -kept:]))) != _scalar(metric(logits)):
         raise ValueError(_read_outside(logits_to_keep))
-    return keep
-
-
-def _padded(logits: Tensor, n_pos: int) -> Tensor:
-    """The last positions' logits at their places in ``n_pos`` positions, NaN before them."""
-    out = logits.new_full((logits.shape[0], n_pos, logits.shape[2]), float("nan"))
-    out[:, n_pos - logits.shape[1] :] = logits
-    return out
+    return _Kept(kept, logits.shape[1])
 
 
 def _read_outside(keep: int) -> str:
