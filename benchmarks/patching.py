@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--sample", type=int, default=12, help="cells of TL's loop timed and scaled to the grid")
     parser.add_argument("--windows", type=int, default=4, help="position windows tl_vlm's grid time is measured on")
-    parser.add_argument("--window", type=int, default=8, help="positions per window")
+    parser.add_argument("--window", type=int, default=10, help="positions per window (a multiple of the cells per forward)")
     parser.add_argument("--rows", nargs="*", default=None, help="only the rows whose name contains one of these")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="cells per forward (default: tl_vlm's estimate)")

@@ -84,6 +84,8 @@ def generic_activation_patch(
     with torch.no_grad():
         while start < len(cells):
             picked = order[start : start + per_forward]
+            if prefix is not None:  # a chunk stays in one layer: crossing into the next would restart at position 0
+                picked = [i for i in picked if cells[i][0] == cells[picked[0]][0]]
             chunk = [cells[i] for i in picked]
             try:
                 values = _evaluate(model, corrupted_tokens, clean_cache, patching_metric, patch_setter,
