@@ -58,7 +58,8 @@ def test_language_tower_equals_tl(one_prompt, name):
 def test_shortcut_applies_where_exact(one_prompt):
     model, corrupt, cache, metric = one_prompt
     assert PrefixRun.build(model, corrupt, layer_pos_patch_setter, "resid_pre") is not None
-    assert PrefixRun.build(model, corrupt, layer_head_pattern_patch_setter, "pattern") is None  # not per position
+    assert not PrefixRun.build(model, corrupt, layer_head_pattern_patch_setter, "pattern").per_position
+    assert PrefixRun.build(model, corrupt, layer_pos_patch_setter, "resid_pre").per_position
     assert PrefixRun.build(model.tower("vision"), corrupt, layer_pos_patch_setter, "resid_pre") is None  # bidirectional
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x)]):
         assert PrefixRun.build(model, corrupt, layer_pos_patch_setter, "resid_pre") is None  # a hook would see a suffix

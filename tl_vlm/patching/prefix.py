@@ -9,10 +9,12 @@ of matmuls of other shapes (tests compare it with TL's loop).
 
 It applies only where that reasoning holds, and the sweep runs full forwards otherwise: the language tower of a
 decoder-only HookedVLM (or its tower view) whose tower and blocks are the plain ``DecoderLM`` /
-``TransformerBlock`` (a subclass may do more between blocks), activations that live at one position (TL's
-``layer_pos_patch_setter`` and ``layer_pos_head_vector_patch_setter``: resid, attn/mlp out, q/k/v/z by position),
+``TransformerBlock`` (a subclass may do more between blocks), an activation inside block L (``blocks.{L}.*``),
 language positions equal to the token positions (not BLIP-2's legacy prepended queries), and no PyTorch hook or
-swapped module anywhere in the model (it would see only the suffix).
+swapped module anywhere in the model (it would see only the suffix). Cells start at their position only with
+the setters that patch one position (TL's ``layer_pos_patch_setter`` and ``layer_pos_head_vector_patch_setter``:
+resid, attn/mlp out, q/k/v/z by position); others (patterns, all positions) start at position 0 of layer L, which
+still skips the vision tower and the layers below.
 """
 
 from __future__ import annotations
@@ -20,23 +22,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformer_lens.patching import layer_pos_head_vector_patch_setter, layer_pos_patch_setter
+from transformer_lens.utilities import get_act_name
 
 from tl_vlm.components.block import TransformerBlock
 from tl_vlm.components.hooks import observed
 from tl_vlm.components.kv_cache import KVCache, KVCacheEntry
 from tl_vlm.tower_view import TowerView
 
-# Activations at one position of one layer (TL names), computed inside block ``layer`` from its resid_pre.
-_PER_POSITION = {"resid_pre", "resid_mid", "attn_out", "mlp_out", "q", "k", "v", "z"}
-_SETTERS = (layer_pos_patch_setter, layer_pos_head_vector_patch_setter)
+# Setters that patch one position (index [layer, pos, ...], activations [batch, pos, ...]); any other setter
+# patches from layer L on at every position (first = 0).
+_PER_POSITION = (layer_pos_patch_setter, layer_pos_head_vector_patch_setter)
 
 
 class PrefixRun:
     """The corrupted run's state the shortcut reuses: per-layer resid_pre, keys/values, logits, and the
     rotary tables and mask the tower gave its blocks."""
 
-    def __init__(self, vlm, resid_pre: list[Tensor], kv: KVCache, logits: Tensor, block_args: tuple):
+    def __init__(self, vlm, resid_pre: list[Tensor], kv: KVCache, logits: Tensor, block_args: tuple, per_position: bool):
         self.vlm, self.resid_pre, self.kv, self.logits = vlm, resid_pre, kv, logits
+        self.per_position = per_position  # cells may start at their position (else at position 0)
         self.rotary, self.mask, self.causal = block_args
         # Logits of every chunk go into one buffer: positions no cell changes (the corrupted prefix, the NaN of
         # positions not kept) are written once per sweep, not per chunk; ``dirty_from``: positions from here on
@@ -52,7 +56,8 @@ class PrefixRun:
 
         if isinstance(model, TowerView):
             model = model.model if model.name == "language" else None
-        if not isinstance(model, HookedVLM) or setter not in _SETTERS or activation_name not in _PER_POSITION:
+        # The activation must live inside block ``layer`` (computed from its resid_pre): blocks.{layer}.*
+        if not isinstance(model, HookedVLM) or not get_act_name(activation_name, layer=0).startswith("blocks.0."):
             return None
         tower = model.language
         if type(tower) is not DecoderLM or any(type(b) is not TransformerBlock for b in tower.blocks) or observed(model):
@@ -77,7 +82,9 @@ class PrefixRun:
         resid_pre = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(tower.cfg.n_layers)]
         if logits.shape[:2] != (batch, n_pos) or resid_pre[0].shape[1] != n_pos or kv.length != n_pos:
             return None  # the language positions are not the token positions
-        return cls(model, resid_pre, kv, logits, captured[0])
+        # Patterns and scores are [batch, head, q, k]: their axis 1 is no position.
+        per_position = setter in _PER_POSITION and activation_name not in ("pattern", "attn_scores")
+        return cls(model, resid_pre, kv, logits, captured[0], per_position)
 
     def run(self, hooks: list, layer: int, first: int, n: int, keep: int = 0) -> Tensor:
         """Logits of ``n`` copies of the corrupted batch with ``hooks`` attached, computed from block ``layer`` on

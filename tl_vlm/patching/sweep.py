@@ -79,7 +79,9 @@ def generic_activation_patch(
     prefix = PrefixRun.build(model, corrupted_tokens, patch_setter, activation_name) if reuse_prefix else None
     per_forward = batch_size or _default_batch_size(model, corrupted_tokens, len(cells))
     # The shortcut's cost follows a chunk's first layer and position: chunks of neighbouring cells share them.
-    order = sorted(range(len(cells)), key=lambda i: cells[i][:2]) if prefix is not None else list(range(len(cells)))
+    order = list(range(len(cells)))
+    if prefix is not None:
+        order.sort(key=lambda i: cells[i][:2] if prefix.per_position else cells[i][:1])
     start = 0
     with torch.no_grad():
         while start < len(cells):
@@ -114,7 +116,7 @@ def generic_activation_patch(
 def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells, prefix, keep) -> list[float]:
     """The metric of each cell, from one forward of ``len(cells)`` copies of the corrupted batch."""
     n = len(cells)
-    first = min(cell[1] for cell in cells) if prefix is not None else 0
+    first = min(cell[1] for cell in cells) if prefix is not None and prefix.per_position else 0
     start_layer = min(cell[0] for cell in cells)
     by_name: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
     for j, cell in enumerate(cells):
