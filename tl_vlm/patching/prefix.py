@@ -11,7 +11,8 @@ It applies only where that reasoning holds, and the sweep runs full forwards oth
 decoder-only HookedVLM (or its tower view) whose tower and blocks are the plain ``DecoderLM`` /
 ``TransformerBlock`` (a subclass may do more between blocks), an activation inside block L (``blocks.{L}.*``),
 language positions equal to the token positions (not BLIP-2's legacy prepended queries), and no PyTorch hook or
-swapped module anywhere in the model (it would see only the suffix). Cells start at their position only with
+swapped module anywhere in the model (it would see only the suffix; placement over devices and block offloading
+are such hooks, so they run full forwards). Cells start at their position only with
 the setters that patch one position (TL's ``layer_pos_patch_setter`` and ``layer_pos_head_vector_patch_setter``:
 resid, attn/mlp out, q/k/v/z by position); others (patterns, all positions) start at position 0 of layer L, which
 still skips the vision tower and the layers below.
@@ -69,7 +70,7 @@ class PrefixRun:
 
         batch = len(tokens)
         n_pos = tokens.shape[-1]
-        kv = KVCache(tower.cfg, batch, n_pos, model.device, model.embed.W_E.dtype)
+        kv = model.new_kv_cache(batch, n_pos, model.block_devices(), model.embed.W_E.dtype)
         handle = tower.blocks[0].register_forward_pre_hook(grab)
         try:
             with torch.no_grad():
