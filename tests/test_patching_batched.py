@@ -88,10 +88,11 @@ def test_vision_tower_view_equals_tl(one_prompt):
         _same(getattr(patching, name)(vision, corrupt_v, cache, metric, batch_size=5), theirs)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "blip2_opt"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "blip2_opt", "qwen3_vl"])
 def test_other_families_equal_tl(loaded, name):
-    """M-RoPE positions with grouped K/V heads (the shortcut reuses the prompt's 3D rotary tables), and BLIP-2's
-    legacy prepended queries (language positions are not token positions: no shortcut)."""
+    """M-RoPE positions with grouped K/V heads (the shortcut reuses the prompt's 3D rotary tables), BLIP-2's
+    legacy prepended queries (language positions are not token positions: no shortcut), and Qwen3-VL, whose
+    DeepStack reads vision blocks' outputs (a patch must not edit the tensor it kept)."""
     model, clean = loaded(name).model, loaded(name).batch()
     corrupt = _noisy(clean)
     with torch.no_grad():

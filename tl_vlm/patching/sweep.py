@@ -128,6 +128,9 @@ def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells
             clean = clean[:, first:]  # the shortcut's activations start at position ``first``
 
         def hook(act: Tensor, hook) -> Tensor:
+            # A copy, as TL's hook patches one when gradients are on (its default): a tower that kept a reference
+            # to this tensor (Qwen3-VL's DeepStack reads vision blocks' outputs) must see the unpatched values.
+            act = act.clone()
             rows = act.shape[0] // n
             for j, cell in by_name[name]:
                 index = [cell[0], cell[1] - first, *cell[2:]] if first else list(cell)
