@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite on one CUDA GPU, offline, in well under 8 minutes: overhead rows for the three families
-# (tiny and real shapes, bf16; real shapes also fp16), load time / peak RSS, extraction throughput, and
+# (tiny and real shapes, bf16; real shapes also fp16, with the run_with_cache pos_slice= / device=cpu rows), patching
+# sweeps against TL's loop (design shape, bf16 and fp16), load time / peak RSS, extraction throughput, and
 # `tl-vlm verify` in bf16 on the real-shape benchmark checkpoints. Results: benchmarks/results/gpu/.
 #
 # Usage (repository root, a Python with tl_vlm and a CUDA torch installed): bash benchmarks/gpu.sh
@@ -32,6 +33,13 @@ for family in llava blip2 qwen2_vl; do
   done
   step "load $family design" $PY benchmarks/load_memory.py --family $family --shape design --repeats 2
 done
+# Patching sweeps: tl_vlm.patching vs TL's loop on the whole [layer, pos] grid (design shape), both half dtypes.
+for family in llava qwen2_vl blip2; do
+  for dtype in bf16 fp16; do
+    step "patching $family design $dtype" $PY benchmarks/patching.py --family $family --shape design --device cuda --dtype $dtype --repeats 2 --window 100000
+  done
+done
+step "run_with_cache device=cpu from cuda (pinned copies)" $PY -m pytest -q -p no:cacheprovider tests/test_run_with_cache_args.py
 step "extract llava design" $PY benchmarks/extract_throughput.py --family llava --shape design --device cuda --images 32
 
 CKPT=$(mktemp -d)

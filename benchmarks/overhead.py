@@ -17,7 +17,7 @@ import platform
 import torch
 
 from common import DTYPES, FAMILIES, SHAPES, block_modules, build, inputs_for, interleaved, sibling, write_report
-from tl_vlm import HookedVLM
+from tl_vlm import CacheArena, HookedVLM
 
 BRIDGE_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "blip2": "Blip2ForConditionalGeneration",
                         "qwen2_vl": "Qwen2VLForConditionalGeneration"}
@@ -53,6 +53,7 @@ def main() -> None:
             return out
         return run
 
+    arena = CacheArena()  # opt-in storage reused across the rounds (each run overwrites the previous cache)
     resid = lambda name: name.endswith("hook_resid_post")  # noqa: E731
     ablate = lambda z, hook: z.index_fill_(2, torch.tensor([0], device=z.device), 0.0)  # noqa: E731
     runs = {
@@ -61,6 +62,12 @@ def main() -> None:
         "tl_vlm forward": timed(lambda: model(**inputs)),
         "tl_vlm run_with_cache all": timed(lambda: model.run_with_cache(**inputs)),
         "tl_vlm run_with_cache resid_post": timed(lambda: model.run_with_cache(**inputs, names_filter=resid)),
+        "tl_vlm run_with_cache all, arena": timed(lambda: model.run_with_cache(**inputs, arena=arena)),
+        "tl_vlm run_with_cache resid_post pos_slice=-1": timed(
+            lambda: model.run_with_cache(**inputs, names_filter=resid, pos_slice=-1)
+        ),
+        # To the CPU: from a GPU through pinned non-blocking copies; on the CPU itself a no-op move.
+        "tl_vlm run_with_cache all device=cpu": timed(lambda: model.run_with_cache(**inputs, device="cpu")),
         "tl_vlm run_with_hooks 1 ablation": timed(
             lambda: model.run_with_hooks(**inputs, fwd_hooks=[("blocks.1.attn.hook_z", ablate)])
         ),

@@ -48,6 +48,7 @@ from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
 from tl_vlm.beam_search import beam_search
+from tl_vlm.cache_store import CacheArena, SlicedCache
 from tl_vlm.saes import SAEMethods
 from tl_vlm.sampling import decode, resolve_settings
 from tl_vlm.tower_view import TowerView
@@ -563,8 +564,10 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, self.unscored_positions(inputs))
         return loss if return_type == "loss" else (out, loss)
 
-    def _run_caching(self, model_args, wanted: Callable[[str], bool], kwargs) -> tuple[Any, dict[str, Tensor]]:
-        cache: dict[str, Tensor] = {}
+    def _run_caching(
+        self, model_args, wanted: Callable[[str], bool], kwargs, cache: dict | None = None
+    ) -> tuple[Any, dict[str, Tensor]]:
+        cache = {} if cache is None else cache  # a SlicedCache slices / moves what it stores
         chosen = [(name, hook) for name, hook in self.hook_dict.items() if wanted(name)]
         direct = [hook for name, hook in chosen if not nested(name)]
         # HookPoints inside a swapped-in module (an SAE's own hooks) are called by it, not by run_hook.
@@ -619,17 +622,28 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         incl_bwd: bool = False,
         device=None,
         pos_slice=None,
+        arena: CacheArena | None = None,
         **kwargs,
     ):
         """TL's run_with_cache returning an ActivationCache. As in HookedTransformer, caching everything
         leaves out ``hook_result`` (it is ``head`` times the residual stream) unless ``use_attn_result`` is
         set; name it in ``names_filter`` to get it anyway.
 
-        Plain forward caching stores activations straight from the hook points (components/hooks.py);
-        gradients, another device or a position slice go through TL's own caching hooks."""
+        Forward caching stores activations straight from the hook points (components/hooks.py), sliced and
+        moved as they are stored for ``pos_slice`` / ``device`` (cache_store.py); gradients go through TL's own
+        caching hooks. ``arena``: a ``tl_vlm.CacheArena`` whose buffers hold the activations, reused by the next
+        run with it (which overwrites this cache's tensors; opt-in, see cache_store.py)."""
         if names_filter is None and not self.cfg.use_attn_result:
             names_filter = _not_result
-        if incl_bwd or device is not None or pos_slice is not None:
+        if incl_bwd and arena is not None:
+            raise ValueError("arena= holds forward activations only; drop it to cache gradients (incl_bwd=True)")
+        if not incl_bwd and (device is not None or pos_slice is not None or arena is not None):
+            for hook_cleanup in ("reset_hooks_end", "clear_contexts"):  # no hooks are registered on this path
+                kwargs.pop(hook_cleanup, None)
+            store = SlicedCache(device, pos_slice, remove_batch_dim, arena)
+            out, _ = self._run_caching(model_args, _name_predicate(names_filter), kwargs, store)
+            cache = store.finish()
+        elif incl_bwd:
             out, cache = super().run_with_cache(
                 *model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, incl_bwd=incl_bwd,
                 device=device, pos_slice=pos_slice, **kwargs,
