@@ -56,7 +56,7 @@ def plant_token(model, token: int, position: int, scale: float = 30.0):
 
 
 def test_topk_lens_hand_computed():
-    fake = SimpleNamespace(unembed=torch.nn.Identity(), ln_final=None, cfg=SimpleNamespace(output_logits_soft_cap=None))
+    fake = SimpleNamespace(unembed=torch.nn.Identity(), ln_final=None, cfg=SimpleNamespace(output_logits_soft_cap=0.0))
     probs = lens_probs(fake, torch.tensor([2.0, 1.0, 0.0, -1.0]), normed=False, top_k=2)
     e = math.e
     assert torch.allclose(probs, torch.tensor([e / (1 + e), 1 / (1 + e), 0.0, 0.0]))
