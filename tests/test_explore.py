@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conformance.registry import params
+
 from tl_vlm import HookedVLM
 from tl_vlm.analysis.confidence import internal_confidence
 from tl_vlm.explore import compute
@@ -117,6 +119,32 @@ def test_query_models_go_through_query_to_patch_attention():
     assert label == "patch (row 0, col 0)" and np.isfinite(vision).all()
     with pytest.raises(ValueError, match="Q-Former queries"):
         compute.lens_top_tokens(session, (5, 5))
+
+
+@pytest.mark.parametrize("name", params())
+def test_every_family_gets_its_image_maps_or_a_clear_refusal(loaded, name):
+    model = loaded(name).model
+    if not model.capabilities.image_positions:  # Mllama: images enter by cross-attention
+        with pytest.raises(NotImplementedError, match="cross-attention"):
+            compute.start(model, EXAMPLE.image, EXAMPLE.question)
+        return
+    session = compute.start(model, EXAMPLE.image, EXAMPLE.question)
+    size = (EXAMPLE.image.size[1], EXAMPLE.image.size[0])
+    query = compute.text_positions(session)[-1][0]
+    n_layers = model.tower("encoder" if model.capabilities.encoder_decoder else "language").cfg.n_layers
+    # some layer's head 0 reaches the image (a sliding-window layer may not: Gemma 3's window is 8 tokens)
+    heats = [compute.text_to_image_attention(session, layer, 0, query) for layer in range(n_layers)]
+    assert all(h.shape == size and np.isfinite(h).all() for h in heats) and max(h.max() for h in heats) > 0
+    vision, _ = compute.patch_to_patch_attention(session, 0, 0, (EXAMPLE.image.size[0] / 2, EXAMPLE.image.size[1] / 2))
+    assert vision.shape == size and vision.max() > 0
+    if model.capabilities.encoder_decoder:
+        with pytest.raises(NotImplementedError, match="encoder positions"):
+            compute.lens_maps(session, "red")
+        with pytest.raises(ValueError, match="decoder-only"):
+            compute.head_ranking(session)
+        return
+    conf, maps = compute.lens_maps(session, "red")
+    assert len(maps) == conf.shape[0] and maps[-1].shape == size
 
 
 def test_port_in_use_picks_another_and_says_so():

@@ -117,7 +117,7 @@ def query_localization(
     from tl_vlm.families.blip2 import query_patch_attention
 
     with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: "cross_attn.hook_pattern" in n)
+        _, cache = model.run_with_cache(model.scoring_inputs(inputs), names_filter=lambda n: "cross_attn.hook_pattern" in n)
     reads = query_patch_attention(model, cache).mean(dim=(0, 2))  # [image, query, grid_h, grid_w]
     grids = torch.einsum("iq,iqhw->ihw", scores.to(reads.dtype), reads)
     return [

@@ -81,8 +81,8 @@ def start(model: HookedVLM, source, question: str, raw_prompt: bool = False) -> 
 def answer(session: Session, top_k: int = 10, max_new_tokens: int = 12) -> tuple[str, pd.DataFrame]:
     """The greedy answer and the next-token distribution's top ``top_k`` (token, probability)."""
     model = session.model
-    with torch.no_grad():
-        probs = model(session.inputs)[0, -1].float().softmax(-1)
+    with torch.no_grad():  # an encoder-decoder scores its first decoder step
+        probs = model(model.scoring_inputs(session.inputs))[0, -1].float().softmax(-1)
         new = model.generate(session.inputs, max_new_tokens=max_new_tokens, do_sample=False)
     prompt_len = session.inputs.input_ids.shape[1]
     text = model.tokenizer.decode(new[0, prompt_len:], skip_special_tokens=True).strip()
@@ -119,11 +119,12 @@ def text_positions(session: Session) -> list[tuple[int, str]]:
 
 
 def text_to_image_attention(session: Session, layer: int, head: int, query: int) -> Float[np.ndarray, "height width"]:
-    """Language layer ``layer``, head ``head``: the attention from position ``query`` to each image token."""
+    """Language layer ``layer``, head ``head``: the attention from position ``query`` to each image token (the
+    encoder's, in an encoder-decoder language model)."""
     model = session.model
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = f"{'encoder.' if model.capabilities.encoder_decoder else ''}blocks.{layer}.attn.hook_pattern"
     with torch.no_grad():
-        _, cache = model.run_with_cache(session.inputs, names_filter=name)
+        _, cache = model.run_with_cache(model.scoring_inputs(session.inputs), names_filter=name)
     image = model.image_token_mask(session.inputs.input_ids)[0].to(cache[name].device)
     return token_heat(session, cache[name][0, head, query][image])
 
@@ -136,7 +137,7 @@ def patch_to_patch_attention(
     model = session.model
     name = f"vision.blocks.{layer}.attn.hook_pattern"
     with torch.no_grad():
-        _, cache = model.run_with_cache(session.inputs, names_filter=name)
+        _, cache = model.run_with_cache(model.scoring_inputs(session.inputs), names_filter=name)
     pattern = cache[name][:, head].float().cpu()  # [vision row, query patch, key patch]
     if model.capabilities.queries:  # a ViT on a square grid after the class token, resized from the image
         grid = model.vlm_cfg.image_size // model.vlm_cfg.patch_size
@@ -245,6 +246,8 @@ def head_ranking(session: Session, word: str | None = None, progress: Progress |
     """Every language head zero-ablated in turn (its ``hook_z``): the drop of the answer token's logit at the last
     position, largest first. ``word``: the answer to score (default: the model's top next token)."""
     model = session.model
+    if model.capabilities.encoder_decoder:
+        raise ValueError("head ranking covers decoder-only language models; this one is an encoder-decoder (Flan-T5)")
     with torch.no_grad():
         logits = model(session.inputs)[0, -1]
     token = object_token_ids(model, word)[0] if word else int(logits.argmax())
