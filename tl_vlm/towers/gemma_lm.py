@@ -22,7 +22,7 @@ from tl_vlm.components import KVCache, Rotary, TransformerBlock, Unembed, make_n
 from tl_vlm.components.embeddings import ScaledEmbed, soft_cap
 from tl_vlm.components.gemma_block import GemmaBlock
 from tl_vlm.config import TowerConfig
-from tl_vlm.towers.language import DecoderLM
+from tl_vlm.towers.language import DecoderLM, causal_mask
 
 
 class GemmaLM(DecoderLM):
@@ -77,7 +77,7 @@ class GemmaLM(DecoderLM):
         """Boolean mask (True = may attend), or (None, causal) where SDPA's own causal masking is exact. With
         ``blocks`` the mask is always explicit, as HF builds it (so the same SDPA kernel runs)."""
         if blocks is None:
-            return self._window_mask(attention_mask, pos, past, like, window)
+            return causal_mask(attention_mask, pos, past, like, window)
         total = past + pos
         q = torch.arange(past, total, device=like.device)[:, None]
         k = torch.arange(total, device=like.device)[None, :]
@@ -90,26 +90,5 @@ class GemmaLM(DecoderLM):
             # Gemma 3: window(causal | block); PaliGemma 2: window(causal) | block
             allowed = allowed & in_window if self.window_limits_blocks else ((k <= q)[None, None] & in_window) | same[:, None]
         if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :].bool()
-        return allowed, False
-
-    def _window_mask(
-        self, attention_mask: Tensor | None, pos: int, past: int, like: Tensor, window: int | None
-    ) -> tuple[Bool[Tensor, "batch 1 q k"] | None, bool]:
-        """DecoderLM's mask with this layer's window (None: a global layer)."""
-        total = past + pos
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        windowed = window is not None and total > window
-        if not padded and not windowed:
-            if past == 0:
-                return None, True
-            if pos == 1:
-                return None, False
-        q = torch.arange(past, total, device=like.device)[:, None]
-        k = torch.arange(total, device=like.device)[None, :]
-        allowed = (k <= q)[None, None]
-        if windowed:
-            allowed = allowed & (q - k < window)[None, None]
-        if padded:
             allowed = allowed & attention_mask[:, None, None, :].bool()
         return allowed, False

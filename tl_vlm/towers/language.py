@@ -103,20 +103,27 @@ class DecoderLM(MergedEmbeds, LanguageWeights, StackedWeights, nn.Module):
     def _mask(
         self, attention_mask: Tensor | None, batch: int, pos: int, past: int, like: Tensor
     ) -> tuple[Bool[Tensor, "batch 1 q k"] | None, bool]:
-        """Boolean mask (True = may attend), or (None, causal) when SDPA's causal masking (or none) is exact."""
-        total, window = past + pos, self.cfg.sliding_window
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        windowed = window is not None and total > window
-        if not padded and not windowed:
-            if past == 0:
-                return None, True
-            if pos == 1:
-                return None, False
-        q = torch.arange(past, total, device=like.device)[:, None]
-        k = torch.arange(total, device=like.device)[None, :]
-        allowed = (k <= q)[None, None]
-        if windowed:
-            allowed = allowed & (q - k < window)[None, None]
-        if padded:
-            allowed = allowed & attention_mask[:, None, None, :].bool()
-        return allowed, False
+        return causal_mask(attention_mask, pos, past, like, self.cfg.sliding_window)
+
+
+def causal_mask(
+    attention_mask: Tensor | None, pos: int, past: int, like: Tensor, window: int | None
+) -> tuple[Bool[Tensor, "batch 1 q k"] | None, bool]:
+    """Boolean mask (True = may attend), or (None, causal) when SDPA's causal masking (or none) is exact; ``window``:
+    a sliding window (None: none)."""
+    total = past + pos
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    windowed = window is not None and total > window
+    if not padded and not windowed:
+        if past == 0:
+            return None, True
+        if pos == 1:
+            return None, False
+    q = torch.arange(past, total, device=like.device)[:, None]
+    k = torch.arange(total, device=like.device)[None, :]
+    allowed = (k <= q)[None, None]
+    if windowed:
+        allowed = allowed & (q - k < window)[None, None]
+    if padded:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return allowed, False
