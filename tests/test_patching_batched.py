@@ -180,3 +180,48 @@ def test_logits_to_keep_skips_the_unembedding_of_unread_positions(one_prompt):
     _same(patching.get_act_patch_attn_head_out_all_pos(vision, vision.inputs(corrupt), vcache, metric, logits_to_keep=2), theirs)
     with pytest.raises(ValueError, match="outside the last 1 positions"):
         patching.get_act_patch_mlp_out(model, corrupt, cache, lambda out: out[0, -2, 0], logits_to_keep=1)
+
+
+def test_lazy_logits_unembed_only_what_the_metric_reads(one_prompt, monkeypatch):
+    """Under the shortcut, a metric indexing one position unembeds that position only, and any metric (indexing
+    several positions, reductions over all logits, numpy) gets TL's values."""
+    model, corrupt, cache, metric = one_prompt
+    unembedded, unembed = [], PrefixRun.unembed
+
+    def counted(self, resid):  # a PyTorch hook on the model would switch the shortcut off
+        unembedded.append(resid.shape[1])
+        return unembed(self, resid)
+
+    monkeypatch.setattr(PrefixRun, "unembed", counted)
+    ours = patching.get_act_patch_resid_pre(model, corrupt, cache, metric, batch_size=7)
+    _same(ours, tl_patching.get_act_patch_resid_pre(model, corrupt, cache, metric))
+    assert unembedded and set(unembedded) == {1}  # one position per read, never the suffix
+
+    def spread(out):  # slices, Ellipsis, tensor positions, a full-logits reduction and a numpy round trip
+        lse = torch.as_tensor(out.log_softmax(-1).detach().numpy()).mean()
+        return out[..., 2:9:3, :].mean() + out[0, torch.tensor(-3)].std() + out[:, -1][:, 5].sum() + lse
+
+    theirs = tl_patching.get_act_patch_attn_out(model, corrupt, cache, spread)
+    _same(patching.get_act_patch_attn_out(model, corrupt, cache, spread, batch_size=5), theirs)
+
+
+def test_lazy_logits_match_a_plain_tensor_under_any_index():
+    """Random indexes on LazyLogits against the same indexes on the materialised tensor."""
+    from tl_vlm.patching.lazy_logits import LazyLogits
+
+    generator = torch.Generator().manual_seed(0)
+    prefix, resid = torch.randn(2, 9, 11, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    w = torch.randn(4, 11, generator=generator)
+    for keep in (0, 3, 7):
+        lazy = LazyLogits(prefix, resid, 4, keep, lambda x: x @ w)
+        plain = torch.cat([prefix[:, :4], resid @ w], dim=1)
+        if keep:
+            plain[:, : 9 - keep] = float("nan")
+        indexes = [(0, -1, 3), (slice(None), 5), (Ellipsis, 2, slice(None)), (1, slice(1, 8, 2)), (slice(None), slice(6, None)),
+                   (0,), (slice(None), torch.tensor(8)), (slice(None), torch.tensor([1, 7])), (Ellipsis, 0), (1, -9, None)]
+        for index in indexes:
+            torch.testing.assert_close(lazy[index], plain[index], equal_nan=True, atol=0, rtol=0)
+        assert lazy.shape == plain.shape and len(lazy) == 2 and lazy.ndim == 3
+        torch.testing.assert_close(lazy.softmax(-1), plain.softmax(-1), equal_nan=True)
+        with pytest.raises(IndexError):
+            lazy[0, 9]

@@ -3,9 +3,9 @@ anything at positions before p, nor anything below layer L.
 
 So a batch of cells whose first patched position is ``p`` and first patched layer ``L`` starts from the corrupted
 run's ``blocks.{L}.hook_resid_pre`` at positions ``p:``, attends to the corrupted run's keys and values of
-positions ``:p`` (a KV cache filled once, from one corrupted forward), and reuses the corrupted logits of
-positions ``:p``. Mathematically this is the full patched run; numerically it differs from it by float rounding
-of matmuls of other shapes (tests compare it with TL's loop).
+positions ``:p`` (a KV cache filled once, from one corrupted forward), reuses the corrupted logits of positions
+``:p`` and unembeds only the positions the metric reads (lazy_logits.py). Mathematically this is the full patched
+run; numerically it differs from it by float rounding of matmuls of other shapes (tests compare it with TL's loop).
 
 It applies only where that reasoning holds, and the sweep runs full forwards otherwise: the language tower of a
 decoder-only HookedVLM (or its tower view) whose tower and blocks are the plain ``DecoderLM`` /
@@ -28,6 +28,7 @@ from transformer_lens.utilities import get_act_name
 from tl_vlm.components.block import TransformerBlock
 from tl_vlm.components.hooks import observed
 from tl_vlm.components.kv_cache import KVCache, KVCacheEntry
+from tl_vlm.patching.lazy_logits import LazyLogits
 from tl_vlm.tower_view import TowerView
 
 # Setters that patch one position (index [layer, pos, ...], activations [batch, pos, ...]); any other setter
@@ -43,11 +44,6 @@ class PrefixRun:
         self.vlm, self.resid_pre, self.kv, self.logits = vlm, resid_pre, kv, logits
         self.per_position = per_position  # cells may start at their position (else at position 0)
         self.rotary, self.mask, self.causal = block_args
-        # Logits of every chunk go into one buffer: positions no cell changes (the corrupted prefix, the NaN of
-        # positions not kept) are written once per sweep, not per chunk; ``dirty_from``: positions from here on
-        # hold the last chunk's values.
-        self.buffer: Tensor | None = None
-        self.buffer_keep, self.dirty_from = 0, 0
 
     @classmethod
     def build(cls, model, tokens, setter, activation_name: str) -> "PrefixRun | None":
@@ -87,10 +83,11 @@ class PrefixRun:
         per_position = setter in _PER_POSITION and activation_name not in ("pattern", "attn_scores")
         return cls(model, resid_pre, kv, logits, captured[0], per_position)
 
-    def run(self, hooks: list, layer: int, first: int, n: int, keep: int = 0) -> Tensor:
-        """Logits of ``n`` copies of the corrupted batch with ``hooks`` attached, computed from block ``layer`` on
-        for positions ``first:`` (the hooks see activations of those positions only). ``keep``: only the last
-        ``keep`` positions' logits, the others NaN (0: all)."""
+    def run(self, hooks: list, layer: int, first: int, n: int, keep: int = 0) -> list[LazyLogits]:
+        """Logits of each of ``n`` copies of the corrupted batch with ``hooks`` attached, computed from block
+        ``layer`` on for positions ``first:`` (the hooks see activations of those positions only) and unembedded
+        where the metric reads them (lazy_logits.py). ``keep``: only the last ``keep`` positions' logits, the
+        others NaN (0: all)."""
         tower, batch, n_pos = self.vlm.language, self.logits.shape[0], self.logits.shape[1]
         resid = _rows(self.resid_pre[layer][:, first:], n, batch)
         rotary = None if self.rotary is None else tuple(_rows(t[:, first:], n, batch) for t in self.rotary)
@@ -102,20 +99,11 @@ class PrefixRun:
                 entry.k[:, :, :first], entry.v[:, :, :first] = _rows(past.k[:, :, :first], n, batch), _rows(past.v[:, :, :first], n, batch)
                 entry.length = first
                 resid = tower.blocks[i](resid, rotary, mask, causal, entry)
-            kept = max(first, n_pos - keep if keep else 0)  # the first position whose logits are computed
-            suffix = tower.unembed(tower.ln_final(resid[:, kept - first :]))
-        reused = n_pos - keep if keep else 0  # positions before it are NaN
-        if self.buffer is None or self.buffer.shape[0] < n * batch or self.buffer_keep != keep:
-            self.buffer = torch.empty(n * batch, n_pos, suffix.shape[-1], dtype=suffix.dtype, device=suffix.device)
-            self.buffer[:, :reused] = float("nan")
-            self.buffer_keep, self.dirty_from = keep, reused
-        logits = self.buffer[: n * batch]
-        restore = max(self.dirty_from, reused)
-        if restore < kept:  # positions an earlier chunk patched that this one does not: the corrupted run's
-            logits.view(n, batch, n_pos, -1)[:, :, restore:kept] = self.logits[:, restore:kept]
-        logits[:, kept:] = suffix
-        self.dirty_from = kept
-        return logits
+        return [LazyLogits(self.logits, resid[j * batch : (j + 1) * batch], first, keep, self.unembed) for j in range(n)]
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        tower = self.vlm.language
+        return tower.unembed(tower.ln_final(resid))
 
     def _suffix_mask(self, first: int, n_pos: int, n: int, batch: int, device) -> tuple[Tensor | None, bool]:
         """The mask of queries ``first:`` over all keys: the prompt's own mask, or the causal one it stood for."""

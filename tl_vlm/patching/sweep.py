@@ -61,11 +61,14 @@ def generic_activation_patch(
 ) -> Tensor | tuple[Tensor, pd.DataFrame]:
     """TL's ``generic_activation_patch`` (same arguments, same tensor), evaluating ``batch_size`` cells per
     forward. ``patching_metric`` must return a scalar (TL's default ``reduce="scalar"``). ``reuse_prefix``: use
-    the first-position shortcut where it applies (prefix.py); False runs every cell in full.
+    the first-position shortcut where it applies (prefix.py); False runs every cell in full. Under the shortcut
+    the metric gets a ``LazyLogits`` tensor (lazy_logits.py): indexing positions with an int or a slice unembeds
+    only those, any other use all of them, so every metric sees TL's values and ``logits[:, -1, token]`` costs
+    one position's unembedding, not the whole suffix's.
 
     ``logits_to_keep`` (opt-in, HookedVLM and its tower views): unembed only the last ``logits_to_keep``
-    positions (HF's argument of that name), for a metric that reads only those; the unembedding of every
-    position is then skipped, which at a real vocabulary is most of a cell's cost. The metric still gets
+    positions (HF's argument of that name), for a metric that reads only those, also on paths without the
+    shortcut (vision tower views, BLIP-2's legacy queries, models with PyTorch hooks). The metric still gets
     ``[batch, pos, d_vocab]`` logits, NaN at the other positions; a metric that returns NaN (it read one) is an
     error, checked on the corrupted run before the sweep and on every cell. The logits a metric gets are views of
     a buffer the next chunk reuses: the metric reads them, it does not keep or edit them (as TL's return a
@@ -144,13 +147,15 @@ def _evaluate(model, tokens, clean_cache, metric, setter, activation_name, cells
 
     hooks = [(name, patcher(name)) for name in by_name]
     if prefix is not None:
-        logits = prefix.run(hooks, start_layer, first, n, keep.keep if keep else 0)
-    elif keep:
-        logits = keep.padded(model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks, logits_to_keep=keep.keep))
+        per_cell = prefix.run(hooks, start_layer, first, n, keep.keep if keep else 0)
     else:
-        logits = model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks)
-    rows = logits.shape[0] // n
-    values = [_scalar(metric(logits[j * rows : (j + 1) * rows])) for j in range(n)]
+        if keep:
+            logits = keep.padded(model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks, logits_to_keep=keep.keep))
+        else:
+            logits = model.run_with_hooks(_repeat(tokens, n), fwd_hooks=hooks)
+        rows = logits.shape[0] // n
+        per_cell = [logits[j * rows : (j + 1) * rows] for j in range(n)]
+    values = [_scalar(metric(cell_logits)) for cell_logits in per_cell]
     if keep and any(v != v for v in values):
         raise ValueError(_read_outside(keep.keep))
     return values
