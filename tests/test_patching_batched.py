@@ -88,11 +88,12 @@ def test_vision_tower_view_equals_tl(one_prompt):
         _same(getattr(patching, name)(vision, corrupt_v, cache, metric, batch_size=5), theirs)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "blip2_opt", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "blip2_opt", "qwen3_vl", "gemma3"])
 def test_other_families_equal_tl(loaded, name):
     """M-RoPE positions with grouped K/V heads (the shortcut reuses the prompt's 3D rotary tables), BLIP-2's
-    legacy prepended queries (language positions are not token positions: no shortcut), and Qwen3-VL, whose
-    DeepStack reads vision blocks' outputs (a patch must not edit the tensor it kept)."""
+    legacy prepended queries (language positions are not token positions: no shortcut), Qwen3-VL, whose
+    DeepStack reads vision blocks' outputs (a patch must not edit the tensor it kept), and Gemma 3, whose tower
+    is not resumable (local and global rotary tables: no shortcut)."""
     model, clean = loaded(name).model, loaded(name).batch()
     corrupt = _noisy(clean)
     with torch.no_grad():
@@ -225,3 +226,10 @@ def test_lazy_logits_match_a_plain_tensor_under_any_index():
         torch.testing.assert_close(lazy.softmax(-1), plain.softmax(-1), equal_nan=True)
         with pytest.raises(IndexError):
             lazy[0, 9]
+
+
+def test_language_towers_declare_whether_runs_resume_at_a_block():
+    from tl_vlm.towers.language import DecoderLM
+
+    with pytest.raises(TypeError, match="must declare `resumable`"):
+        type("Undeclared", (DecoderLM,), {})

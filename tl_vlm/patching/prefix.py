@@ -8,8 +8,8 @@ positions ``:p`` (a KV cache filled once, from one corrupted forward), reuses th
 run; numerically it differs from it by float rounding of matmuls of other shapes (tests compare it with TL's loop).
 
 It applies only where that reasoning holds, and the sweep runs full forwards otherwise: the language tower of a
-decoder-only HookedVLM (or its tower view) whose tower and blocks are the plain ``DecoderLM`` /
-``TransformerBlock`` (a subclass may do more between blocks), an activation inside block L (``blocks.{L}.*``),
+decoder-only HookedVLM (or its tower view) whose tower declares itself ``resumable`` (``DecoderLM``: nothing
+happens between its blocks) and whose blocks are ``TransformerBlock``, an activation inside block L (``blocks.{L}.*``),
 language positions equal to the token positions (not BLIP-2's legacy prepended queries), and no PyTorch hook or
 swapped module anywhere in the model (it would see only the suffix; placement over devices and block offloading
 are such hooks, so they run full forwards). Cells start at their position only with
@@ -57,7 +57,8 @@ class PrefixRun:
         if not isinstance(model, HookedVLM) or not get_act_name(activation_name, layer=0).startswith("blocks.0."):
             return None
         tower = model.language
-        if type(tower) is not DecoderLM or any(type(b) is not TransformerBlock for b in tower.blocks) or observed(model):
+        swapped = any(type(b) is not TransformerBlock for b in tower.blocks)  # a user's module in a block's place
+        if not isinstance(tower, DecoderLM) or not tower.resumable or swapped or observed(model):
             return None
         captured: list[tuple] = []
 

@@ -32,6 +32,7 @@ class ImageContext:
 
 
 class CrossAttentionLM(DecoderLM):
+    resumable = False  # cross-attention blocks take the image keys and values, not the self-attention arguments
     def __init__(self, cfg: TowerConfig, rotary: Rotary, cross_layers: tuple[int, ...], n_embeddings: int):
         super().__init__(cfg, rotary)
         self.cross_layers = cross_layers

@@ -56,6 +56,8 @@ class DeepStackLM(DecoderLM):
     """A decoder LM whose first ``cfg.deepstack_layers`` blocks get visual features added to their outputs; with
     ``moe``, the MLPs of its sparse blocks are mixtures of experts (``components/moe.py``)."""
 
+    resumable = False  # visual features are added between blocks
+
     def __init__(self, cfg: TowerConfig, rotary: Rotary, moe: MoEConfig | None = None):
         super().__init__(cfg, rotary)
         for i in moe.sparse_layers if moe is not None else ():  # Qwen3-VL-MoE: these blocks' MLPs are experts

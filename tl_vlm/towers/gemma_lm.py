@@ -26,6 +26,7 @@ from tl_vlm.towers.language import DecoderLM, causal_mask
 
 
 class GemmaLM(DecoderLM):
+    resumable = False  # local and global layers get different rotary tables
     def __init__(self, cfg: TowerConfig, rotary: Rotary, rotary_local: Rotary | None, window_limits_blocks: bool):
         # DecoderLM's embedding merge and weight views are shared; its modules and forward are not.
         nn.Module.__init__(self)

@@ -8,6 +8,8 @@ zero where the other is not), so ``hook_embed == text + image`` exactly.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 from jaxtyping import Bool, Float, Int
@@ -50,6 +52,16 @@ class MergedEmbeds:
 
 
 class DecoderLM(MergedEmbeds, LanguageWeights, StackedWeights, nn.Module):
+    # The forward is its blocks in sequence, each called as ``block(resid, rotary, mask, causal, kv)`` with the
+    # same rotary tables and mask, then ``unembed(ln_final(resid))``: a run may resume at any block from a cached
+    # ``resid_pre`` (the patching shortcut, patching/prefix.py). Every subclass declares it anew.
+    resumable: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "resumable" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must declare `resumable` (see DecoderLM)")
+
     def __init__(self, cfg: TowerConfig, rotary: Rotary | None):
         super().__init__()
         self.cfg = cfg
