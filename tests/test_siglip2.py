@@ -96,9 +96,11 @@ def test_every_hidden_state_and_embedding_matches_hf(loaded):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(loaded, dtype):
+@pytest.mark.parametrize("sizes", [SIZES, [(24, 72), (24, 72)]], ids=["padded", "unpadded"])
+def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(loaded, dtype, sizes):
     hf, model = loaded(dtype)
-    inputs = _inputs(model).as_kwargs()
+    inputs = _inputs(model, texts=TEXTS[:len(sizes)], sizes=sizes).as_kwargs()
+    assert bool(inputs["pixel_attention_mask"].all()) == (len(sizes) == 2)  # HF drops an all-real mask: so do we
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.no_grad():
         ref = hf(**inputs)
@@ -210,6 +212,14 @@ def test_random_configs_match_hf(seed):
     assert (cache["vision.hook_embed_out"] - ref.vision_model_output.pooler_output).abs().max() <= ATOL
     # the patchifier is a view of HF's linear weight, in the conv layout
     assert model.vision.embed.W_patch.data_ptr() == hf.vision_model.embeddings.patch_embedding.weight.data_ptr()
+
+
+def test_real_size_converts_on_the_meta_device():
+    with torch.device("meta"):
+        hf = Siglip2Model(Siglip2Config())  # HF's defaults: google/siglip2-base-patch16-naflex's shape
+    model = HookedCLIP.from_hf_model(hf)
+    assert model.vision.embed.W_patch.shape == (768, 3, 16, 16) and model.vlm_cfg.vision.grid == 16
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
 
 
 def test_spatial_index_follows_each_images_grid(loaded):
