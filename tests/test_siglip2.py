@@ -323,6 +323,23 @@ def test_save_pretrained_round_trip_and_loaders(loaded, path, tmp_path):
         _quiet(HookedVLM.from_pretrained, path)
 
 
+def test_weight_processing_keeps_logits(loaded, path):
+    _, model = loaded()
+    inputs = _inputs(model)
+    processed = _quiet(HookedCLIP.from_pretrained, path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    with torch.no_grad():
+        assert (processed(inputs) - model(inputs)).abs().max() <= ATOL
+    assert processed.vision.blocks[0].ln1.w is None and processed.vision.blocks[1].attn.b_V.abs().max() == 0
+
+
+def test_hooks_command_runs_the_naflex_tower(path, capsys):
+    from tl_vlm.cli import main
+
+    assert _quiet(main, ["hooks", str(path), "--shapes", "--filter", r"^vision\.(hook_pos_embed|head\.attn\.hook_pattern)$"]) == 0
+    out = capsys.readouterr().out
+    assert f"(1, {MAX_NUM_PATCHES}, 32)" in out and f"(1, 4, 1, {MAX_NUM_PATCHES})" in out
+
+
 def test_bad_input_gets_clear_errors(loaded):
     _, model = loaded()
     inputs = _inputs(model)
