@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformer_lens import patching
-from transformers import AutoModel, Siglip2Config, Siglip2Model
+from transformers import AutoModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
 from tl_vlm import HookedCLIP, HookedVLM
@@ -369,3 +369,14 @@ def test_bad_input_gets_clear_errors(loaded):
     # more patches per image through the processor: still HF's answer
     wide = model.prepare(images=_images()[:1], text=TEXTS[:1], max_num_patches=40)
     assert wide.pixel_values.shape[1] == 40 and int(wide.spatial_shapes.prod()) > MAX_NUM_PATCHES
+
+
+def test_fixed_size_towers_refuse_naflex_inputs():
+    vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=4)
+    text = dict(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=6, projection_size=8)
+    model = HookedCLIP.from_hf_model(SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval())
+    with pytest.raises(ValueError, match="SigLIP 2's .* refusing to drop"):
+        model(input_ids=torch.ones(1, 6, dtype=torch.long), pixel_values=torch.zeros(1, 3, 8, 8),
+              pixel_attention_mask=torch.ones(1, 4, dtype=torch.long))

@@ -188,8 +188,8 @@ class HookedCLIP(HookedRootModule):
         center_writing_weights: bool = False,
         fold_value_biases: bool = False,
     ) -> "HookedCLIP":
-        """Convert an in-memory ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``; weights are views of its storage where device and
-        dtype agree (weight processing writes new tensors)."""
+        """Convert an in-memory ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``; weights are views of its storage
+        where device and dtype agree (weight processing writes new tensors)."""
         if type(hf_model).__name__ not in cls.architectures:
             raise ValueError(f"HookedCLIP converts {list(cls.architectures)}, got {type(hf_model).__name__}")
         param = next(hf_model.parameters())
@@ -267,7 +267,7 @@ class HookedCLIP(HookedRootModule):
         if self.processor is None:
             raise ValueError("this model was loaded without a processor; pass input_ids and pixel_values instead")
         if text is None:
-            raise ValueError("prepare needs text; for images alone use model.pixel_values(images)")
+            raise ValueError("prepare needs text; for images alone use model.image_inputs(images)")
         processor_kwargs.setdefault("padding", self.vlm_cfg.text_padding)
         processor_kwargs.setdefault("truncation", False)
         if self.vlm_cfg.naflex and images is not None:

@@ -8,8 +8,7 @@ position grid resized to each ``(h, w)``. Padded patches are masked as keys in e
 so they never reach a real patch or the image embedding; they still run through the blocks as queries (as in HF),
 so every hidden state equals HF's at every position, padding included.
 
-Rows are ``[image, patch, ...]`` over the padded length (TL's ``[batch, pos]``); ``patch_mask`` holds the last
-forward's real patches. Hooks as the SigLIP tower: ``vision.hook_embed`` (patch embeddings), ``vision.hook_pos_embed``
+Rows are ``[image, patch, ...]`` over the padded length (TL's ``[batch, pos]``). Hooks as the SigLIP tower: ``vision.hook_embed`` (patch embeddings), ``vision.hook_pos_embed``
 (the resized, padded positions ``[image, patch, d_model]``), ``vision.blocks.{i}.*``, ``vision.ln_post.*``,
 ``vision.head.*``, ``vision.hook_pooled``, ``vision.hook_embed_out``.
 """
@@ -30,8 +29,8 @@ class NaFlexViT(PooledViT):
     def __init__(self, cfg: ViTConfig):
         """``cfg.grid`` is the side of the learned position grid (``cfg.n_ctx = grid ** 2`` positions)."""
         super().__init__(cfg, "map", None)
+        # The ViT's conv patchifier, replaced in place: the same parameter names, HF's linear maths.
         self.embed = NaFlexPatchEmbed(cfg.d_model, cfg.patch_size, cfg.num_channels, cfg.grid)
-        self.patch_mask: Bool[Tensor, "image patch"] | None = None
 
     def forward(
         self,
@@ -42,7 +41,6 @@ class NaFlexViT(PooledViT):
     ) -> dict[int, Float[Tensor, "image patch d_model"]]:
         """Hidden states with the requested indices (0..n_layers), as HF's ``hidden_states``."""
         real = self.check_inputs(pixel_values, pixel_attention_mask, spatial_shapes)
-        self.patch_mask = real
         x = run_hook(self.hook_embed, self.embed(pixel_values))
         pos = run_hook(self.hook_pos_embed, self.embed.positions(spatial_shapes, pixel_values.shape[1]))
         resid = x + pos
@@ -67,7 +65,7 @@ class NaFlexViT(PooledViT):
         """HF's ``pooler_output``: the attention-pooled image embedding over the real patches."""
         last = self(pixel_values, pixel_attention_mask, spatial_shapes, keep=[self.cfg.n_layers])[self.cfg.n_layers]
         normed = self.ln_post(last)
-        real = self.patch_mask
+        real = pixel_attention_mask.bool()  # checked by the forward
         mask = None
         if not bool(real.all()):  # HF's pooling mask: 0 where real, the dtype's minimum at padding
             minimum = torch.finfo(normed.dtype).min
