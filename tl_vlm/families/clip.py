@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
@@ -334,8 +334,8 @@ class HookedCLIP(HookedRootModule):
     def encode_image(
         self,
         pixel_values: Float[Tensor, "image channel height width"] | Float[Tensor, "image patch pixels"],
-        pixel_attention_mask: Tensor | None = None,
-        spatial_shapes: Tensor | None = None,
+        pixel_attention_mask: Int[Tensor, "image patch"] | None = None,
+        spatial_shapes: Int[Tensor, "image 2"] | None = None,
     ) -> Float[Tensor, "image d_proj"]:
         """HF's ``get_image_features``: the pooled, projected image embedding (not normalised). SigLIP 2 takes its
         processor's three tensors (``model.encode_image(**model.image_inputs(images))``)."""
