@@ -24,7 +24,7 @@ from torch import Tensor
 _PER_ROW = {"input_ids", "attention_mask", "batch_num_images", "mm_token_type_ids", "token_type_ids",
             "qformer_input_ids", "qformer_attention_mask", "decoder_input_ids", "decoder_attention_mask",
             "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"}
-_PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask"}
+_PER_IMAGE = {"pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "spatial_shapes"}
 _LAYOUT = {"row_images", "row_videos"}
 
 
@@ -55,6 +55,7 @@ class VLMInputs:
     aspect_ratio_mask: Int[Tensor, "batch image tile"] | None = None
     cross_attention_mask: Int[Tensor, "batch pos image tile"] | None = None
     pixel_attention_mask: Int[Tensor, "..."] | None = None  # Idefics3 / SmolVLM: real (1) and padding (0) pixels
+    spatial_shapes: Int[Tensor, "image 2"] | None = None  # SigLIP 2 (NaFlex): each image's (h, w) patch grid
     # Images / videos of each row, in order (set by model.prepare); not model inputs.
     row_images: tuple[int, ...] | None = None
     row_videos: tuple[int, ...] | None = None

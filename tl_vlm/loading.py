@@ -9,11 +9,11 @@ from transformers import AutoConfig
 
 from tl_vlm.checkpoints import resolve_checkpoint
 
-DUAL_ENCODERS = ("clip", "siglip")
+DUAL_ENCODERS = ("clip", "siglip", "siglip2")
 
 
 def load_model(name: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
-    """``HookedCLIP.from_pretrained`` for CLIP / SigLIP checkpoints, else ``HookedVLM.from_pretrained``; ``kwargs``
+    """``HookedCLIP.from_pretrained`` for CLIP / SigLIP / SigLIP 2 checkpoints, else ``HookedVLM.from_pretrained``; ``kwargs``
     go to either (a dual encoder has no unembedding: ``center_unembed=True`` is refused)."""
     from tl_vlm import HookedCLIP, HookedVLM
 

@@ -125,7 +125,7 @@ def hard_negative_accuracy(scores: dict[str, Float[Tensor, " pair"]], negatives:
 @torch.no_grad()
 def embed(model, images: Sequence, texts: Sequence[str], batch_size: int = 64) -> tuple[Tensor, Tensor]:
     """Unnormalised image and text embeddings of a ``HookedCLIP``, each image and text once, in batches."""
-    image_embeds = [model.encode_image(model.pixel_values(list(images[i:i + batch_size])))
+    image_embeds = [model.encode_image(**model.image_inputs(list(images[i:i + batch_size])))
                     for i in range(0, len(images), batch_size)]
     text_embeds = []
     for i in range(0, len(texts), batch_size):

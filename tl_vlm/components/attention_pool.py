@@ -4,7 +4,9 @@ pre-norm MLP with a residual; the probe's output is the image's pooled feature.
 HF runs it with ``nn.MultiheadAttention`` (fused ``in_proj``); here it is a ``CrossAttention`` with TL's per-head
 hooks (``vision.head.attn.hook_pattern`` is ``[image, head, 1, patch]``: where the pooled feature looks), computed
 with ``nn.MultiheadAttention``'s arithmetic (queries scaled before the product, softmax in the input dtype), so
-half precision is HF's bit for bit. One query: the explicit path costs nothing next to the tower.
+half precision is HF's bit for bit. One query: the explicit path costs nothing next to the tower. SigLIP 2's padded
+patches come as an additive mask (``nn.MultiheadAttention``'s float ``attn_mask``: added by ``baddbmm``, so the
+masked scores hold the dtype's minimum).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class PoolAttention(CrossAttention):
     into the batch of ``bmm``): in half precision any other layout rounds differently. Hooks see TL's shapes."""
 
     def forward(
-        self, x: Float[Tensor, "image 1 d_model"], context: Float[Tensor, "image patch d_model"], mask: None = None
+        self, x: Float[Tensor, "image 1 d_model"], context: Float[Tensor, "image patch d_model"],
+        mask: Float[Tensor, "image 1 patch"] | None = None,
     ) -> Float[Tensor, "image 1 d_model"]:
         n, h, dh = x.shape[0], self.cfg.n_heads, self.cfg.d_head
         w_kv = torch.cat([layout.heads_in_linear(self._W_K), layout.heads_in_linear(self._W_V)])
@@ -44,7 +47,11 @@ class PoolAttention(CrossAttention):
             return hooked.transpose(0, 1).reshape(t.shape[0], n * h, dh).transpose(0, 1)
 
         q, k, v = heads(q, self.hook_q), heads(kv[0], self.hook_k), heads(kv[1], self.hook_v)
-        scores = torch.bmm(q * math.sqrt(1.0 / dh), k.transpose(-2, -1))
+        q = q * math.sqrt(1.0 / dh)
+        if mask is None:
+            scores = torch.bmm(q, k.transpose(-2, -1))
+        else:  # one mask row per image, repeated per head (image-major, as the batch of bmm)
+            scores = torch.baddbmm(mask.repeat_interleave(h, dim=0), q, k.transpose(-2, -1))
         scores = run_hook(self.hook_attn_scores, scores.view(n, h, *scores.shape[1:]))
         pattern = run_hook(self.hook_pattern, scores.softmax(-1))
         z = torch.bmm(pattern.reshape(n * h, *pattern.shape[2:]), v)  # [image*h, 1, dh]
@@ -61,8 +68,11 @@ class AttentionPool(nn.Module):
         self.hook_attn_out = HookPoint()  # [image, 1, d_model]
         self.hook_mlp_out = HookPoint()
 
-    def forward(self, x: Float[Tensor, "image patch d_model"]) -> Float[Tensor, "image d_model"]:
+    def forward(
+        self, x: Float[Tensor, "image patch d_model"], mask: Float[Tensor, "image 1 patch"] | None = None
+    ) -> Float[Tensor, "image d_model"]:
+        """``mask``: additive, 0 at real patches and the dtype's minimum at padding (None: every patch is real)."""
         probe = self.probe.repeat(x.shape[0], 1, 1)  # materialised, as HF: a stride-0 input takes another kernel
-        attn_out = run_hook(self.hook_attn_out, self.attn(probe, x))
+        attn_out = run_hook(self.hook_attn_out, self.attn(probe, x, mask))
         mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln(attn_out)))
         return (attn_out + mlp_out)[:, 0]

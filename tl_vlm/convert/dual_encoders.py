@@ -11,12 +11,12 @@ from tl_vlm.convert.rules import Rule, attention_rules, linear_rules, mlp_rules,
 from tl_vlm.convert.vits import vit_rules
 from tl_vlm.towers.text_encoder import TextEncoderConfig
 
-_TEXT_KINDS = ("clip_text_model", "siglip_text_model")
+_TEXT_KINDS = ("clip_text_model", "siglip_text_model", "siglip2_text_model")
 
 
 def text_encoder_config(tc, d_proj: int) -> TextEncoderConfig:
     """CLIP's text tower (causal, pooled at end-of-text, projection without bias) or SigLIP's (bidirectional,
-    pooled at the last position, head with bias)."""
+    pooled at the last position, head with bias; SigLIP 2's is the same)."""
     if tc.model_type not in _TEXT_KINDS:
         raise NotImplementedError(f"text tower {tc.model_type!r} is not supported; tl_vlm converts {list(_TEXT_KINDS)}")
     clip = tc.model_type == "clip_text_model"

@@ -50,7 +50,7 @@ def family_for(hf_config, architectures=None) -> type[HookedVLM]:
             return VISION_FAMILIES[name, vision.model_type]
         if name in FAMILIES:
             return FAMILIES[name]
-    if set(names) & {"CLIPModel", "SiglipModel"} or hf_config.model_type in ("clip", "siglip"):
+    if set(names) & {"CLIPModel", "SiglipModel", "Siglip2Model"} or hf_config.model_type in ("clip", "siglip", "siglip2"):
         raise NotImplementedError("a CLIP / SigLIP dual encoder is not a generative VLM: load it with tl_vlm.HookedCLIP")
     raise NotImplementedError(
         f"unsupported architecture {names or hf_config.model_type!r}; tl_vlm supports: {', '.join(sorted(FAMILIES))}"

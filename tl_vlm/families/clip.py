@@ -1,4 +1,5 @@
-"""Dual encoders (``CLIPModel``, ``SiglipModel``) as one hooked model: ``vision.*`` and ``text.*`` towers.
+"""Dual encoders (``CLIPModel``, ``SiglipModel``, ``Siglip2Model``) as one hooked model: ``vision.*`` and ``text.*``
+towers.
 
 ``HookedCLIP`` is a ``HookedRootModule``, not a ``HookedVLM``: a HookedVLM's contract is a generative language
 model at the top level (``blocks``, ``unembed``, token logits, ``generate``), which a dual encoder does not have.
@@ -10,6 +11,10 @@ the ViT (``towers/vision``), blocks and attention (``components``), the weight r
 times ``exp(logit_scale)`` (plus ``logit_bias``: SigLIP); ``encode_image`` / ``encode_text`` return HF's
 ``get_image_features`` / ``get_text_features`` (unnormalised). ``model.tower("vision")`` / ``model.tower("text")``
 run TL's patching functions on one tower, the other tower's inputs attached.
+
+SigLIP 2 (NaFlex) is SigLIP with a vision tower that takes each image at its own aspect ratio
+(``towers/naflex_vit``): ``pixel_values`` are padded rows of flattened patches, with ``pixel_attention_mask`` and
+``spatial_shapes``, as its processor returns them; ``model.image_inputs(images)`` gives all three.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
@@ -32,6 +37,7 @@ from tl_vlm.checkpoints import resolve_checkpoint
 from tl_vlm.config import ViTConfig
 from tl_vlm.convert.export import write_into_hf
 from tl_vlm.convert.dual_encoders import normalize_in_proj, pooled_vit_rules, text_encoder_config, text_encoder_rules
+from tl_vlm.convert.naflex_vit import naflex_vit_config, naflex_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
 from tl_vlm.dtypes import resolve_dtype
@@ -42,6 +48,7 @@ from tl_vlm.hooked_vlm import (
 )
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.tower_view import TowerView
+from tl_vlm.towers.naflex_vit import NaFlexViT, naflex_cells
 from tl_vlm.towers.pooled_vit import PooledViT
 from tl_vlm.towers.text_encoder import TextEncoder, TextEncoderConfig
 
@@ -49,7 +56,7 @@ from tl_vlm.towers.text_encoder import TextEncoder, TextEncoderConfig
 @dataclass
 class DualEncoderConfig:
     architecture: str
-    family: str  # "clip" or "siglip"
+    family: str  # "clip" or "siglip" (SigLIP 2 too: its logits, loss and text tower are SigLIP's)
     vision: ViTConfig
     text: TextEncoderConfig
     d_proj: int  # width of the shared embedding space
@@ -57,14 +64,17 @@ class DualEncoderConfig:
     logit_bias: bool  # SigLIP's sigmoid logits have a learned bias
     text_padding: str | bool  # how model.prepare pads texts: SigLIP was trained on "max_length", CLIP pads to the longest
     hf_config: Any
+    naflex: bool = False  # SigLIP 2: images as padded patch rows with a mask and their (h, w) grids
 
     def towers(self) -> list:
         return [self.vision, self.text]
 
 
 class HookedCLIP(HookedRootModule):
-    architectures: ClassVar[tuple[str, ...]] = ("CLIPModel", "SiglipModel")
-    input_fields: ClassVar[frozenset[str]] = frozenset({"input_ids", "pixel_values", "attention_mask"})
+    architectures: ClassVar[tuple[str, ...]] = ("CLIPModel", "SiglipModel", "Siglip2Model")
+    # pixel_attention_mask / spatial_shapes: SigLIP 2's (the fixed-size towers refuse them)
+    input_fields: ClassVar[frozenset[str]] = frozenset(
+        {"input_ids", "pixel_values", "attention_mask", "pixel_attention_mask", "spatial_shapes"})
     vlm_cfg: DualEncoderConfig
 
     def __init__(self, cfg: DualEncoderConfig, processor=None):
@@ -73,7 +83,10 @@ class HookedCLIP(HookedRootModule):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.name_or_path = ""
-        self.vision = PooledViT(cfg.vision, cfg.vision_pool, cfg.d_proj if cfg.vision_pool == "cls" else None)
+        if cfg.naflex:
+            self.vision = NaFlexViT(cfg.vision)
+        else:
+            self.vision = PooledViT(cfg.vision, cfg.vision_pool, cfg.d_proj if cfg.vision_pool == "cls" else None)
         self.text = TextEncoder(cfg.text)
         # Shapes as HF's: CLIP's logit_scale is a scalar, SigLIP's scale and bias have one element.
         scalar = () if cfg.family == "clip" else (1,)
@@ -93,11 +106,11 @@ class HookedCLIP(HookedRootModule):
     @classmethod
     def config_from_hf(cls, hf_config) -> DualEncoderConfig:
         kind = hf_config.model_type
-        if kind not in ("clip", "siglip"):
+        if kind not in ("clip", "siglip", "siglip2"):
             raise NotImplementedError(
-                f"dual encoder {kind!r} is not supported; HookedCLIP converts CLIPModel and SiglipModel (Siglip2Model's "
-                "NaFlex vision tower, with resized positions per image, is not converted yet)"
+                f"dual encoder {kind!r} is not supported; HookedCLIP converts CLIPModel, SiglipModel and Siglip2Model"
             )
+        naflex = kind == "siglip2"
         clip = kind == "clip"
         vision, text = hf_config.vision_config, hf_config.text_config
         if not clip and not vision.vision_use_head:
@@ -106,15 +119,17 @@ class HookedCLIP(HookedRootModule):
         if not clip and d_proj != vision.hidden_size:
             raise ValueError(f"SigLIP's text head gives {d_proj} dims but its pooled images have {vision.hidden_size}")
         return DualEncoderConfig(
-            architecture=hf_config.architectures[0] if hf_config.architectures else ("CLIPModel" if clip else "SiglipModel"),
-            family=kind,
-            vision=vit_config(vision),
+            architecture=hf_config.architectures[0] if hf_config.architectures else
+            {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}[kind],
+            family="siglip" if naflex else kind,
+            vision=naflex_vit_config(vision) if naflex else vit_config(vision),
             text=text_encoder_config(text, d_proj),
             d_proj=d_proj,
             vision_pool="cls" if clip else "map",
             logit_bias=not clip,
             text_padding=True if clip else "max_length",
             hf_config=hf_config,
+            naflex=naflex,
         )
 
     @classmethod
@@ -124,9 +139,13 @@ class HookedCLIP(HookedRootModule):
     @classmethod
     def weight_map(cls, cfg: DualEncoderConfig) -> WeightMap:
         clip = cfg.family == "clip"
+        if cfg.naflex:
+            vision = naflex_vit_rules(r"vision_model", "vision", cfg.vision)
+        else:
+            vision = pooled_vit_rules(r"vision_model", "vision", cfg.vision, r"visual_projection" if clip else None)
         return WeightMap(
             [
-                *pooled_vit_rules(r"vision_model", "vision", cfg.vision, r"visual_projection" if clip else None),
+                *vision,
                 *text_encoder_rules(r"text_model", "text", cfg.text, r"text_projection" if clip else r"text_model\.head"),
                 Rule(r"logit_scale", "logit_scale"),
                 Rule(r"logit_bias", "logit_bias"),
@@ -147,7 +166,7 @@ class HookedCLIP(HookedRootModule):
         revision: str | None = None,
         load_processor: bool = True,
     ) -> "HookedCLIP":
-        """Load a CLIP / SigLIP checkpoint (local directory or hub id) straight from its safetensors files."""
+        """Load a CLIP / SigLIP / SigLIP 2 checkpoint (local directory or hub id) straight from its safetensors files."""
         path = resolve_checkpoint(model_name, revision)
         hf_config = AutoConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, _config_dtype(hf_config))
@@ -169,8 +188,8 @@ class HookedCLIP(HookedRootModule):
         center_writing_weights: bool = False,
         fold_value_biases: bool = False,
     ) -> "HookedCLIP":
-        """Convert an in-memory ``CLIPModel`` / ``SiglipModel``; weights are views of its storage where device and
-        dtype agree (weight processing writes new tensors)."""
+        """Convert an in-memory ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model``; weights are views of its storage
+        where device and dtype agree (weight processing writes new tensors)."""
         if type(hf_model).__name__ not in cls.architectures:
             raise ValueError(f"HookedCLIP converts {list(cls.architectures)}, got {type(hf_model).__name__}")
         param = next(hf_model.parameters())
@@ -243,12 +262,19 @@ class HookedCLIP(HookedRootModule):
     def prepare(self, images=None, text: str | list[str] | None = None, **processor_kwargs) -> VLMInputs:
         """Run the HF processor on texts (and images, if given; ``pixel_values`` takes images alone). SigLIP's texts
         are padded to the text tower's length, as it was trained (``padding=`` overrides). Over-long texts are an
-        error at the run unless ``truncation=True``."""
+        error at the run unless ``truncation=True`` (SigLIP 2's processor would truncate them silently). SigLIP 2's
+        images are resized to at most the image processor's ``max_num_patches`` (``max_num_patches=`` overrides)."""
         if self.processor is None:
             raise ValueError("this model was loaded without a processor; pass input_ids and pixel_values instead")
         if text is None:
-            raise ValueError("prepare needs text; for images alone use model.pixel_values(images)")
+            raise ValueError("prepare needs text; for images alone use model.image_inputs(images)")
         processor_kwargs.setdefault("padding", self.vlm_cfg.text_padding)
+        processor_kwargs.setdefault("truncation", False)
+        if self.vlm_cfg.naflex and images is not None:
+            # Siglip2Processor's call defaults (16px patches, 256 of them) would override its image processor's own.
+            image_processor = self.processor.image_processor
+            processor_kwargs.setdefault("patch_size", image_processor.patch_size)
+            processor_kwargs.setdefault("max_num_patches", image_processor.max_num_patches)
         if processor_kwargs["padding"] == "max_length":
             processor_kwargs.setdefault("max_length", self.vlm_cfg.text.n_ctx)
         batch = self.processor(images=images, text=text, return_tensors="pt", **processor_kwargs)
@@ -256,9 +282,20 @@ class HookedCLIP(HookedRootModule):
 
     def pixel_values(self, images) -> Float[Tensor, "image channel height width"]:
         """The image processor's pixel values for ``images`` (what ``encode_image`` takes)."""
+        if self.vlm_cfg.naflex:
+            raise ValueError(
+                "SigLIP 2's pixel_values need their pixel_attention_mask and spatial_shapes; use "
+                "model.encode_image(**model.image_inputs(images))"
+            )
+        return self.image_inputs(images)["pixel_values"]
+
+    def image_inputs(self, images) -> dict[str, Tensor]:
+        """The image processor's outputs for ``images``: what ``encode_image`` takes as keywords (``pixel_values``;
+        SigLIP 2 adds ``pixel_attention_mask`` and ``spatial_shapes``)."""
         if self.processor is None:
             raise ValueError("this model was loaded without a processor; pass pixel_values instead")
-        return self.processor.image_processor(images, return_tensors="pt").pixel_values.to(self.device)
+        batch = self.processor.image_processor(images, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items() if k in self.input_fields}
 
     def _inputs(self, input: Any, **kwargs) -> VLMInputs:
         given = {k: v for k, v in kwargs.items() if v is not None}
@@ -294,8 +331,22 @@ class HookedCLIP(HookedRootModule):
 
     # ---------------------------------------------------------------- running
 
-    def encode_image(self, pixel_values: Float[Tensor, "image channel height width"]) -> Float[Tensor, "image d_proj"]:
-        """HF's ``get_image_features``: the pooled, projected image embedding (not normalised)."""
+    def encode_image(
+        self,
+        pixel_values: Float[Tensor, "image channel height width"] | Float[Tensor, "image patch pixels"],
+        pixel_attention_mask: Int[Tensor, "image patch"] | None = None,
+        spatial_shapes: Int[Tensor, "image 2"] | None = None,
+    ) -> Float[Tensor, "image d_proj"]:
+        """HF's ``get_image_features``: the pooled, projected image embedding (not normalised). SigLIP 2 takes its
+        processor's three tensors (``model.encode_image(**model.image_inputs(images))``)."""
+        if self.vlm_cfg.naflex:
+            mask, shapes = (t.to(self.device) if t is not None else None for t in (pixel_attention_mask, spatial_shapes))
+            return self.vision.encode(pixel_values.to(self.device), mask, shapes)
+        if pixel_attention_mask is not None or spatial_shapes is not None:
+            raise ValueError(
+                f"{self.vlm_cfg.architecture}'s vision tower takes whole images of one size; pixel_attention_mask and "
+                "spatial_shapes are SigLIP 2's (NaFlex) inputs, refusing to drop them"
+            )
         return self.vision.encode(pixel_values.to(self.device))
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Float[Tensor, "text d_proj"]:
@@ -324,7 +375,8 @@ class HookedCLIP(HookedRootModule):
         """``logits_per_image`` ``[image, text]`` (HF's), from ``model.prepare`` output or HF-style keywords
         (``input_ids=, pixel_values=, attention_mask=``)."""
         inputs = self._inputs(input, **hf_inputs)
-        logits = self.similarity(self.encode_image(inputs.pixel_values), self.encode_text(inputs.input_ids, inputs.attention_mask))
+        images = self.encode_image(inputs.pixel_values, inputs.pixel_attention_mask, inputs.spatial_shapes)
+        logits = self.similarity(images, self.encode_text(inputs.input_ids, inputs.attention_mask))
         return logits if return_type == "logits" else None
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
@@ -355,8 +407,11 @@ class HookedCLIP(HookedRootModule):
 
     def image_token_cells(self, inputs: VLMInputs, original_sizes: list[tuple[int, int]] | None) -> list[dict]:
         """The vision tower's positions of every image: the class token (CLIP) then the patches, row-major, with
-        pixel boxes in the original image (``original_sizes``) or the processed one (None)."""
+        pixel boxes in the original image (``original_sizes``) or the processed one (None). SigLIP 2: each image's
+        own ``h x w`` grid, then its padded positions (``kind`` "padding", no box)."""
         cfg = self.vlm_cfg.vision
+        if self.vlm_cfg.naflex:
+            return naflex_cells(inputs.spatial_shapes, inputs.pixel_values.shape[1], cfg.patch_size, original_sizes)
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
             if original_sizes is None:

@@ -3,9 +3,9 @@ prompt, as a caption, through the text tower (VLM-Lens's ``clip`` model does the
 
 Activations are ``[sample, pos, ...]`` in both towers (a sample is one image and one text), so each row is pooled
 as VLM-Lens pools it: text positions without padding (``text_mean`` means them all), vision positions all
-(``text_mean`` is refused there). Pooled and projected embeddings (``hook_pooled``, ``hook_embed_out``) have no
-positions and are stored as they are. Over-long prompts are truncated to the text tower's positions, as HF's
-processor does with ``truncation=True``.
+(``text_mean`` is refused there) but SigLIP 2's padded patches, which are never pooled nor stored. Pooled and
+projected embeddings (``hook_pooled``, ``hook_embed_out``) have no positions and are stored as they are.
+Over-long prompts are truncated to the text tower's positions, as HF's processor does with ``truncation=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def extract_dual_batch(model, hooks: list[str], pooling_method: str, float16: bo
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in hooks)
     real = inputs.attention_mask.bool() if inputs.attention_mask is not None else torch.ones_like(inputs.input_ids, dtype=torch.bool)
+    patches = inputs.pixel_attention_mask.bool() if inputs.pixel_attention_mask is not None else None  # SigLIP 2
     per_sample: list[list[tuple[str, torch.Tensor]]] = [[] for _ in loaded]
     for hook in hooks:
         act = cache[hook]
@@ -34,6 +35,8 @@ def extract_dual_batch(model, hooks: list[str], pooling_method: str, float16: bo
                 pooled = one[None]
             elif text:
                 pooled = pool(one, pooling_method, torch.zeros_like(real[b]), real[b])
+            elif patches is not None and not hook.startswith("vision.head."):  # the head's one position is its probe
+                pooled = pool(one, pooling_method, None, patches[b])
             else:
                 pooled = pool(one, pooling_method, None, None)
             per_sample[b].append((hook, pooled.half() if float16 else pooled))

@@ -67,7 +67,7 @@ def triples(n: int, seed: int, start: int = 0, kinds: Sequence[str] = KINDS) -> 
 
 def batch_loss(model, images, captions: list[str], negatives: list[str]) -> Float[Tensor, ""]:
     texts = model.prepare(text=[*captions, *negatives])
-    image_embeds = model.encode_image(model.pixel_values(images))
+    image_embeds = model.encode_image(**model.image_inputs(images))
     text_embeds = model.encode_text(texts.input_ids, texts.attention_mask)
     return negclip_loss(model, model.similarity(image_embeds, text_embeds))
 
