@@ -63,6 +63,17 @@ def placeholder_runs(mask: Bool[Tensor, "batch pos"]) -> list[int]:
     return ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
 
 
+def interleave(
+    features: Float[Tensor, "tokens d"], image_mask: Bool[Tensor, "batch pos"], video_mask: Bool[Tensor, "batch pos"]
+) -> Float[Tensor, "tokens d"]:
+    """Features of the images, then of the videos (one vision run's order), put in the order of their placeholders."""
+    is_image = image_mask[image_mask | video_mask].to(features.device)
+    n_image = int(is_image.sum())
+    merged = features.new_empty(is_image.shape[0], features.shape[-1])
+    merged[is_image], merged[~is_image] = features[:n_image], features[n_image:]
+    return merged
+
+
 class HookedQwen2VL(HookedVLM):
     family = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
@@ -201,43 +212,60 @@ class HookedQwen2VL(HookedVLM):
         generated_from: int | None,
     ) -> Tensor:
         ids = inputs.input_ids
+        image_mask, video_mask = self.placeholder_masks(ids, generated_from)
+        visual = image_mask | video_mask
+        features = self._visual_features(inputs, image_mask, video_mask)
+        embeds = self.language.embed_inputs(ids, features, visual if features is not None else None)
+        position_ids = self.prompt_positions(inputs, position_ids, cache)
+        return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+
+    def placeholder_masks(
+        self, ids: Int[Tensor, "batch pos"], generated_from: int | None
+    ) -> tuple[Bool[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+        """The image and the video placeholders of the prompt."""
         image_mask = ids == self.vlm_cfg.image_token_id
         video_mask = ids == self.vlm_cfg.video_token_id
         if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
             image_mask[:, generated_from:] = False
             video_mask[:, generated_from:] = False
-        visual = image_mask | video_mask
-        features = self._visual_features(inputs, image_mask, video_mask)
-        embeds = self.language.embed_inputs(ids, features, visual if features is not None else None)
-        if position_ids is None and (inputs.image_grid_thw is not None or inputs.video_grid_thw is not None):
-            if cache is not None and cache.length:
-                raise ValueError(
-                    "a cached step of a Qwen-VL model needs position_ids (its 3D positions continue the prompt's); "
-                    "model.generate passes them"
-                )
-            position_ids = self.rope_index(inputs, inputs.attention_mask)
-        # Text only, HF counts positions from the cache length (DecoderLM's default); M-RoPE then equals RoPE.
-        return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+        return image_mask, video_mask
+
+    def prompt_positions(self, inputs: VLMInputs, position_ids: Tensor | None, cache: KVCache | None) -> Tensor | None:
+        """The given positions, else the 3D positions of a prompt with images or videos."""
+        if position_ids is not None or (inputs.image_grid_thw is None and inputs.video_grid_thw is None):
+            # Text only, HF counts positions from the cache length (DecoderLM's default); M-RoPE then equals RoPE.
+            return position_ids
+        if cache is not None and cache.length:
+            raise ValueError(
+                "a cached step of a Qwen-VL model needs position_ids (its 3D positions continue the prompt's); "
+                "model.generate passes them"
+            )
+        return self.rope_index(inputs, inputs.attention_mask)
 
     def _visual_features(
         self, inputs: VLMInputs, image_mask: Tensor, video_mask: Tensor
     ) -> Float[Tensor, "n_visual_tokens d_model"] | None:
         """Image and video features in the order of their placeholders (images and videos interleaved)."""
-        merge = self.vlm_cfg.geometry.merge_size
-        image = _checked(inputs.pixel_values, inputs.image_grid_thw, image_mask, "image", merge)
-        video = _checked(inputs.pixel_values_videos, inputs.video_grid_thw, video_mask, "video", merge)
-        present = [pair for pair in (image, video) if pair is not None]
+        present = self._checked_visuals(inputs, image_mask, video_mask)
         if not present:
             return None
         # One vision run for all images and videos, so every hook fires once per forward pass.
         features = self._encode(torch.cat([p for p, _ in present]), torch.cat([g for _, g in present]))
-        if len(present) == 1:
-            return features
-        n_image = int(image_mask.sum())
-        is_image = image_mask[image_mask | video_mask]
-        merged = features.new_empty(is_image.shape[0], features.shape[-1])
-        merged[is_image], merged[~is_image] = features[:n_image], features[n_image:]
-        return merged
+        return features if len(present) == 1 else interleave(features, image_mask, video_mask)
+
+    def _checked_visuals(
+        self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], video_mask: Bool[Tensor, "batch pos"]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """(pixels, grid) of the images, then of the videos, where given, each checked against its placeholders."""
+        merge = self.vlm_cfg.geometry.merge_size
+        image = _checked(inputs.pixel_values, inputs.image_grid_thw, image_mask, "image", merge)
+        video = self._checked_videos(inputs, video_mask)
+        return [pair for pair in (image, video) if pair is not None]
+
+    def _checked_videos(self, inputs: VLMInputs, video_mask: Bool[Tensor, "batch pos"]) -> tuple[Tensor, Tensor] | None:
+        """(pixels, grid) of the videos, checked against their placeholders: one run per video."""
+        merge = self.vlm_cfg.geometry.merge_size
+        return _checked(inputs.pixel_values_videos, inputs.video_grid_thw, video_mask, "video", merge)
 
     def rope_index(self, inputs: VLMInputs, mask: Tensor | None) -> Int[Tensor, "3 batch pos"]:
         """3D positions from HF's own ``get_rope_index`` (images, videos, text, left padding)."""

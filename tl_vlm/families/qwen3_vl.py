@@ -34,7 +34,7 @@ from tl_vlm.convert.moe import qwen_moe_config, qwen_moe_rules
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules, norm_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
 from tl_vlm.convert.vits import qwen3_vit_config, qwen3_vit_rules
-from tl_vlm.families.qwen2_vl import HookedQwen2VL, QwenVLConfig, _checked
+from tl_vlm.families.qwen2_vl import HookedQwen2VL, QwenVLConfig, _checked, interleave
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers.deepstack import DeepStackLM, DeepStackProjector
 from tl_vlm.towers.qwen3_vision import Qwen3VisionTower
@@ -156,22 +156,12 @@ class HookedQwen3VL(HookedQwen2VL):
         generated_from: int | None,
     ) -> Tensor:
         ids = inputs.input_ids
-        image_mask = ids == self.vlm_cfg.image_token_id
-        video_mask = ids == self.vlm_cfg.video_token_id
-        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
-            image_mask[:, generated_from:] = False
-            video_mask[:, generated_from:] = False
+        image_mask, video_mask = self.placeholder_masks(ids, generated_from)
         visual = image_mask | video_mask
         encoded = self._visual_features(inputs, image_mask, video_mask)
         features, deepstack = encoded if encoded is not None else (None, None)
         embeds = self.language.embed_inputs(ids, features, visual if features is not None else None)
-        if position_ids is None and (inputs.image_grid_thw is not None or inputs.video_grid_thw is not None):
-            if cache is not None and cache.length:
-                raise ValueError(
-                    "a cached step of a Qwen-VL model needs position_ids (its 3D positions continue the prompt's); "
-                    "model.generate passes them"
-                )
-            position_ids = self.rope_index(inputs, inputs.attention_mask)
+        position_ids = self.prompt_positions(inputs, position_ids, cache)
         return self.language(
             embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep, visual, deepstack
         )
@@ -180,27 +170,20 @@ class HookedQwen3VL(HookedQwen2VL):
         self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"], video_mask: Bool[Tensor, "batch pos"]
     ) -> tuple[Tensor, list[Tensor]] | None:
         """Main and DeepStack features in placeholder order (images and videos interleaved), or None."""
-        merge = self.vlm_cfg.geometry.merge_size
-        image = _checked(inputs.pixel_values, inputs.image_grid_thw, image_mask, "image", merge)
-        video = _checked(inputs.pixel_values_videos, _frames(inputs.video_grid_thw), video_mask, "video frame", merge)
-        if video is not None:
-            video = (video[0], inputs.video_grid_thw.to(video[0].device))
-        present = [pair for pair in (image, video) if pair is not None]
+        present = self._checked_visuals(inputs, image_mask, video_mask)
         if not present:
             return None
         # One vision run for all images and videos, so every hook fires once per forward pass.
         features, deepstack = self._encode(torch.cat([p for p, _ in present]), torch.cat([g for _, g in present]))
         if len(present) == 1:
             return features, deepstack
-        is_image = image_mask[image_mask | video_mask].to(features.device)
-        n_image = int(is_image.sum())
+        return interleave(features, image_mask, video_mask), [interleave(d, image_mask, video_mask) for d in deepstack]
 
-        def interleave(x: Tensor) -> Tensor:
-            merged = x.new_empty(is_image.shape[0], x.shape[-1])
-            merged[is_image], merged[~is_image] = x[:n_image], x[n_image:]
-            return merged
-
-        return interleave(features), [interleave(d) for d in deepstack]
+    def _checked_videos(self, inputs: VLMInputs, video_mask: Bool[Tensor, "batch pos"]) -> tuple[Tensor, Tensor] | None:
+        """(pixels, grid) of the videos, checked against their placeholders: one run per frame."""
+        merge = self.vlm_cfg.geometry.merge_size
+        video = _checked(inputs.pixel_values_videos, _frames(inputs.video_grid_thw), video_mask, "video frame", merge)
+        return None if video is None else (video[0], inputs.video_grid_thw.to(video[0].device))
 
 
 def _frames(grid: Tensor | None) -> Tensor | None:
