@@ -24,7 +24,9 @@ from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
-from tl_vlm.towers.qwen_vision import PatchGeometry, PatchLayout, QwenVisionTower, VideoPatchEmbed, segment_mask
+from tl_vlm.towers.qwen_vision import (
+    PatchGeometry, PatchLayout, QwenVisionTower, VideoPatchEmbed, padded, segment_mask,
+)
 
 
 class BiasedVideoPatchEmbed(VideoPatchEmbed):
@@ -62,25 +64,10 @@ class Qwen3VisionTower(QwenVisionTower):
         self, pixel_values: Float[Tensor, "patches patch_dim"], grid_thw: Int[Tensor, "image 3"]
     ) -> tuple[Float[Tensor, "image patch d_model"], PatchLayout, list[Float[Tensor, "image patch d_model"]]]:
         """Final hidden states (padded to the longest row), the layout, and the outputs of the DeepStack blocks."""
-        g = self.geometry
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != g.patch_dim:
-            raise ValueError(
-                f"Qwen vision pixel_values must be [patches, {g.patch_dim}] (channel x temporal x patch x patch), got "
-                f"{tuple(pixel_values.shape)}; use the model's image processor"
-            )
-        layout = self.patch_layout(grid_thw)
-        if pixel_values.shape[0] != sum(layout.lengths):
-            raise ValueError(
-                f"grid_thw {grid_thw.tolist()} implies {sum(layout.lengths)} patches but pixel_values holds "
-                f"{pixel_values.shape[0]} rows"
-            )
+        layout = self.checked_layout(pixel_values, grid_thw)
         packed = self.embed(pixel_values)
         pos = self.position_embeddings(grid_thw).to(packed.dtype)
-
-        def rows(x: Tensor) -> Tensor:
-            return nn.utils.rnn.pad_sequence(list(x.split(layout.lengths)), batch_first=True)
-
-        x = run_hook(self.hook_embed, rows(packed)) + run_hook(self.hook_pos_embed, rows(pos))
+        x = run_hook(self.hook_embed, padded(packed, layout)) + run_hook(self.hook_pos_embed, padded(pos, layout))
         rotary = self.rotary(layout.positions)
         frames = Segments(layout.frame_parts, segment_mask(layout.frame))
         deepstack = []

@@ -131,6 +131,20 @@ class QwenVisionTower(StackedWeights, nn.Module):
         self, pixel_values: Float[Tensor, "patches patch_dim"], grid_thw: Int[Tensor, "image 3"]
     ) -> tuple[Float[Tensor, "image patch d_model"], PatchLayout]:
         """Final hidden states of every visual input, padded to the longest, and their layout."""
+        layout = self.checked_layout(pixel_values, grid_thw)
+        x = run_hook(self.hook_embed, padded(self.embed(pixel_values), layout))
+        rotary = self.rotary(layout.positions)
+        frames = Segments(layout.frame_parts, segment_mask(layout.frame))
+        windows = frames if layout.window is None else Segments(layout.window_parts, segment_mask(layout.window))
+        for i, block in enumerate(self.blocks):
+            full = layout.window is None or i in self.geometry.full_attention_blocks
+            x = block(x, rotary, frames if full else windows)
+        return x, layout
+
+    def checked_layout(
+        self, pixel_values: Float[Tensor, "patches patch_dim"], grid_thw: Int[Tensor, "image 3"]
+    ) -> PatchLayout:
+        """The layout of ``grid_thw``, after checking that ``pixel_values`` holds its patches."""
         g = self.geometry
         if pixel_values.ndim != 2 or pixel_values.shape[1] != g.patch_dim:
             raise ValueError(
@@ -143,15 +157,12 @@ class QwenVisionTower(StackedWeights, nn.Module):
                 f"grid_thw {grid_thw.tolist()} implies {sum(layout.lengths)} patches but pixel_values holds "
                 f"{pixel_values.shape[0]} rows"
             )
-        packed = self.embed(pixel_values)
-        x = run_hook(self.hook_embed, nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True))
-        rotary = self.rotary(layout.positions)
-        frames = Segments(layout.frame_parts, segment_mask(layout.frame))
-        windows = frames if layout.window is None else Segments(layout.window_parts, segment_mask(layout.window))
-        for i, block in enumerate(self.blocks):
-            full = layout.window is None or i in g.full_attention_blocks
-            x = block(x, rotary, frames if full else windows)
-        return x, layout
+        return layout
+
+
+def padded(packed: Float[Tensor, "patches d"], layout: PatchLayout) -> Float[Tensor, "image patch d"]:
+    """Packed patches cut into one row per visual input, padded at the end to the longest."""
+    return nn.utils.rnn.pad_sequence(list(packed.split(layout.lengths)), batch_first=True)
 
 
 def segment_mask(segment: Int[Tensor, "image patch"]) -> Bool[Tensor, "image 1 patch patch"] | None:
