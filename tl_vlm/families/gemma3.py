@@ -14,11 +14,9 @@ boi / soft tokens / eoi; they run unchanged, but the spatial index maps each cro
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -27,9 +25,11 @@ from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
 from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_modules, gemma_lm_config, gemma_lm_rules, gemma_norm_rules, gemma_rotaries
 from tl_vlm.convert.rules import Rule, WeightMap
+from tl_vlm.convert.llava_layout import LEGACY_MODULE_PREFIXES, llava_layout_key
 from tl_vlm.convert.hf_modules import ModuleRule, vit_modules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
 from tl_vlm.families.llava import crop_geometry
+from tl_vlm.families.paligemma import prompt_token_types
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import ViTTower
@@ -53,10 +53,7 @@ class HookedGemma3(HookedVLM):
     architectures = ("Gemma3ForConditionalGeneration",)
     input_fields = frozenset({"input_ids", "pixel_values", "attention_mask", "token_type_ids"})
     computed_parameters = GEMMA_NORMS
-    legacy_module_prefixes = (
-        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower.vision_model"),
-        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
-    )
+    legacy_module_prefixes = LEGACY_MODULE_PREFIXES
     vlm_cfg: Gemma3VLMConfig
 
     # ------------------------------------------------------------------ conversion
@@ -84,12 +81,7 @@ class HookedGemma3(HookedVLM):
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
-        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
-        # older files SigLIP as vision_tower.vision_model.*
-        key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.)", "", key)
-        key = re.sub(r"^language_model\.model\.", "language_model.", key)
-        key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
-        return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+        return llava_layout_key(key)
 
     @classmethod
     def hf_module_rules(cls, cfg) -> list[ModuleRule]:
@@ -124,10 +116,6 @@ class HookedGemma3(HookedVLM):
     def capabilities(self) -> Capabilities:
         kernel = self.vlm_cfg.vision.grid // self.vlm_cfg.tokens_per_side
         return Capabilities(patches_per_token=kernel * kernel)
-
-    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
-        return {"language": list(hf_model.model.language_model.layers),
-                "vision": list(hf_model.model.vision_tower.encoder.layers)}
 
     def prepare(self, images=None, text=None, **processor_kwargs) -> VLMInputs:
         """HookedVLM's ``prepare``; each row's images counted from its ``<start_of_image>`` tokens, since pan-and-scan
@@ -179,14 +167,9 @@ class HookedGemma3(HookedVLM):
             if not bool(image_mask.any()):
                 return None
             types = image_mask.long()
-        elif types.shape[-1] == generated_from:  # generation without a KV cache: new tokens are text (0)
-            types = torch.cat([types, types.new_zeros(types.shape[0], image_mask.shape[-1] - types.shape[-1])], -1)
-        if types.shape != image_mask.shape:
-            raise ValueError(
-                f"token_type_ids have shape {tuple(types.shape)} but input_ids {tuple(image_mask.shape)}; pass the "
-                "processor's token_type_ids with its input_ids (model.prepare)"
-            )
-        is_image = types.to(image_mask.device) == 1
+        else:
+            types = prompt_token_types(types, image_mask, generated_from, generated_type=0)  # new tokens: text
+        is_image = types == 1
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, starts.long().cumsum(-1) - 1, -1)
 

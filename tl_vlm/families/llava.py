@@ -7,7 +7,6 @@ placeholders one patch per token (HookedVLM's default forward).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from tl_vlm.components import Rotary
 from tl_vlm.config import ViTConfig, ViTVLMConfig
+from tl_vlm.convert.llava_layout import LEGACY_MODULE_PREFIXES, llava_layout_key
 from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules, vit_modules
 from tl_vlm.convert.rules import Rule, WeightMap, linear_rules
 from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
@@ -75,17 +75,9 @@ class HookedLlava(HookedVLM):
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
-        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
-        # older hub files nest CLIP as vision_tower.vision_model.*.
-        key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.|image_newline)", "", key)
-        key = re.sub(r"^language_model\.model\.", "language_model.", key)
-        key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
-        return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+        return llava_layout_key(key)
 
-    legacy_module_prefixes = (
-        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower.vision_model"),
-        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
-    )
+    legacy_module_prefixes = LEGACY_MODULE_PREFIXES
 
     @classmethod
     def hf_module_rules(cls, cfg: LlavaConfig) -> list[ModuleRule]:

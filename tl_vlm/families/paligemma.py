@@ -12,11 +12,9 @@ suffix ``token_type_ids`` mark) and takes ``suffix=``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -24,6 +22,7 @@ from tl_vlm.components import KVCache
 from tl_vlm.config import ViTVLMConfig
 from tl_vlm.convert.gemma_lms import GEMMA_NORMS, gemma_lm_modules, gemma_lm_config, gemma_lm_rules, gemma_rotaries
 from tl_vlm.convert.rules import WeightMap, linear_rules
+from tl_vlm.convert.llava_layout import LEGACY_MODULE_PREFIXES, llava_layout_key
 from tl_vlm.convert.hf_modules import ModuleRule, vit_modules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
 from tl_vlm.families.llava import crop_geometry, grid_cells
@@ -43,10 +42,7 @@ class HookedPaliGemma(HookedVLM):
     architectures = ("PaliGemmaForConditionalGeneration",)
     input_fields = frozenset({"input_ids", "pixel_values", "attention_mask", "token_type_ids"})
     computed_parameters = GEMMA_NORMS
-    legacy_module_prefixes = (
-        ("model.language_model", "language_model.model"), ("model.vision_tower", "vision_tower.vision_model"),
-        ("model.multi_modal_projector", "multi_modal_projector"), ("lm_head", "language_model.lm_head"),
-    )
+    legacy_module_prefixes = LEGACY_MODULE_PREFIXES
     vlm_cfg: PaliGemmaVLMConfig
 
     # ------------------------------------------------------------------ conversion
@@ -64,12 +60,7 @@ class HookedPaliGemma(HookedVLM):
 
     @classmethod
     def normalize_key(cls, key: str) -> str:
-        # In memory (transformers 5) keys sit under model.*; files nest the LM as language_model.model.* and
-        # older files SigLIP as vision_tower.vision_model.*
-        key = re.sub(r"^model\.(?=language_model\.|vision_tower\.|multi_modal_projector\.)", "", key)
-        key = re.sub(r"^language_model\.model\.", "language_model.", key)
-        key = re.sub(r"^vision_tower\.vision_model\.", "vision_tower.", key)
-        return re.sub(r"^language_model\.lm_head\.", "lm_head.", key)
+        return llava_layout_key(key)
 
     @classmethod
     def hf_module_rules(cls, cfg) -> list[ModuleRule]:
@@ -95,10 +86,6 @@ class HookedPaliGemma(HookedVLM):
         self.attach_language(GemmaLM(cfg.language, *gemma_rotaries(cfg.language.hf_config), window_limits_blocks=False))
         self.vision = ViTTower(cfg.vision)
         self.projector = LinearProjector(cfg.vision.d_model, cfg.language.d_model)
-
-    def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
-        return {"language": list(hf_model.model.language_model.layers),
-                "vision": list(hf_model.model.vision_tower.encoder.layers)}
 
     # ------------------------------------------------------------------ inputs
 
@@ -149,14 +136,8 @@ class HookedPaliGemma(HookedVLM):
                 "the suffix): without them HF silently runs a causal mask. Pass the processor's token_type_ids "
                 "(model.prepare returns them), or zeros for a prompt without suffix"
             )
-        if types.shape[-1] == generated_from:  # generation without a KV cache: new tokens are suffix (1), as HF's
-            types = torch.cat([types, types.new_ones(types.shape[0], image_mask.shape[-1] - types.shape[-1])], -1)
-        if types.shape != image_mask.shape:
-            raise ValueError(
-                f"token_type_ids have shape {tuple(types.shape)} but input_ids {tuple(image_mask.shape)}; pass the "
-                "processor's token_type_ids with its input_ids (model.prepare)"
-            )
-        return torch.where(types.to(image_mask.device) == 0, 0, -1)
+        types = prompt_token_types(types, image_mask, generated_from, generated_type=1)  # new tokens: suffix, as HF's
+        return torch.where(types == 0, 0, -1)
 
     def prefill_positions(self, inputs: VLMInputs, mask: Tensor) -> Tensor:
         """HF's generate: positions from the attention mask, plus one (PaliGemma counts from 1)."""
@@ -175,3 +156,20 @@ class HookedPaliGemma(HookedVLM):
                 geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
             cells += grid_cells(cfg.vision, image, image, geometry, cls=False, first_patch=0)
         return cells
+
+
+def prompt_token_types(
+    types: Int[Tensor, "batch prompt"], image_mask: Bool[Tensor, "batch pos"], generated_from: int | None,
+    generated_type: int,
+) -> Int[Tensor, "batch pos"]:
+    """The processor's ``token_type_ids`` on ``input_ids``' device, checked against them; in generation without a KV
+    cache, extended by ``generated_type`` over the generated tokens (which come without types)."""
+    if types.shape[-1] == generated_from:
+        new = types.new_full((types.shape[0], image_mask.shape[-1] - types.shape[-1]), generated_type)
+        types = torch.cat([types, new], -1)
+    if types.shape != image_mask.shape:
+        raise ValueError(
+            f"token_type_ids have shape {tuple(types.shape)} but input_ids {tuple(image_mask.shape)}; pass the "
+            "processor's token_type_ids with its input_ids (model.prepare)"
+        )
+    return types.to(image_mask.device)
