@@ -51,11 +51,20 @@ class TransformerBlock(nn.Module):
             attn_out = self.attn(q_in, rotary, mask, causal, cache, key_input=k_in, value_input=v_in)
         else:
             attn_out = self.attn(self.ln1(resid), rotary, mask, causal, cache)
-        attn_out = run_hook(self.hook_attn_out, attn_out)
+        attn_out = run_hook(self.hook_attn_out, self.attn_written(attn_out))
         resid = run_hook(self.hook_resid_mid, resid + attn_out)
         mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
-        mlp_out = run_hook(self.hook_mlp_out, self.mlp(self.ln2(mlp_in)))
+        mlp_out = run_hook(self.hook_mlp_out, self.mlp_written(self.mlp(self.ln2(mlp_in))))
         return run_hook(self.hook_resid_post, resid + mlp_out)
+
+    def attn_written(self, attn_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """What the attention writes into the stream (``hook_attn_out``): its output; a gate or post-norm in
+        ``GatedBlock`` / ``GemmaBlock``."""
+        return attn_out
+
+    def mlp_written(self, mlp_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """What the MLP writes into the stream (``hook_mlp_out``): its output here."""
+        return mlp_out
 
     def _split_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head copies of the stream (TL's use_split_qkv_input), each normalised by ``ln1``; K and V get one copy

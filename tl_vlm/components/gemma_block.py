@@ -12,10 +12,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_vlm.components.attention import AttentionMask
 from tl_vlm.components.block import TransformerBlock
-from tl_vlm.components.hooks import run_hook
-from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.norms import RMSNorm
 from tl_vlm.config import TowerConfig
 
@@ -27,25 +24,8 @@ class GemmaBlock(TransformerBlock):
         self.ln1_post = RMSNorm(cfg.d_model, cfg.eps)
         self.ln2_post = RMSNorm(cfg.d_model, cfg.eps)
 
-    def forward(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        rotary: tuple[Tensor, Tensor] | None = None,
-        mask: AttentionMask = None,
-        causal: bool = False,
-        cache: KVCacheEntry | None = None,
-        resid_pre_hooked: bool = False,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """As ``TransformerBlock.forward`` (split per-head inputs, ``hook_mlp_in``), with the post-norms."""
-        if not resid_pre_hooked:
-            resid = run_hook(self.hook_resid_pre, resid)
-        if "hook_q_input" in self.attn._modules:
-            q_in, k_in, v_in = self._split_inputs(resid)
-            attn_out = self.attn(q_in, rotary, mask, causal, cache, key_input=k_in, value_input=v_in)
-        else:
-            attn_out = self.attn(self.ln1(resid), rotary, mask, causal, cache)
-        attn_out = run_hook(self.hook_attn_out, self.ln1_post(attn_out))
-        resid = run_hook(self.hook_resid_mid, resid + attn_out)
-        mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
-        mlp_out = run_hook(self.hook_mlp_out, self.ln2_post(self.mlp(self.ln2(mlp_in))))
-        return run_hook(self.hook_resid_post, resid + mlp_out)
+    def attn_written(self, attn_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.ln1_post(attn_out)
+
+    def mlp_written(self, mlp_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.ln2_post(mlp_out)
