@@ -55,16 +55,23 @@ class HookedLlava(HookedVLM):
     @classmethod
     def config_fields(cls, hf_config) -> dict:
         """The LlavaConfig fields, for subclasses whose configs add to them."""
+        return dict(
+            cls.language_and_projector_fields(hf_config),
+            vision=vit_config(hf_config.vision_config),
+            vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        )
+
+    @classmethod
+    def language_and_projector_fields(cls, hf_config) -> dict:
+        """The config fields every LLaVA-layout checkpoint has, whatever its vision tower (CLIP / SigLIP, Pixtral)."""
         image_token_id = getattr(hf_config, "image_token_id", None)
         return dict(
             architecture=hf_config.architectures[0] if hf_config.architectures else cls.architectures[0],
             family=cls.family,
             language=decoder_lm_config(hf_config.get_text_config(), getattr(hf_config, "_name_or_path", "")),
-            vision=vit_config(hf_config.vision_config),
             image_token_id=image_token_id if image_token_id is not None else hf_config.image_token_index,
             hf_config=hf_config,
             vision_feature_layer=hf_config.vision_feature_layer,
-            vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
             projector_act=hf_config.projector_hidden_act,
             projector_bias=getattr(hf_config, "multimodal_projector_bias", True),
         )
@@ -90,17 +97,23 @@ class HookedLlava(HookedVLM):
 
     @classmethod
     def weight_map(cls, cfg: LlavaConfig) -> WeightMap:
-        bias = cfg.projector_bias
         return WeightMap(
             [
                 *vit_rules(r"vision_tower", "vision", cfg.vision),
-                *linear_rules(r"multi_modal_projector\.linear_1", "projector.mlp.W_in", "projector.mlp.b_in" if bias else None),
-                *linear_rules(r"multi_modal_projector\.linear_2", "projector.mlp.W_out", "projector.mlp.b_out" if bias else None),
+                *cls.projector_rules(cfg),
                 *decoder_lm_rules(r"language_model", cfg.language),
                 *cls.extra_rules(),
             ],
             ignore=[*vit_ignored(r"vision_tower"), r".*\.position_ids"],
         )
+
+    @classmethod
+    def projector_rules(cls, cfg: LlavaConfig) -> list[Rule]:
+        bias = cfg.projector_bias
+        return [
+            *linear_rules(r"multi_modal_projector\.linear_1", "projector.mlp.W_in", "projector.mlp.b_in" if bias else None),
+            *linear_rules(r"multi_modal_projector\.linear_2", "projector.mlp.W_out", "projector.mlp.b_out" if bias else None),
+        ]
 
     @classmethod
     def extra_rules(cls) -> list[Rule]:
@@ -111,6 +124,11 @@ class HookedLlava(HookedVLM):
         cfg = self.vlm_cfg
         self.attach_language(DecoderLM(cfg.language, Rotary.from_hf_config(cfg.language.hf_config)))
         self.vision = ViTTower(cfg.vision)
+        self.build_projector()
+
+    def build_projector(self) -> None:
+        """The MLP projector over the concatenated feature layers."""
+        cfg = self.vlm_cfg
         d_text = cfg.language.d_model
         self.projector = MLPProjector(
             ProjectorConfig(

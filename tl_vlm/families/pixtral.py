@@ -26,15 +26,14 @@ from tl_vlm.components.pixtral_rotary import PixtralRotary
 from tl_vlm.config import PixtralViTConfig, VLMConfig
 from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules
 from tl_vlm.convert.pixtral_vit import pixtral_vit_config, pixtral_vit_rules
-from tl_vlm.convert.rules import Rule, WeightMap, linear_rules
-from tl_vlm.convert.text_lms import decoder_lm_config, decoder_lm_rules
+from tl_vlm.convert.rules import WeightMap
+from tl_vlm.convert.text_lms import decoder_lm_rules
 from tl_vlm.families.llava import HookedLlava
 from tl_vlm.families.pixtral_processor import PixtralImageTextProcessor
 from tl_vlm.families.qwen2_vl import placeholder_runs
 from tl_vlm.inputs import VLMInputs
-from tl_vlm.towers import DecoderLM, MLPProjector
+from tl_vlm.towers import DecoderLM
 from tl_vlm.towers.pixtral_vision import PatchLayout, PixtralVisionTower
-from tl_vlm.towers.projector import ProjectorConfig
 
 
 @dataclass
@@ -75,18 +74,7 @@ class HookedPixtral(HookedLlava):
 
     @classmethod
     def config_fields(cls, hf_config) -> dict:
-        image_token_id = getattr(hf_config, "image_token_id", None)
-        return dict(
-            architecture=hf_config.architectures[0] if hf_config.architectures else cls.architectures[0],
-            family=cls.family,
-            language=decoder_lm_config(hf_config.get_text_config(), getattr(hf_config, "_name_or_path", "")),
-            vision=pixtral_vit_config(hf_config.vision_config),
-            image_token_id=image_token_id if image_token_id is not None else hf_config.image_token_index,
-            hf_config=hf_config,
-            vision_feature_layer=hf_config.vision_feature_layer,
-            projector_act=hf_config.projector_hidden_act,
-            projector_bias=getattr(hf_config, "multimodal_projector_bias", True),
-        )
+        return dict(cls.language_and_projector_fields(hf_config), vision=pixtral_vit_config(hf_config.vision_config))
 
     @classmethod
     def config_from_hf(cls, hf_config) -> PixtralConfig:
@@ -105,14 +93,6 @@ class HookedPixtral(HookedLlava):
              *decoder_lm_rules(r"language_model", cfg.language)]
         )
 
-    @classmethod
-    def projector_rules(cls, cfg: PixtralConfig) -> list[Rule]:
-        bias = cfg.projector_bias
-        return [
-            *linear_rules(r"multi_modal_projector\.linear_1", "projector.mlp.W_in", "projector.mlp.b_in" if bias else None),
-            *linear_rules(r"multi_modal_projector\.linear_2", "projector.mlp.W_out", "projector.mlp.b_out" if bias else None),
-        ]
-
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(patches_per_token=self.vlm_cfg.merge_size**2, padded_vision_rows=True)
@@ -122,14 +102,6 @@ class HookedPixtral(HookedLlava):
         self.attach_language(DecoderLM(cfg.language, Rotary.from_hf_config(cfg.language.hf_config)))
         self.vision = PixtralVisionTower(cfg.vision, PixtralRotary.from_hf_config(cfg.vision.hf_config))
         self.build_projector()
-
-    def build_projector(self) -> None:
-        cfg = self.vlm_cfg
-        d_text = cfg.language.d_model
-        self.projector = MLPProjector(
-            ProjectorConfig(d_in=cfg.vision.d_model * len(cfg.feature_layers), d_hidden=d_text, d_out=d_text,
-                            act_fn=cfg.projector_act, bias=cfg.projector_bias)
-        )
 
     def hf_layers(self, hf_model) -> dict[str, list[nn.Module]]:
         return {"language": list(hf_model.model.language_model.layers),
