@@ -7,6 +7,7 @@ placeholders one patch per token (HookedVLM's default forward).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -161,11 +162,8 @@ class HookedLlava(HookedVLM):
         keep_cls = cls and cfg.vision_feature_select_strategy == "full"
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
-            if original_sizes is None:
-                geometry = lambda x, y: (float(x), float(y))  # noqa: E731  (processed pixels)
-            else:
-                sx, sy, left, top = crop_geometry(self.processor.image_processor, original_sizes[image])
-                geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
+            geometry = processed_pixels if original_sizes is None else original_pixels(
+                self.processor.image_processor, original_sizes[image])
             grid = grid_cells(cfg.vision, image, image, geometry, keep_cls, first_patch=int(cls))
             if not cls and cfg.vision_feature_select_strategy == "default":
                 grid = grid[1:]  # HF's "default" drops the first token whatever it is: here a patch
@@ -184,6 +182,17 @@ def crop_geometry(processor, size: tuple[int, int]) -> tuple[float, float, float
         sx, sy = processor.size["width"] / w, processor.size["height"] / h
     crop = processor.crop_size if processor.do_center_crop else {"height": h * sy, "width": w * sx}
     return sx, sy, (w * sx - crop["width"]) / 2, (h * sy - crop["height"]) / 2
+
+
+def processed_pixels(x: float, y: float) -> tuple[float, float]:
+    """A ``grid_cells`` geometry: boxes in the processed image's pixels."""
+    return float(x), float(y)
+
+
+def original_pixels(processor, size: tuple[int, int]) -> Callable[[float, float], tuple[float, float]]:
+    """A ``grid_cells`` geometry: boxes in the pixels of the original image of ``size`` (``crop_geometry``)."""
+    sx, sy, left, top = crop_geometry(processor, size)
+    return lambda x, y: ((x + left) / sx, (y + top) / sy)
 
 
 def grid_cells(cfg: ViTConfig, image: int, tile: int, geometry, cls: bool, first_patch: int = 1) -> list[dict]:

@@ -25,7 +25,7 @@ from tl_vlm.convert.rules import WeightMap, linear_rules
 from tl_vlm.convert.llava_layout import LEGACY_MODULE_PREFIXES, llava_layout_key
 from tl_vlm.convert.hf_modules import ModuleRule, vit_modules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
-from tl_vlm.families.llava import crop_geometry, grid_cells
+from tl_vlm.families.llava import grid_cells, original_pixels, processed_pixels
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.towers import LinearProjector, ViTTower
@@ -149,11 +149,8 @@ class HookedPaliGemma(HookedVLM):
         cfg = self.vlm_cfg
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
-            if original_sizes is None:
-                geometry = lambda x, y: (float(x), float(y))  # noqa: E731  (processed pixels)
-            else:
-                sx, sy, left, top = crop_geometry(self.processor.image_processor, original_sizes[image])
-                geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
+            geometry = processed_pixels if original_sizes is None else original_pixels(
+                self.processor.image_processor, original_sizes[image])
             cells += grid_cells(cfg.vision, image, image, geometry, cls=False, first_patch=0)
         return cells
 
