@@ -170,12 +170,16 @@ class QwenPrepare:
 
 
 def qwen_cases(model, entry: Entry) -> dict[str, VLMInputs]:
-    prepare = QwenPrepare(entry.path, entry.name)
+    return qwen_family_cases(QwenPrepare(entry.path, entry.name))
+
+
+def qwen_family_cases(prepare: QwenPrepare) -> dict[str, VLMInputs]:
+    """Qwen2-VL's and Qwen3-VL's cases, each written by its ``prepare``."""
     images = sample_images(2, seed=1, sizes=QWEN_SIZES)
     image = QWEN_VISION.format(QWEN_IMAGE)
     frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
     return {
-        "batch": prepare(  # left-padded
+        "batch": prepare(  # left-padded, images of different sizes
             [qwen_chat(f"{image}What colour?"),
              qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
             images,
@@ -224,20 +228,7 @@ class Qwen3Prepare(QwenPrepare):
 
 
 def qwen3_cases(model, entry: Entry) -> dict[str, VLMInputs]:
-    prepare = Qwen3Prepare(entry.path, entry.name)
-    images = sample_images(2, seed=1, sizes=QWEN_SIZES)
-    image = QWEN_VISION.format(QWEN_IMAGE)
-    frames = sample_images(4, seed=2, sizes=[(24, 16)] * 4)  # 2 temporal patches of a 4x6 patch grid
-    return {
-        "batch": prepare(  # left-padded, images of different sizes
-            [qwen_chat(f"{image}What colour?"),
-             qwen_chat(f"Describe the shape in this picture please: {image} is it a square or a circle")],
-            images,
-        ),
-        "two_images": prepare([qwen_chat(f"{image}What colour? {image}Which shape?")], images),
-        "video": prepare([qwen_chat(f"{QWEN_VISION.format(QWEN_VIDEO)}What moves? Like {image}?")], images[:1], frames),
-        "text": VLMInputs(**dict(prepare.tok([qwen_chat("What colour is a red square?")], return_tensors="pt"))),
-    }
+    return qwen_family_cases(Qwen3Prepare(entry.path, entry.name))
 
 
 # (w, h): 5x8 and 7x4 (rows x cols) patch grids for Pixtral after resizing to whole patches, 6x8 and 8x4 patches (3x4
@@ -418,17 +409,6 @@ def hf_run(entry: Entry, hf, inputs: VLMInputs) -> tuple[torch.Tensor, dict[str,
 
 
 def llava_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
-    return {
-        "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
-        "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
-    }
-
-
-def gemma_hf_layers(hf) -> dict[str, list[nn.Module]]:
-    return {"language": list(hf.model.language_model.layers), "vision": list(hf.model.vision_tower.encoder.layers)}
-
-
-def gemma_heads(hf) -> dict[str, Callable[[int], nn.Linear]]:
     return {
         "vision.blocks.{}.attn": lambda i: hf.model.vision_tower.encoder.layers[i].self_attn.out_proj,
         "blocks.{}.attn": lambda i: hf.model.language_model.layers[i].self_attn.o_proj,
@@ -797,7 +777,7 @@ def gemma(name: str) -> Entry:
         QK_NORM_HOOKS if name != "gemma3" else ())
     return Entry(
         name, build_tiny_gemma, Gemma3ForConditionalGeneration if name == "gemma3" else PaliGemmaForConditionalGeneration,
-        gemma_cases, gemma_hf_layers, gemma_heads, ("language", "vision"),
+        gemma_cases, llava_hf_layers, llava_heads, ("language", "vision"),  # HF's Gemma 3 / PaliGemma: LLaVA's layout
         cases=("batch", "batch_right", "multi_image" if name == "gemma3" else "suffix", "text"),
         attentions=("vision.blocks.{}.attn", "blocks.{}.attn"), extra_hooks=hooks, absent_hooks=absent,
         errors=LLAVA_ERRORS, flagship={"gemma3": gemma3_flagship, "paligemma2": paligemma2_flagship}.get(name),
