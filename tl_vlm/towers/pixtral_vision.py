@@ -30,11 +30,12 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import TransformerBlock
-from tl_vlm.components.hooks import observed, run_hook
+from tl_vlm.components.hooks import run_hook
 from tl_vlm.components.norms import RMSNorm
 from tl_vlm.components.pixtral_rotary import PixtralRotary
 from tl_vlm.components.segments import Segments
 from tl_vlm.config import PixtralViTConfig
+from tl_vlm.towers.hidden_states import kept_hidden_states
 from tl_vlm.towers.stacked import StackedWeights
 
 LN_EPS = 1e-5  # HF's Pixtral hard-codes the eps of every RMSNorm in the tower
@@ -137,17 +138,7 @@ class PixtralVisionTower(StackedWeights, nn.Module):
         segment = torch.where(layout.valid, 0, -1)  # padding attends to padding only: no empty softmax rows
         mask = None if bool(layout.valid.all()) else (segment[:, :, None] == segment[:, None, :])[:, None]
         attention = PackedImages(parts, mask)
-        stop = max(max(keep), self._last_hooked_block() + 1)
-        out = {}
-        for i in range(stop):
-            # A feature read at hidden state i sees what block i's hook_resid_pre made of it.
-            resid = run_hook(self.blocks[i].hook_resid_pre, resid)
-            if i in keep:
-                out[i] = resid
-            resid = self.blocks[i](resid, rotary, attention, resid_pre_hooked=True)
-        if stop in keep:
-            out[stop] = resid
-        return out, layout
+        return kept_hidden_states(self.blocks, resid, keep, rotary, attention), layout
 
     def check(self, pixel_values: Tensor, image_sizes: Tensor) -> None:
         """Pixels and sizes must describe the same images, each a whole number of patches inside its pixels."""
@@ -171,9 +162,3 @@ class PixtralVisionTower(StackedWeights, nn.Module):
                 f"a positive multiple of the patch size {ps} within the padded pixels (bad: {bad}); pass pixel_values "
                 "and image_sizes from the same processor call"
             )
-
-    def _last_hooked_block(self) -> int:
-        for i in range(self.cfg.n_layers - 1, -1, -1):
-            if observed(self.blocks[i]):
-                return i
-        return -1

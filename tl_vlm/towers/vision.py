@@ -16,8 +16,9 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components import PatchEmbed, TransformerBlock, make_norm
-from tl_vlm.components.hooks import active, observed, run_hook
+from tl_vlm.components.hooks import active, run_hook
 from tl_vlm.config import ViTConfig
+from tl_vlm.towers.hidden_states import kept_hidden_states
 from tl_vlm.towers.stacked import StackedWeights
 
 
@@ -51,20 +52,4 @@ class ViTTower(StackedWeights, nn.Module):
         if active(self.hook_pos_embed):  # a copy: an in-place hook must not write into W_pos
             pos = run_hook(self.hook_pos_embed, pos.expand(x.shape[0], -1, -1).clone())
         resid = x + pos if self.ln_pre is None else self.ln_pre(x + pos)
-        stop = max(max(keep), self._last_hooked_block() + 1)
-        out = {}
-        for i in range(stop):
-            # A feature read at hidden state i sees what block i's hook_resid_pre made of it.
-            resid = run_hook(self.blocks[i].hook_resid_pre, resid)
-            if i in keep:
-                out[i] = resid
-            resid = self.blocks[i](resid, resid_pre_hooked=True)
-        if stop in keep:
-            out[stop] = resid
-        return out
-
-    def _last_hooked_block(self) -> int:
-        for i in range(self.cfg.n_layers - 1, -1, -1):
-            if observed(self.blocks[i]):
-                return i
-        return -1
+        return kept_hidden_states(self.blocks, resid, keep)
