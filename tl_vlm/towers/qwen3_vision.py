@@ -24,9 +24,7 @@ from tl_vlm.components.axial_rotary import AxialRotary
 from tl_vlm.components.hooks import run_hook
 from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
-from tl_vlm.towers.qwen_vision import (
-    PatchGeometry, PatchLayout, QwenVisionTower, VideoPatchEmbed, padded, segment_mask,
-)
+from tl_vlm.towers.qwen_vision import PatchGeometry, PatchLayout, QwenVisionTower, VideoPatchEmbed, padded, segment_mask
 
 
 class BiasedVideoPatchEmbed(VideoPatchEmbed):
