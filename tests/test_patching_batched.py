@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -205,6 +206,15 @@ def test_lazy_logits_unembed_only_what_the_metric_reads(one_prompt, monkeypatch)
     theirs = tl_patching.get_act_patch_attn_out(model, corrupt, cache, spread)
     _same(patching.get_act_patch_attn_out(model, corrupt, cache, spread, batch_size=5), theirs)
 
+    def edits(out):  # writes in place and through an indexed view, then reads: the writes must hold
+        out[:, :, 3] = -1e4
+        row = out[:, -1]
+        row -= row.mean(-1, keepdim=True)
+        return out[:, -1].log_softmax(-1)[:, 3].mean() + out[:, -1, 5].mean()
+
+    theirs = tl_patching.get_act_patch_resid_pre(model, corrupt, cache, edits)
+    _same(patching.get_act_patch_resid_pre(model, corrupt, cache, edits, batch_size=6), theirs)
+
 
 def test_lazy_logits_match_a_plain_tensor_under_any_index():
     """Random indexes on LazyLogits against the same indexes on the materialised tensor."""
@@ -218,9 +228,13 @@ def test_lazy_logits_match_a_plain_tensor_under_any_index():
         plain = torch.cat([prefix[:, :4], resid @ w], dim=1)
         if keep:
             plain[:, : 9 - keep] = float("nan")
+        mask = torch.rand(2, 9, generator=generator) > 0.5
         indexes = [(0, -1, 3), (slice(None), 5), (Ellipsis, 2, slice(None)), (1, slice(1, 8, 2)), (slice(None), slice(6, None)),
-                   (0,), (slice(None), torch.tensor(8)), (slice(None), torch.tensor([1, 7])), (Ellipsis, 0), (1, -9, None)]
+                   (0,), (slice(None), torch.tensor(8)), (slice(None), torch.tensor([1, 7])), (Ellipsis, 0), (1, -9, None),
+                   (torch.tensor(True), 0, -1), (mask, 4), (mask, Ellipsis), (Ellipsis, -1, torch.tensor(True)),
+                   (slice(None, None, 2), [3, -1]), (np.int64(1), np.array(2)), (slice(None), slice(2, 7, 2), [0, 10])]
         for index in indexes:
+            lazy = LazyLogits(prefix, resid, 4, keep, lambda x: x @ w)  # fresh: what one read fills must not help the next
             torch.testing.assert_close(lazy[index], plain[index], equal_nan=True, atol=0, rtol=0)
         assert lazy.shape == plain.shape and len(lazy) == 2 and lazy.ndim == 3
         torch.testing.assert_close(lazy.softmax(-1), plain.softmax(-1), equal_nan=True)

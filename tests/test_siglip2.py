@@ -267,7 +267,7 @@ def test_store_extraction_pools_real_patches_only(dataset, path, tmp_path, pooli
 
     from tl_vlm.store import ExtractConfig, extract, load
 
-    hooks = ["vision.blocks.0.hook_resid_post", "vision.hook_embed_out", "vision.head.hook_attn_out"]
+    hooks = ["vision.blocks.0.hook_resid_post", "vision.hook_embed_out", "vision.head.hook_attn_out", "vision.head.attn.hook_k"]
     config = ExtractConfig(model_path=str(path), output_db=str(tmp_path / "out.db"), modules=hooks, batch_size=2,
                            pooling_method=pooling,
                            dataset={"local_dataset_path": str(dataset / "data.csv"), "image_dataset_path": str(dataset / "images")})
@@ -284,7 +284,7 @@ def test_store_extraction_pools_real_patches_only(dataset, path, tmp_path, pooli
         return positions.mean(0, keepdim=True) if pooling == "mean" else positions[None]
 
     expected = {hooks[0]: pooled(cache[hooks[0]][0][real]), hooks[1]: cache[hooks[1]][0][None],
-                hooks[2]: pooled(cache[hooks[2]][0])}
+                hooks[2]: pooled(cache[hooks[2]][0]), hooks[3]: pooled(cache[hooks[3]][0][real])}
     for hook in hooks:
         tensor = row[row.layer == hook].tensor.iloc[0]
         assert tensor.shape == expected[hook].shape and torch.allclose(tensor.float(), expected[hook], atol=1e-5), hook
@@ -341,7 +341,7 @@ def test_hooks_command_runs_the_naflex_tower(path, capsys):
 
 
 def test_bad_input_gets_clear_errors(loaded):
-    _, model = loaded()
+    hf, model = loaded()
     inputs = _inputs(model)
     kwargs = inputs.as_kwargs()
     pixels = kwargs["pixel_values"]
@@ -361,6 +361,12 @@ def test_bad_input_gets_clear_errors(loaded):
         model.encode_image(torch.zeros(1, 3, 64, 64), inputs.pixel_attention_mask[:1], inputs.spatial_shapes[:1])
     with pytest.raises(ValueError, match="do not fit pixel_values"):
         model.encode_image(pixels, inputs.pixel_attention_mask[:2], inputs.spatial_shapes)
+    from tl_vlm.analysis import probing
+
+    with pytest.raises(TypeError, match="HookedCLIP"):
+        probing.pooled_activations(model, [inputs], ["vision.blocks.0.hook_resid_post"])
+    with pytest.raises(ValueError, match="integer patch counts"):
+        model.encode_image(pixels, inputs.pixel_attention_mask, inputs.spatial_shapes.float())
     with pytest.raises(ValueError, match="image_inputs"):
         model.pixel_values(_images())
     n_ctx = model.vlm_cfg.text.n_ctx
@@ -369,6 +375,9 @@ def test_bad_input_gets_clear_errors(loaded):
     # more patches per image through the processor: still HF's answer
     wide = model.prepare(images=_images()[:1], text=TEXTS[:1], max_num_patches=40)
     assert wide.pixel_values.shape[1] == 40 and int(wide.spatial_shapes.prod()) > MAX_NUM_PATCHES
+    with torch.no_grad():
+        expected = hf(**wide.as_kwargs()).logits_per_image
+        torch.testing.assert_close(model(wide), expected, atol=1e-4, rtol=0)
 
 
 def test_fixed_size_towers_refuse_naflex_inputs():

@@ -116,6 +116,14 @@ def pooled_activations(
 ) -> dict[str, Float[Tensor, "sample d"]]:
     """One pooled vector per sample (batch row) for each hook: language hooks by ``language_pool``, other
     towers' hooks by the mean over the row's patches / queries / tokens."""
+    from tl_vlm.hooked_vlm import HookedVLM
+
+    if not isinstance(model, HookedVLM):
+        raise TypeError(
+            f"pooled_activations pools a HookedVLM's towers, got {type(model).__name__}; for a dual encoder "
+            "(HookedCLIP) extract with tl_vlm.store (`tl-vlm extract`), which pools its real tokens and patches, and "
+            "probe the stored features (probing.store_features)"
+        )
     pooled: dict[str, list[Tensor]] = {hook: [] for hook in hooks}
     with torch.no_grad():
         for batch in inputs:

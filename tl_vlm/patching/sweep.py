@@ -70,9 +70,8 @@ def generic_activation_patch(
     positions (HF's argument of that name), for a metric that reads only those, also on paths without the
     shortcut (vision tower views, BLIP-2's legacy queries, models with PyTorch hooks). The metric still gets
     ``[batch, pos, d_vocab]`` logits, NaN at the other positions; a metric that returns NaN (it read one) is an
-    error, checked on the corrupted run before the sweep and on every cell. The logits a metric gets are views of
-    a buffer the next chunk reuses: the metric reads them, it does not keep or edit them (as TL's return a
-    number)."""
+    error, checked on the corrupted run before the sweep and on every cell. On that path the logits a metric
+    gets are views of a buffer the next chunk reuses: the metric reads them, it does not keep them."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells per forward, got {batch_size}")
     keep = _check_keep(model, corrupted_tokens, patching_metric, logits_to_keep)

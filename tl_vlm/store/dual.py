@@ -35,9 +35,14 @@ def extract_dual_batch(model, hooks: list[str], pooling_method: str, float16: bo
                 pooled = one[None]
             elif text:
                 pooled = pool(one, pooling_method, torch.zeros_like(real[b]), real[b])
-            elif patches is not None and not hook.startswith("vision.head."):  # the head's one position is its probe
+            elif patches is not None and not _probe_position(hook):
                 pooled = pool(one, pooling_method, None, patches[b])
             else:
                 pooled = pool(one, pooling_method, None, None)
             per_sample[b].append((hook, pooled.half() if float16 else pooled))
     return per_sample
+
+
+def _probe_position(hook: str) -> bool:
+    """The pooling head's activations at its one probe position (its keys and values are per patch)."""
+    return hook.startswith("vision.head.") and not hook.endswith(("attn.hook_k", "attn.hook_v"))

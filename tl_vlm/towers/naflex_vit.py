@@ -97,6 +97,11 @@ class NaFlexViT(PooledViT):
                 f"{tuple(spatial_shapes.shape)} do not fit pixel_values {tuple(pixel_values.shape)} (expected "
                 f"({images}, {length}) and ({images}, 2)); pass the processor's three tensors together"
             )
+        if spatial_shapes.is_floating_point() or spatial_shapes.dtype == torch.bool:
+            raise ValueError(
+                f"spatial_shapes must hold integer patch counts (h, w) per image, got dtype {spatial_shapes.dtype}; pass "
+                "the processor's tensor (torch.long)"
+            )
         counts = spatial_shapes.prod(-1)
         if bool((spatial_shapes < 1).any()) or bool((counts > length).any()):
             bad = ((spatial_shapes < 1).any(-1) | (counts > length)).nonzero()[:, 0].tolist()
