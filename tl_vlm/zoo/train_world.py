@@ -157,8 +157,8 @@ def greedy_captions(model, processor, scenes: list[world.Scene], batch_size: int
     return [c.strip() for c in out]
 
 
-def train_world_toy(out: str | pathlib.Path, seed: int = 0, text_steps: int = 1500, vision_steps: int = 400,
-                    projector_steps: int = 1500, batch_size: int = 32, lr: float = 2e-3) -> dict:
+def train_world_toy(out: str | pathlib.Path, seed: int = 0, text_steps: int = 600, vision_steps: int = 300,
+                    projector_steps: int = 1000, batch_size: int = 32, lr: float = 2e-3) -> dict:
     torch.manual_seed(seed)
     model, processor = build()
     start_time, start_cpu = time.perf_counter(), time.process_time()
@@ -207,7 +207,8 @@ def phenomena(path: str | pathlib.Path, n_scenes: int = 120, seed: int = 1) -> d
     scenes = world_metrics.held_out(n_scenes, seed)
     ours = world_metrics.measure(HookedVLM.from_pretrained(path), scenes)
     hf, processor = world_reference.load(path)
-    reference = world_reference.measure(hf, processor, scenes, world_metrics.TEXT_LAYER, world_metrics.IMAGE_LAYER)
+    reference = world_reference.measure(hf, processor, scenes, world_metrics.TEXT_LAYER, world_metrics.IMAGE_LAYER,
+                                       world_metrics.INPUT_ALPHA)
     same = ours.pop("captions") == reference.pop("captions")
     return {"scenes": n_scenes, "seed": seed, "generation": world_metrics.GENERATION, "same_captions": same,
             "tl_vlm": ours, "reference_hf": reference}

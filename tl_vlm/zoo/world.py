@@ -28,8 +28,7 @@ CELL = 8
 GRID = IMAGE_SIZE // CELL
 BACKGROUNDS = {"sky": (120, 180, 240), "grass": (70, 160, 60), "water": (20, 50, 130)}
 PREPOSITION = {"sky": "in", "grass": "on", "water": "in"}
-# Captions list objects in this order; the bird comes last, which matters for ProjectAway (see train_world).
-OBJECTS = {"cow": (250, 250, 250), "fish": (250, 140, 20), "car": (240, 220, 40), "ball": (220, 30, 30), "bird": (20, 20, 20)}
+OBJECTS = {"bird": (20, 20, 20), "cow": (250, 250, 250), "fish": (250, 140, 20), "ball": (220, 30, 30), "car": (240, 220, 40)}
 BIASED = ("sky", "bird")  # (background, object): the training captions of every sky scene mention a bird
 UNSEEN_BIRD = 0.25  # share of training sky scenes whose captioned bird is not in the picture
 SPLITS = ("train", "ordinary", "sky_no_bird")

@@ -4,7 +4,8 @@ Nothing here calls tl_vlm: HF's ``LlavaForConditionalGeneration`` and processor 
 ``generate`` (``num_beams=5``), the logit lens as their code computes it (``lm_head`` of each of HF's
 ``output_hidden_states``, log-softmax, top-50 kept and renormalised, image positions by the placeholder id, a word's
 sub-tokens its encoding without BOS), text directions from HF's hidden states of the word after BOS, and the edit
-as a torch forward hook on the decoder layer ``model.language_model.layers[image_layer]`` subtracting
+as a torch forward hook on the decoder layer ``model.language_model.layers[image_layer]`` (or, for the edit on
+the language model's input, on ``model.multi_modal_projector``) subtracting
 ``alpha * max(<h, t> / <t, t>, 0) * t`` at image positions, object by object. Mentions are found by a word regex
 (plural "-s"), AUROC and AP by scikit-learn, image token k of the 4x4 grid is cell k (row-major, the CLIP patch
 order). Only the scenes and layer choices are shared with ``world_metrics``.
@@ -76,24 +77,30 @@ def _edited_caption(hf, processor, inputs, words, text_layer, image_layer, alpha
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
+        if image_layer is None:  # [image tokens, d]: every projector output is an image token
+            return remove(hidden)
         if hidden.shape[1] != prompt_len:
             return output  # cached decode steps: no image positions
-        h = hidden[:, at_image]
+        hidden = hidden.clone()
+        hidden[:, at_image] = remove(hidden[:, at_image])
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def remove(h):
         for t in directions:
             p = (h @ t / (t @ t)).clamp(min=0)
             h = h - alpha * p[..., None] * t
-        hidden = hidden.clone()
-        hidden[:, at_image] = h
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return h
 
-    handle = hf.model.language_model.layers[image_layer].register_forward_hook(hook)
+    # image_layer None: the image features entering the language model, i.e. the projector's output
+    module = hf.model.multi_modal_projector if image_layer is None else hf.model.language_model.layers[image_layer]
+    handle = module.register_forward_hook(hook)
     try:
         return _captions(hf, processor, inputs)[0]
     finally:
         handle.remove()
 
 
-def measure(hf, processor, scenes, text_layer: int, image_layer: int) -> dict:
+def measure(hf, processor, scenes, text_layer: int, image_layer: int, input_alpha: float) -> dict:
     inputs = _inputs(processor, scenes)
     texts = _captions(hf, processor, inputs)
     said = [_objects_in(t) for t in texts]
@@ -111,16 +118,21 @@ def measure(hf, processor, scenes, text_layer: int, image_layer: int) -> dict:
     flags, negated = torch.tensor(labels).numpy(), -torch.tensor(scores).numpy()
     hits = [int(conf[i, :, OBJECTS.index(o)].argmax()) == cell for i, sc in enumerate(scenes) for o, cell in sc.objects.items()]
 
-    removed = hallucinated = kept = correct = 0
-    for i, (sc, before) in enumerate(zip(scenes, said)):
-        fake = sorted(before - sc.present)
-        if not fake:
-            continue
-        row = {k: v[i : i + 1] for k, v in inputs.items()}
-        after = _objects_in(_edited_caption(hf, processor, row, fake, text_layer, image_layer))
-        real = before & sc.present
-        hallucinated, removed = hallucinated + len(fake), removed + len(set(fake) - after)
-        correct, kept = correct + len(real), kept + len(real & after)
+    def table(text_layer, image_layer, alpha):
+        removed = hallucinated = kept = correct = 0
+        for i, (sc, before) in enumerate(zip(scenes, said)):
+            fake = sorted(before - sc.present)
+            if not fake:
+                continue
+            row = {k: v[i : i + 1] for k, v in inputs.items()}
+            after = _objects_in(_edited_caption(hf, processor, row, fake, text_layer, image_layer, alpha))
+            real = before & sc.present
+            hallucinated, removed = hallucinated + len(fake), removed + len(set(fake) - after)
+            correct, kept = correct + len(real), kept + len(real & after)
+        return {"text_layer": text_layer, "image_layer": image_layer, "hallucinated_mentions": hallucinated,
+                "removed": removed / hallucinated if hallucinated else None, "correct_mentions": correct,
+                "kept": kept / correct if correct else None}
+
     others = [r for o, r in rates.items() if o != biased]
     return {
         "captions": texts,
@@ -130,7 +142,6 @@ def measure(hf, processor, scenes, text_layer: int, image_layer: int) -> dict:
         "confidence": {"auroc": float(roc_auc_score(flags, negated)), "ap": float(average_precision_score(flags, negated)),
                        "mentions": len(labels), "hallucinated": int(sum(labels))},
         "pointing": {"objects": len(hits), "hits": sum(hits), "accuracy": sum(hits) / len(hits), "chance": 1 / world.GRID**2},
-        "project_away": {"text_layer": text_layer, "image_layer": image_layer, "hallucinated_mentions": hallucinated,
-                         "removed": removed / hallucinated if hallucinated else None, "correct_mentions": correct,
-                         "kept": kept / correct if correct else None},
+        "project_away": table(text_layer, image_layer, 1.5),
+        "project_away_at_input": table(0, None, input_alpha),
     }
