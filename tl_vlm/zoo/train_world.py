@@ -210,5 +210,6 @@ def phenomena(path: str | pathlib.Path, n_scenes: int = 120, seed: int = 1) -> d
     reference = world_reference.measure(hf, processor, scenes, world_metrics.TEXT_LAYER, world_metrics.IMAGE_LAYER,
                                        world_metrics.INPUT_ALPHA)
     same = ours.pop("captions") == reference.pop("captions")
-    return {"scenes": n_scenes, "seed": seed, "generation": world_metrics.GENERATION, "same_captions": same,
+    return {"scenes": n_scenes, "seed": seed, "generation": world_metrics.GENERATION,
+            "input_alpha": world_metrics.INPUT_ALPHA, "same_captions": same,
             "tl_vlm": ours, "reference_hf": reference}
