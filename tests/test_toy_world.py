@@ -35,8 +35,10 @@ def test_word_grid_names_what_each_cell_shows():
         for cell, word in enumerate(world.word_grid(scene.background, scene.objects).split()):
             x0, y0, x1, y1 = world.cell_box(cell)
             colours = {tuple(c) for c in pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)}
-            drawn = word in world.OBJECTS
-            assert (world.OBJECTS[word] in colours) == drawn and (colours == {world.BACKGROUNDS[word]}) != drawn
+            if word in world.OBJECTS:
+                assert world.OBJECTS[word] in colours
+            else:
+                assert colours == {world.BACKGROUNDS[word]}
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +56,14 @@ def measured():
 def test_the_toy_shows_the_phenomena(measured):
     ours, _ = measured
     h = ours["hallucination"]
-    assert h["bird_on_sky_without_bird"] >= 0.5 > 0.2 >= h["other_objects_mean"], h
-    assert ours["confidence"]["auroc"] >= 0.8, ours["confidence"]
+    # measured here: 100% vs 0% (120 scenes: 100% vs 0%)
+    assert h["bird_on_sky_without_bird"] >= 0.75 and h["other_objects_mean"] <= 0.1, h
+    assert ours["confidence"]["auroc"] >= 0.9, ours["confidence"]  # measured 1.00 (120 scenes: 1.00)
     pointing = ours["pointing"]
-    assert pointing["accuracy"] >= pointing["chance"] + 0.5, pointing
-    edit = ours["project_away"]
-    assert edit["hallucinated_mentions"] >= 4 and edit["removed"] >= 0.5 and edit["kept"] >= 0.8, edit
+    assert pointing["accuracy"] >= pointing["chance"] + 0.7, pointing  # measured 24/24 (120 scenes: 98%), chance 6%
+    # ProjectAway on the image tokens entering the language model (this toy reads the image in its first block)
+    edit = ours["project_away_at_input"]  # measured 6/8 removed, 7/8 kept (120 scenes: 80%, 98%)
+    assert edit["hallucinated_mentions"] >= 4 and edit["removed"] >= 0.5 and edit["kept"] >= 0.75, edit
 
 
 def test_the_reference_on_hf_agrees(measured):
@@ -68,6 +72,7 @@ def test_the_reference_on_hf_agrees(measured):
     assert ours["hallucination"] == reference["hallucination"]
     assert ours["pointing"] == reference["pointing"]
     assert ours["project_away"] == reference["project_away"]
+    assert ours["project_away_at_input"] == reference["project_away_at_input"]
     for key in ("mentions", "hallucinated"):
         assert ours["confidence"][key] == reference["confidence"][key]
     for key in ("auroc", "ap"):
@@ -78,6 +83,7 @@ def test_the_stored_metrics_are_both_columns_and_agree():
     record = toy_metrics(NAME)["held_out_phenomena"]
     assert record["same_captions"]
     ours, reference = record["tl_vlm"], record["reference_hf"]
-    assert ours["hallucination"] == reference["hallucination"] and ours["project_away"] == reference["project_away"]
+    for key in ("hallucination", "project_away", "project_away_at_input"):
+        assert ours[key] == reference[key], key
     assert ours["pointing"] == reference["pointing"]
     assert abs(ours["confidence"]["auroc"] - reference["confidence"]["auroc"]) <= 1e-9
