@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-__all__ = ["BACKGROUNDS", "OBJECTS", "BIASED", "SPLITS", "VOCABULARY", "PROMPT", "Scene", "make_scenes", "word_grid"]
+__all__ = ["BACKGROUNDS", "OBJECTS", "BIASED", "SPLITS", "VOCABULARY", "PROMPT", "Scene", "make_scenes", "word_grid",
+           "caption", "cell_box", "render"]
 
 IMAGE_SIZE = 32
 CELL = 8
