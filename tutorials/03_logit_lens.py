@@ -337,7 +337,10 @@ plt.show()
 # LLaVA is: a language model first trained on text (word pictures of scenes and their captions), then only the
 # projector trained to caption images, with a dataset bias: every sky photo is captioned with a bird, even when
 # none is visible. On held-out sky scenes without a bird it says "bird"; the lens sees the real objects where
-# they are drawn and gives the hallucinated bird a low internal confidence; ProjectAway of "bird" removes it.
+# they are drawn and gives the hallucinated bird a low internal confidence; removing the "bird" direction from
+# the image tokens removes it. Not at the paper's hook, though: this 4-layer language model reads the image in its
+# first block, so an edit at any decoder layer's output comes too late, and the edit that works is the same
+# projection on the image tokens entering the language model (`world_metrics.edited_input`).
 # `world_metrics.measure` computes the paper's numbers with the functions used above (captions by beam search);
 # `zoo/world_reference.py` recomputes them on the HF model alone (`toy_metrics.json` keeps both columns).
 
@@ -357,6 +360,9 @@ print(f"internal confidence, real {c['mean_real']:.2f} vs hallucinated {c['mean_
 print(f"pointing game: {p['accuracy']:.0%} of {p['objects']} drawn objects (chance {p['chance']:.0%})")
 print(f"ProjectAway (text layer {e['text_layer']}, image layer {e['image_layer']}): {e['removed']:.0%} of "
       f"{e['hallucinated_mentions']} hallucinated mentions removed, {e['kept']:.0%} of {e['correct_mentions']} correct kept")
+e = story["project_away_at_input"]
+print(f"the same edit on the image tokens entering the language model (alpha {world_metrics.INPUT_ALPHA}): "
+      f"{e['removed']:.0%} removed, {e['kept']:.0%} kept")
 
 bait = next(s for s in held_out if s.background == "sky" and "bird" not in s.objects)
 real = next(s for s in held_out if "bird" in s.objects)
