@@ -9,7 +9,7 @@ import pytest
 
 from tl_vlm.cli import main
 from tl_vlm.demo.report import write_report
-from tl_vlm.zoo.data import BACKGROUND, make_examples
+from tl_vlm.demo.tasks import COLOUR, WORLD
 
 REPORT_KEYS = {"model", "architecture", "notes", "question", "truth", "answer", "correct", "scene", "fidelity",
                "patching", "localization", "vision_head_ablation", "hook_counts", "figures", "seconds"}
@@ -34,8 +34,9 @@ def _run(tmp_path, *args) -> tuple[dict, str]:
     return report, page
 
 
-def _common_checks(report: dict, capsys) -> None:
-    truth = make_examples(1, 0, kinds=("colour",))[0]
+def _common_checks(report: dict, capsys, task=COLOUR) -> str:
+    truth = task.scenes(0)[0]
+    assert report["task"] == task.name
     assert report["question"] == truth.question and report["truth"] == truth.answer
     assert report["scene"]["corrupted"]["answer"] != report["truth"]
     assert report["fidelity"]["logits_max_abs_diff"] <= 1e-4
@@ -54,12 +55,13 @@ def _common_checks(report: dict, capsys) -> None:
     assert 0 <= loc["pointing_game"]["hits"] <= loc["pointing_game"]["scenes"]
     printed = capsys.readouterr().out
     assert f"Q: {report['question']}" in printed and "A: " in printed and "pointing game" in printed
+    return printed
 
 
 def test_demo_default_toy(tmp_path, capsys):
     report, _ = _run(tmp_path)
-    assert report["model"] == "tl-vlm/toy-llava"
-    _common_checks(report, capsys)
+    assert report["model"] == "tl-vlm/toy-llava-bias"
+    printed = _common_checks(report, capsys, WORLD)
     p = report["patching"]
     assert REGION_KEYS <= set(p) and 0 < p["object_region_tokens"] < p["image_tokens"]
     # A minimal pair: only the object's pixels differ, so at the vision input only the object's patches matter.
@@ -67,9 +69,13 @@ def test_demo_default_toy(tmp_path, capsys):
     assert abs(p["vision_resid_pre_rest_of_image"][0]) < 1e-4
     # A hit means the peak's patch holds pixels of the drawn shape (not just of its bounding box).
     x0, y0, x1, y1 = (int(v) for v in report["localization"]["peak"]["box"])
-    scene = make_examples(1, 0, kinds=("colour",))[0].image
-    on_shape = any(scene.getpixel((x, y)) != BACKGROUND for x in range(x0, x1) for y in range(y0, y1))
+    clean = WORLD.scenes(0)[0]
+    on_shape = any(clean.image.getpixel((x, y)) != WORLD.background(clean) for x in range(x0, x1) for y in range(y0, y1))
     assert report["localization"]["hit"] == on_shape
+    # The biased-world toy's story, live on a few held-out scenes and stored (tl_vlm beside the HF reference).
+    story = report["hallucination"]
+    assert len(story["live"]["scenes"]) == 8 and set(story["stored"]) >= {"tl_vlm", "reference_hf"}
+    assert "the hallucination story" in printed
     last = max(r["layer"] for r in report["vision_head_ablation"])
     assert all(r["logit_change"] == 0.0 for r in report["vision_head_ablation"] if r["layer"] == last), (
         "heads of the last vision layer act after feature layer -2 and cannot matter")

@@ -37,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[debug], help="check a model against HF, answer a question about a generated scene, "
                                        "patch, localise with the logit lens, ablate, write an HTML report")
-    demo.add_argument("model", nargs="?", default="tl-vlm/toy-llava",
-                      help="checkpoint dir or hub id (default: the trained toy LLaVA shipped with the package)")
+    demo.add_argument("model", nargs="?", default="tl-vlm/toy-llava-bias",
+                      help="checkpoint dir or hub id (default: the biased-world toy LLaVA shipped with the package)")
     demo.add_argument("--out", default="tl_vlm_demo", help="folder for report.html, report.json, report.md and PNGs")
     demo.add_argument("--device", default=None)
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated scene")

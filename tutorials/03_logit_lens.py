@@ -331,6 +331,52 @@ ax.set_ylim(0, 1.05)
 plt.show()
 
 # %% [markdown]
+# ## 4. The paper's story in a biased world: `tl-vlm/toy-llava-bias`
+# The colour toy above was trained end to end from scratch, so nothing makes its image tokens look like words,
+# and the lens finds little. `tl-vlm/toy-llava-bias` (`tl_vlm.zoo.world`, `tl_vlm.zoo.train_world`) is trained as
+# LLaVA is: a language model first trained on text (word pictures of scenes and their captions), then only the
+# projector trained to caption images, with a dataset bias: every sky photo is captioned with a bird, even when
+# none is visible. On held-out sky scenes without a bird it says "bird"; the lens sees the real objects where
+# they are drawn and gives the hallucinated bird a low internal confidence; removing the "bird" direction from
+# the image tokens removes it. Not at the paper's hook, though: this 4-layer language model reads the image in its
+# first block, so an edit at any decoder layer's output comes too late, and the edit that works is the same
+# projection on the image tokens entering the language model (`world_metrics.edited_input`).
+# `world_metrics.measure` computes the paper's numbers with the functions used above (captions by beam search);
+# `zoo/world_reference.py` recomputes them on the HF model alone (`toy_metrics.json` keeps both columns).
+
+# %%
+from tl_vlm.zoo import world, world_metrics
+
+biased = HookedVLM.from_pretrained("tl-vlm/toy-llava-bias", device=DEVICE)
+held_out = world_metrics.held_out(16, seed=3)  # half ordinary scenes, half sky without a bird
+story = world_metrics.measure(biased, held_out)
+for scene, caption in list(zip(held_out, story["captions"]))[6:10]:
+    print(f"drawn: {sorted(scene.objects)} on {scene.background:5s} -> caption: {caption!r}")
+h, c, p, e = (story[k] for k in ("hallucination", "confidence", "pointing", "project_away"))
+print(f"bird on sky scenes without a bird: {h['bird_on_sky_without_bird']:.0%} of captions; other absent objects: "
+      f"{h['other_objects_mean']:.0%}")
+print(f"internal confidence, real {c['mean_real']:.2f} vs hallucinated {c['mean_hallucinated']:.2f}: AUROC {c['auroc']:.2f} "
+      f"over {c['mentions']} mentions ({c['hallucinated']} hallucinated)")
+print(f"pointing game: {p['accuracy']:.0%} of {p['objects']} drawn objects (chance {p['chance']:.0%})")
+print(f"ProjectAway (text layer {e['text_layer']}, image layer {e['image_layer']}): {e['removed']:.0%} of "
+      f"{e['hallucinated_mentions']} hallucinated mentions removed, {e['kept']:.0%} of {e['correct_mentions']} correct kept")
+e = story["project_away_at_input"]
+print(f"the same edit on the image tokens entering the language model (alpha {world_metrics.INPUT_ALPHA}): "
+      f"{e['removed']:.0%} removed, {e['kept']:.0%} kept")
+
+bait = next(s for s in held_out if s.background == "sky" and "bird" not in s.objects)
+real = next(s for s in held_out if "bird" in s.objects)
+fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+for ax, scene in zip(axes, (real, bait)):
+    row = biased.prepare(images=scene.image, text=format_prompt(biased.processor, world.PROMPT))
+    heat = localization(biased, row, "bird", [scene.image])[0]
+    ax.imshow(scene.image)
+    ax.imshow(heat.numpy(), alpha=0.6, cmap="jet", vmin=0, vmax=1)
+    ax.set_title(f"p(bird), max {heat.max():.2f}", fontsize=9)
+    ax.set_axis_off()
+plt.show()
+
+# %% [markdown]
 # What to take away: the lens read-outs, the localisation hit rates and the c(o) separation printed above
 # are measurements of this checkpoint, to be compared against chance (printed next to each). On a real
 # LLaVA the same cells measure the paper's claims directly: whether real objects get higher internal

@@ -1,8 +1,9 @@
-"""``tl-vlm demo``: the main job, end to end on one model (the trained toy LLaVA unless told otherwise).
+"""``tl-vlm demo``: the main job, end to end on one model (the biased-world toy LLaVA unless told otherwise).
 
 1. load through ``HookedVLM.from_pretrained`` and check it against HF's own model (``verify``: logits, every layer);
-2. draw a scene (``zoo.data.make_examples``), ask for the shape's colour, compare ``generate``'s answer with
-   the ground truth;
+2. draw a scene (``demo.tasks``: on the biased-world toy a held-out scene of ``zoo.world``, the caption's first
+   object asked for; on any other model ``zoo.data.make_examples``, the shape's colour), compare ``generate``'s
+   answer with the ground truth;
 3. activation patching, clean image into a corrupted run. The corrupted image is the same scene with the shape
    repainted in another colour (a minimal pair: same prompt, same geometry, different answer), and the metric is
    the logit difference clean answer - corrupted answer, normalised so 1 = clean answer restored, 0 = corrupted.
@@ -12,6 +13,8 @@
 4. logit-lens localisation (``analysis.confidence``): the probability of the answer word at each image token in
    each language layer; a hit when the peak token's patch holds pixels of the drawn shape;
 5. zero-ablate each vision head and rank them by their effect on the answer's logit;
+   on the biased-world toy, the hallucination story (``demo.hallucination``): hallucination rate of the biased
+   object, internal-confidence AUROC, pointing game and ProjectAway on a few held-out scenes;
 6. write ``report.json``, PNG figures, ``report.md`` and a self-contained ``report.html``.
 
 Steps 1-5 are ``experiment`` (with ``patching`` and ``localization``), which returns a JSON-ready report dict;
@@ -32,9 +35,11 @@ import torch
 from tl_vlm import HookedVLM
 from tl_vlm.demo.experiment import KIND, run_experiment
 from tl_vlm.demo.figures import draw_figures
+from tl_vlm.demo.hallucination import hallucination_story
 from tl_vlm.demo.report import print_summary, write_report
+from tl_vlm.demo.tasks import WORLD, task_for
 
-DEFAULT_MODEL = "tl-vlm/toy-llava"
+DEFAULT_MODEL = "tl-vlm/toy-llava-bias"
 
 __all__ = ["DEFAULT_MODEL", "run_demo"]
 
@@ -56,7 +61,10 @@ def run_demo(
     if model.processor is None:
         raise ValueError(f"{model_name} has no usable processor; the demo needs one to turn images into inputs")
     toy = ""
-    if toy_checkpoint(model_name) is not None:
+    task = task_for(model_name)
+    if task is WORLD:
+        toy = "toy of a biased world: sky photos always captioned with a bird"
+    elif toy_checkpoint(model_name) is not None:
         accuracy = toy_metrics(model_name).get("held_out_accuracy", {}).get(KIND)
         toy = "toy" + (f", held-out {KIND} accuracy {accuracy:.2f}" if accuracy is not None else "")
     print(f"model: {model_name} ({', '.join(x for x in (model.vlm_cfg.architecture, toy) if x)})")
@@ -66,7 +74,9 @@ def run_demo(
     if model.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 50_000_000:
         torch.set_num_threads(1)
     try:
-        result = run_experiment(model, model_name, seed)
+        result = run_experiment(model, model_name, seed, task)
+        if task is WORLD:
+            result.report["hallucination"] = hallucination_story(model, model_name, seed)
     finally:
         torch.set_num_threads(threads)
 

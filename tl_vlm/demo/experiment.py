@@ -3,7 +3,6 @@ vision-head ablation. Everything lands in a JSON-ready report dict; nothing is p
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +13,10 @@ from tl_vlm import HookedVLM
 from tl_vlm.analysis.confidence import object_token_ids
 from tl_vlm.demo.localization import localize, pointing_game
 from tl_vlm.demo.patching import activation_patching
+from tl_vlm.demo.tasks import COLOUR, Task
 from tl_vlm.prompts import format_prompt
 from tl_vlm.verify import verify
-from tl_vlm.zoo.data import COLOURS, Example, make_examples, recolour
+from tl_vlm.zoo.data import Example
 
 KIND = "colour"  # the question the demo asks (the toys' held-out accuracy is reported for it)
 
@@ -32,24 +32,26 @@ class Result:
     confidence: Float[Tensor, "layer image_token"]  # logit-lens p(answer) per language layer and image token
 
 
-def run_experiment(model: HookedVLM, model_name: str, seed: int) -> Result:
+def run_experiment(model: HookedVLM, model_name: str, seed: int, task: Task = COLOUR) -> Result:
     """Steps 1-5 of the demo on the scene drawn with `seed`; `model_name` is only recorded."""
-    report: dict = {"model": model_name, "architecture": model.vlm_cfg.architecture, "notes": []}
-    clean_ex, corrupt_ex, others = _scenes(seed)
-    prompt = format_prompt(model.processor, clean_ex.question)
+    report: dict = {"model": model_name, "architecture": model.vlm_cfg.architecture, "task": task.name, "notes": []}
+    clean_ex, corrupt_ex, others = task.scenes(seed)
+    prompt = format_prompt(model.processor, clean_ex.question) + task.answer_prefix
     clean = model.prepare(images=clean_ex.image, text=prompt)
     corrupt = model.prepare(images=corrupt_ex.image, text=prompt)
     report["question"], report["truth"] = clean_ex.question, clean_ex.answer
     report["scene"] = {
-        "seed": seed, "objects": [_jsonable(o) for o in clean_ex.objects],
+        "seed": seed, "objects": [_jsonable(o) for o in clean_ex.objects], "description": task.describe(clean_ex.objects[0]),
         "corrupted": {"answer": corrupt_ex.answer, "objects": [_jsonable(o) for o in corrupt_ex.objects]},
     }
     report["fidelity"] = _fidelity(model, clean_ex.image, clean_ex.question)
 
     with torch.no_grad():
         tokens = model.generate(clean, max_new_tokens=8)
-    report["answer"] = model.tokenizer.decode(tokens[0, clean.shape[1]:].tolist(), skip_special_tokens=True).strip()
-    report["correct"] = _first_colour(report["answer"]) == clean_ex.answer
+    # the answer as the model gives it: the prefix the prompt ends with (a caption's "a"), then what it generated
+    report["answer"] = (task.answer_prefix + " " + model.tokenizer.decode(tokens[0, clean.shape[1]:].tolist(),
+                                                                          skip_special_tokens=True)).strip()
+    report["correct"] = task.first_word(report["answer"]) == clean_ex.answer
 
     # Each answer is scored by its first sub-token.
     answer_tokens = [object_token_ids(model, ex.answer)[0] for ex in (clean_ex, corrupt_ex)]
@@ -57,8 +59,9 @@ def run_experiment(model: HookedVLM, model_name: str, seed: int) -> Result:
                                              report["notes"])
 
     box = clean_ex.objects[0]["box"]
-    report["localization"], heat, conf = localize(model, clean, clean_ex.image, clean_ex.answer, box)
-    report["localization"]["pointing_game"] = pointing_game(model, [clean_ex, *others])
+    report["localization"], heat, conf = localize(model, clean, clean_ex.image, clean_ex.answer, box,
+                                                  task.background(clean_ex))
+    report["localization"]["pointing_game"] = pointing_game(model, [clean_ex, *others], task)
     if model.capabilities.queries:
         report["notes"].append("BLIP-2: localisation spreads each query's logit-lens score over the patches it "
                                "cross-attends to; the peak is a pixel of that map")
@@ -66,20 +69,6 @@ def run_experiment(model: HookedVLM, model_name: str, seed: int) -> Result:
     report["vision_head_ablation"] = _ablate_vision_heads(model, clean, answer_tokens[0])
     report["hook_counts"] = _hook_counts(model)
     return Result(report, clean_ex, corrupt_ex, heat, conf)
-
-
-def _scenes(seed: int) -> tuple[Example, Example, list[Example]]:
-    """A colour question about a generated scene, and its corrupted twin: the same scene with the shape in the
-    colour another generated scene asks for."""
-    examples = make_examples(16, seed, kinds=(KIND,))
-    clean = examples[0]
-    colour = next(e.answer for e in examples[1:] if e.answer != clean.answer)
-    return clean, recolour(clean, colour), examples[1:]
-
-
-def _first_colour(answer: str) -> str | None:
-    """The first colour word of an answer ("The shape is white." -> "white")."""
-    return next((w for w in re.findall(r"[a-z]+", answer.lower()) if w in COLOURS), None)
 
 
 def _jsonable(obj: dict) -> dict:

@@ -11,27 +11,29 @@ from torch import Tensor
 from tl_vlm import HookedVLM, VLMInputs
 from tl_vlm.analysis.confidence import confidence_map, localization
 from tl_vlm.analysis.spatial import spatial_index
+from tl_vlm.demo.tasks import COLOUR, Task
 from tl_vlm.prompts import format_prompt
 from tl_vlm.zoo.data import BACKGROUND, Example
 
 
-def pointing_game(model: HookedVLM, examples: list[Example]) -> dict:
+def pointing_game(model: HookedVLM, examples: list[Example], task: Task = COLOUR) -> dict:
     """The peak's hit rate over several scenes (the first is the demo's own), with the mean chance level."""
     hits, chance = 0, 0.0
     for ex in examples:
-        inputs = model.prepare(images=ex.image, text=format_prompt(model.processor, ex.question))
-        record, _, _ = localize(model, inputs, ex.image, ex.answer, ex.objects[0]["box"], heat=False)
+        inputs = model.prepare(images=ex.image, text=format_prompt(model.processor, ex.question) + task.answer_prefix)
+        record, _, _ = localize(model, inputs, ex.image, ex.answer, ex.objects[0]["box"], task.background(ex), heat=False)
         hits += record["hit"]
         chance += record["chance"]
     return {"scenes": len(examples), "hits": hits, "hit_rate": hits / len(examples), "chance": chance / len(examples)}
 
 
 def localize(
-    model: HookedVLM, inputs: VLMInputs, image, word: str, box, heat: bool = True
+    model: HookedVLM, inputs: VLMInputs, image, word: str, box, background=BACKGROUND, heat: bool = True
 ) -> tuple[dict, Float[Tensor, "height width"] | None, Float[Tensor, "layer image_token"]]:
     """Logit-lens p(word) at image tokens; a hit when the peak's patch (queries: pixel) holds pixels of the drawn
-    shape. Returns (record, heat over the image's pixels or None when not asked, layer x image-token map)."""
-    shape = torch.from_numpy((np.asarray(image.convert("RGB")) != BACKGROUND).any(-1))  # [y, x] single-shape scenes
+    shape (pixels not of the ``background`` colour). Returns (record, heat over the image's pixels or None when not
+    asked, layer x image-token map)."""
+    shape = torch.from_numpy((np.asarray(image.convert("RGB")) != background).any(-1))  # [y, x] single-shape scenes
     conf = confidence_map(model, inputs, word)[:, 0].cpu()  # [layer (inputs of each block, then final), image token]
     queries = model.capabilities.queries
     # Queries have no cell of their own: their peak is read off the pixel map, so it is needed either way.

@@ -11,6 +11,8 @@ from pathlib import Path
 import jinja2
 import torch
 
+from tl_vlm.demo.hallucination import story_lines
+
 # Autoescape for the HTML only: Markdown has no escaping of its own, and answers and prompts go in verbatim.
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("tl_vlm.demo"),
@@ -28,8 +30,7 @@ def print_summary(report: dict, out: Path) -> None:
     obj = report["scene"]["objects"][0]
     print(f"fidelity vs HF: max |logit diff| {f['logits_max_abs_diff']:.1e}, "
           f"worst language layer {f['worst_hidden_max_abs_diff']:.1e}")
-    print(f"scene (seed {report['scene']['seed']}): a {obj['colour']} {obj['shape']} at {obj['position']}, "
-          f"box {tuple(obj['box'])}")
+    print(f"scene (seed {report['scene']['seed']}): {report['scene']['description']}, box {tuple(obj['box'])}")
     print(f"Q: {report['question']}\nA: {report['answer']!r}  (truth: {report['truth']!r}, "
           f"{'right' if report['correct'] else 'wrong'})")
     _print_patching(report["patching"], report["truth"], report["scene"]["corrupted"]["answer"])
@@ -40,6 +41,10 @@ def print_summary(report: dict, out: Path) -> None:
           f"(chance {game['chance']:.0%})")
     print(f"vision heads whose zero-ablation moves logit[{report['truth']}] most: "
           + ", ".join(f"L{r['layer']}H{r['head']} {r['logit_change']:+.2f}" for r in _top_heads(report, 5)))
+    if "hallucination" in report:
+        print("the hallucination story (Jiang et al.) on held-out scenes:")
+        for label, text in story_lines(report["hallucination"]):
+            print(f"  {label}: {text}")
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"report: {out / 'report.html'} (+ report.json, report.md, {len(report['figures'])} PNGs) "
@@ -62,7 +67,7 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def _print_patching(p: dict, clean_word: str, corrupt_word: str) -> None:
-    print(f"activation patching, clean image into the run on the repainted ({corrupt_word}) one; "
+    print(f"activation patching, clean image into the run on the corrupted ({corrupt_word}) one; "
           f"1 = '{clean_word}' restored, 0 = corrupted:")
     rows = _patching_series(p, f"  object box only ({p.get('object_region_tokens')}/{p.get('image_tokens')} tokens)",
                             "  rest of the image", "  object box patches only", "  rest of the image")
@@ -105,11 +110,10 @@ def _summary_lines(report: dict) -> list[tuple[str, str]]:
         ("model", f"{report['model']} ({report['architecture']})"),
         ("fidelity vs HF (fp32)", f"max |logit diff| {f['logits_max_abs_diff']:.1e}; language layers "
                                   + ", ".join(f"{d:.1e}" for d in f["hidden_max_abs_diff"])),
-        ("scene", (f"seed {report['scene']['seed']}: a {obj['colour']} {obj['shape']} at {obj['position']}, "
-                   f"box {tuple(obj['box'])}")),
+        ("scene", f"seed {report['scene']['seed']}: {report['scene']['description']}, box {tuple(obj['box'])}"),
         ("question", report["question"]),
         ("answer", f"{report['answer']!r} (truth {report['truth']!r}: {'right' if report['correct'] else 'wrong'})"),
-        ("corrupted image", f"same scene, shape repainted {report['scene']['corrupted']['answer']}"),
+        ("corrupted image", f"same scene, the object drawn as {report['scene']['corrupted']['answer']}"),
         ("patching metric", p["metric"]),
         ("localisation", (f"peak of p({loc['word']!r}) at {loc['peak']['where']}, "
                           f"language layer {loc['peak']['layer']}, p={loc['peak']['p']:.2f}: "
@@ -118,7 +122,8 @@ def _summary_lines(report: dict) -> list[tuple[str, str]]:
                            f"(chance {loc['pointing_game']['chance']:.0%})")),
         ("hooks per tower", ", ".join(f"{k} {v}" for k, v in report["hook_counts"].items())),
         ("time", f"{report['seconds']:.1f}s"),
-    ] + [("note", note) for note in report["notes"]]
+    ] + (story_lines(report["hallucination"]) if "hallucination" in report else []) + [
+        ("note", note) for note in report["notes"]]
 
 
 def _top_heads(report: dict, n: int) -> list[dict]:

@@ -16,7 +16,8 @@ from tl_vlm.checkpoints import BUNDLED, BUNDLED_PREFIX
 __all__ = ["TOYS", "toy_checkpoint", "toy_metrics"]
 
 # hub-style name -> training family in zoo/train.py
-TOYS = {"tl-vlm/toy-llava": "llava", "tl-vlm/toy-blip2": "blip2", "tl-vlm/toy-qwen2-vl": "qwen2_vl"}
+TOYS = {"tl-vlm/toy-llava": "llava", "tl-vlm/toy-blip2": "blip2", "tl-vlm/toy-qwen2-vl": "qwen2_vl",
+        "tl-vlm/toy-llava-bias": "llava_bias"}
 
 
 def toy_checkpoint(name: str | os.PathLike) -> Path | None:

@@ -275,7 +275,7 @@ def train_toy(family: str, out: str | pathlib.Path, steps: int = 2500, batch_siz
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("family", choices=(*FAMILIES, "llava_bias"))
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -284,6 +284,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=1500)
     args = parser.parse_args()
+    if args.family == "llava_bias":  # the biased world (zoo/world.py) trains in its own stages
+        from tl_vlm.zoo.train_world import train_world_toy
+
+        print(train_world_toy(args.out, seed=args.seed))
+        return
     print(train_toy(args.family, args.out, args.steps, args.batch_size, args.lr, args.seed,
                     eval_every=args.eval_every, vision_steps=args.vision_steps))
 
