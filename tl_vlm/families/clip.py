@@ -42,7 +42,7 @@ from tl_vlm.convert.model_loading import (
 from tl_vlm.convert.naflex_vit import naflex_vit_config, naflex_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
-from tl_vlm.families.llava import crop_geometry, grid_cells
+from tl_vlm.families.llava import grid_cells, original_pixels, processed_pixels
 from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _dominant_dtype, _name_predicate, _not_result
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.tower_view import TowerView
@@ -399,11 +399,8 @@ class HookedCLIP(HookedRootModule):
             return naflex_cells(inputs.spatial_shapes, inputs.pixel_values.shape[1], cfg.patch_size, original_sizes)
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
-            if original_sizes is None:
-                geometry = lambda x, y: (float(x), float(y))  # noqa: E731
-            else:
-                sx, sy, left, top = crop_geometry(self.processor.image_processor, original_sizes[image])
-                geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
+            geometry = processed_pixels if original_sizes is None else original_pixels(
+                self.processor.image_processor, original_sizes[image])
             cells += grid_cells(cfg, image, image, geometry, cfg.class_token, first_patch=int(cfg.class_token))
         return cells
 
