@@ -209,13 +209,21 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     ) -> Tensor:
         """The family's forward pass. Default: embed the text, put the image features at the placeholders, run
         the language tower."""
-        ids, mask = inputs.input_ids, inputs.attention_mask
+        embeds, _ = self.embed_prompt(inputs, generated_from)
+        return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+
+    def embed_prompt(
+        self, inputs: VLMInputs, generated_from: int | None
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Bool[Tensor, "batch pos"]]:
+        """The language tower's input embeddings, the image features (checked against the placeholders) at the
+        image placeholders, and the placeholder mask."""
+        ids = inputs.input_ids
         image_mask = self.image_token_mask(ids)
         if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
             image_mask[:, generated_from:] = False
         features = self.checked_image_features(inputs, image_mask)
         embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
-        return self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
+        return embeds, image_mask
 
     def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
         """``image_features`` after checking images and placeholders against each other (never a silent drop)."""

@@ -145,12 +145,7 @@ class HookedGemma3(HookedVLM):
         return self.projector(patches).flatten(0, 1)
 
     def run_vlm(self, inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from):
-        ids = inputs.input_ids
-        image_mask = self.image_token_mask(ids)
-        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
-            image_mask[:, generated_from:] = False
-        features = self.checked_image_features(inputs, image_mask)
-        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
+        embeds, image_mask = self.embed_prompt(inputs, generated_from)
         blocks = self.image_blocks(inputs, image_mask, cache, generated_from)
         return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep, blocks)
 
