@@ -39,3 +39,14 @@ def assert_head_ablation_equals_hf_surgery(model, path, inputs, tower: str, laye
         plain = model(inputs)
     assert (ours - ref).abs().max() <= ATOL
     assert (ours - plain).abs().max() > 1e-3  # the ablation did something
+
+
+def assert_half_precision_is_hf_bit_for_bit(hf, model, inputs: dict, dtype: torch.dtype) -> None:
+    """With both models in ``dtype`` the logits equal HF's bit for bit, and caching every hook changes nothing."""
+    inputs = dict(inputs, pixel_values=inputs["pixel_values"].to(dtype))
+    with torch.no_grad():
+        ref = hf(**inputs)
+        plain = model(inputs)
+        cached, _ = model.run_with_cache(inputs)
+    assert torch.equal(plain, ref.logits_per_image)
+    assert torch.equal(cached, plain)

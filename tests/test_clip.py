@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conformance.registry import ATOL, quiet
-from dual_encoder_checks import TEXTS, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match
+from dual_encoder_checks import (
+    TEXTS, assert_half_precision_is_hf_bit_for_bit, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match,
+)
 from transformer_lens import patching
 from transformers import AutoModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
@@ -67,13 +69,7 @@ def test_every_hidden_state_and_embedding_matches_hf(dual, variant, padding):
 def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(dual, variant, dtype):
     hf, model, _ = dual(variant, dtype)
     inputs = _inputs(model).as_kwargs()
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.no_grad():
-        ref = hf(**inputs)
-        plain = model(inputs)
-        cached, _ = model.run_with_cache(inputs)
-    assert torch.equal(plain, ref.logits_per_image)
-    assert torch.equal(cached, plain)
+    assert_half_precision_is_hf_bit_for_bit(hf, model, inputs, dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

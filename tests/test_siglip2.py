@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conformance.registry import ATOL, quiet
-from dual_encoder_checks import TEXTS, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match
+from dual_encoder_checks import (
+    TEXTS, assert_half_precision_is_hf_bit_for_bit, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match,
+)
 from transformer_lens import patching
 from transformers import AutoModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
@@ -84,13 +86,7 @@ def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(loaded, dt
     hf, model = loaded(dtype)
     inputs = _inputs(model, texts=TEXTS[:len(sizes)], sizes=sizes).as_kwargs()
     assert bool(inputs["pixel_attention_mask"].all()) == (len(sizes) == 2)  # HF drops an all-real mask: so do we
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.no_grad():
-        ref = hf(**inputs)
-        plain = model(inputs)
-        cached, _ = model.run_with_cache(inputs)
-    assert torch.equal(plain, ref.logits_per_image)
-    assert torch.equal(cached, plain)
+    assert_half_precision_is_hf_bit_for_bit(hf, model, inputs, dtype)
 
 
 @pytest.mark.parametrize("tower", ["text", "vision"])
