@@ -1,5 +1,6 @@
 """The loading steps HookedVLM and HookedCLIP share (convert/model_loading.py): a checkpoint without a weight its
-config requires is a clear error in both, and a half-precision load keeps HF's float32 weights float32."""
+config requires is a clear error in both, a half-precision load keeps HF's float32 weights float32, and tower configs
+follow their weights after ``.to``."""
 
 from __future__ import annotations
 
@@ -47,3 +48,12 @@ def test_half_precision_keeps_hf_float32_weights(tmp_path):
     for model in (quiet(HookedVLM.from_pretrained, path, dtype=torch.float16), HookedVLM.from_hf_model(hf)):
         assert model.W_E.dtype == torch.float16
         assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+
+
+def test_tower_configs_follow_the_weights_after_to(tmp_path):
+    """``.to`` / ``.half()`` on a dual encoder: both towers' ``cfg.dtype`` follow their weights (TL's tools read it)."""
+    model = quiet(HookedCLIP.from_pretrained, build_tiny_clip(tmp_path / "clip", "clip"))
+    model.half()
+    assert model.vision.cfg.dtype == model.text.cfg.dtype == torch.float16
+    model.to(torch.float32)
+    assert model.vision.cfg.dtype == model.text.cfg.dtype == torch.float32 and model.text.cfg.device == "cpu"

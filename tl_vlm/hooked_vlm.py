@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import os
 import warnings
-from collections import Counter
 from contextlib import nullcontext
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -42,7 +41,7 @@ from tl_vlm.config import VLMConfig
 from tl_vlm.convert.hf_modules import ModuleRule
 from tl_vlm.convert.model_loading import (
     cast_keeping_float32, check_complete, in_memory_target, iter_safetensors, optional_processor,
-    open_checkpoint, set_tower_placement,
+    open_checkpoint, set_tower_placement, sync_tower_placement,
 )
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
@@ -425,9 +424,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         """``.to`` / ``.half()`` / ``.cuda()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
         super()._apply(fn, recurse)
         if "language" in self.__dict__:
-            for tower in self.towers().values():
-                tower.cfg.dtype = _dominant_dtype(tower)
-                tower.cfg.device = str(next(tower.parameters()).device)
+            sync_tower_placement(self.towers().values())
         return self
 
     @property
@@ -892,13 +889,4 @@ def _next_token_loss(
     if mask is not None:
         valid &= mask[:, 1:].bool()  # as HF with pad labels set to -100, and TL's lm_cross_entropy_loss
     return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
-
-
-def _dominant_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of most of the weights: a float16 BLIP-2 keeps its Q-Former (its first parameters) in float32."""
-    counts: Counter = Counter()
-    for p in module.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] += p.numel()
-    return counts.most_common(1)[0][0]
 

@@ -1,14 +1,15 @@
 """The loading steps every hooked model shares (``HookedVLM`` and ``HookedCLIP``): a checkpoint's config, dtype,
 safetensors and processor; an in-memory HF model's device and dtype; and, around ``rules.load_weights``, the
-towers' dtype and device, the check that no weight is missing and the cast that keeps float32 weights float32.
-Each loader still reads top to bottom: it calls these steps in order and adds only what its models need."""
+towers' dtype and device, the check that no weight is missing, the cast that keeps float32 weights float32; and,
+after ``.to`` / ``.half()``, each tower's config following its weights. Each loader still reads top to bottom: it
+calls these steps in order and adds only what its models need."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +44,18 @@ def set_tower_placement(cfg, device: str | torch.device | None, dtype: torch.dty
     """Every tower config of ``cfg`` (``cfg.towers()``) records the dtype and device its weights load in."""
     for tower in cfg.towers():
         tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
+
+
+def sync_tower_placement(towers: Iterable[nn.Module]) -> None:
+    """After ``.to`` / ``.half()``: each tower's ``cfg.dtype`` / ``cfg.device`` are its weights' (the dtype of most
+    of them: a float16 BLIP-2 keeps its Q-Former, its first parameters, in float32)."""
+    for tower in towers:
+        counts: Counter = Counter()
+        for p in tower.parameters():
+            if p.is_floating_point():
+                counts[p.dtype] += p.numel()
+        tower.cfg.dtype = counts.most_common(1)[0][0]
+        tower.cfg.device = str(next(tower.parameters()).device)
 
 
 def check_complete(model: nn.Module, loaded: set[str]) -> None:

@@ -37,13 +37,13 @@ from tl_vlm.convert.export import write_into_hf
 from tl_vlm.convert.dual_encoders import normalize_in_proj, pooled_vit_rules, text_encoder_config, text_encoder_rules
 from tl_vlm.convert.model_loading import (
     cast_keeping_float32, check_complete, in_memory_target, iter_safetensors, open_checkpoint, optional_processor,
-    set_tower_placement,
+    set_tower_placement, sync_tower_placement,
 )
 from tl_vlm.convert.naflex_vit import naflex_vit_config, naflex_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
 from tl_vlm.families.llava import grid_cells, original_pixels, processed_pixels
-from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _dominant_dtype, _name_predicate, _not_result
+from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _name_predicate, _not_result
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.naflex_vit import NaFlexViT, naflex_cells
@@ -233,9 +233,7 @@ class HookedCLIP(HookedRootModule):
         """``.to`` / ``.half()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
         super()._apply(fn, recurse)
         if "vision" in self._modules:
-            for tower in self.towers().values():
-                tower.cfg.dtype = _dominant_dtype(tower)
-                tower.cfg.device = str(next(tower.parameters()).device)
+            sync_tower_placement(self.towers().values())
         return self
 
     @property
