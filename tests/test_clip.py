@@ -4,10 +4,12 @@ processing, the spatial index and bad input. Fixtures: tiny saved checkpoints lo
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from conformance.registry import ATOL, quiet
+from dual_encoder_checks import (
+    TEXTS, assert_half_precision_is_hf_bit_for_bit, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match,
+)
 from transformer_lens import patching
 from transformers import AutoModel, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
@@ -15,15 +17,7 @@ from tl_vlm import HookedCLIP
 from tl_vlm.zoo.data import make_examples
 from tl_vlm.zoo.tiny_clip import build_tiny_clip
 
-ATOL = 1e-4
-TEXTS = ["a red bar", "the blue circle is left of the green square", "chart"]
 VARIANTS = ("clip", "siglip")
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +28,8 @@ def dual(tmp_path_factory):
     def get(variant: str, dtype=torch.float32):
         if (variant, dtype) not in loaded:
             path = build_tiny_clip(root / variant, variant)
-            hf = _quiet(AutoModel.from_pretrained, path, dtype=dtype).eval()
-            model = _quiet(HookedCLIP.from_pretrained, path, dtype=dtype)
+            hf = quiet(AutoModel.from_pretrained, path, dtype=dtype).eval()
+            model = quiet(HookedCLIP.from_pretrained, path, dtype=dtype)
             loaded[variant, dtype] = hf, model, path
         return loaded[variant, dtype]
 
@@ -44,11 +38,6 @@ def dual(tmp_path_factory):
 
 def _inputs(model, texts=TEXTS, n_images=3, **kwargs):
     return model.prepare(images=[e.image for e in make_examples(n_images, 0)], text=texts, **kwargs)
-
-
-def _hidden(cache, tower: str, n_layers: int) -> list[torch.Tensor]:
-    return [cache[f"{tower}.blocks.{i}.hook_resid_pre"] for i in range(n_layers)] + [
-        cache[f"{tower}.blocks.{n_layers - 1}.hook_resid_post"]]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -69,11 +58,7 @@ def test_every_hidden_state_and_embedding_matches_hf(dual, variant, padding):
     assert (model.encode_text(inputs.input_ids, inputs.attention_mask) - text).abs().max() <= ATOL
     assert (cache["vision.hook_embed_out"] - image).abs().max() <= ATOL
     assert (cache["text.hook_embed_out"] - text).abs().max() <= ATOL
-    for tower, hf_hidden in (("vision", ref.vision_model_output.hidden_states), ("text", ref.text_model_output.hidden_states)):
-        ours = _hidden(cache, tower, model.towers()[tower].cfg.n_layers)
-        assert len(ours) == len(hf_hidden)
-        for i, (a, b) in enumerate(zip(ours, hf_hidden)):
-            assert (a - b).abs().max() <= ATOL, f"{tower} hidden state {i}"
+    assert_hidden_states_match(cache, model, ref)
     # the text tower's final norm is HF's last_hidden_state; the pooled position is HF's pooler input
     assert (cache["text.ln_final.hook_normalized"] * model.text.ln_final.w + model.text.ln_final.b
             - ref.text_model_output.last_hidden_state).abs().max() <= ATOL
@@ -84,36 +69,14 @@ def test_every_hidden_state_and_embedding_matches_hf(dual, variant, padding):
 def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(dual, variant, dtype):
     hf, model, _ = dual(variant, dtype)
     inputs = _inputs(model).as_kwargs()
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.no_grad():
-        ref = hf(**inputs)
-        plain = model(inputs)
-        cached, _ = model.run_with_cache(inputs)
-    assert torch.equal(plain, ref.logits_per_image)
-    assert torch.equal(cached, plain)
+    assert_half_precision_is_hf_bit_for_bit(hf, model, inputs, dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tower", ["text", "vision"])
 def test_head_ablation_equals_hf_surgery(dual, variant, tower):
-    hf, model, path = dual(variant)
-    inputs = _inputs(model)
-    layer, head = 1, 2
-    d_head = model.towers()[tower].cfg.d_head
-
-    def ablate(z, hook):
-        z[:, :, head] = 0.0
-        return z
-
-    with torch.no_grad():
-        ours = model.run_with_hooks(inputs, fwd_hooks=[(f"{tower}.blocks.{layer}.attn.hook_z", ablate)])
-        surgery = _quiet(AutoModel.from_pretrained, path).eval()
-        hf_tower = surgery.text_model if tower == "text" else surgery.vision_model
-        hf_tower.encoder.layers[layer].self_attn.out_proj.weight[:, head * d_head:(head + 1) * d_head] = 0.0
-        ref = surgery(**inputs.as_kwargs()).logits_per_image
-        plain = model(inputs)
-    assert (ours - ref).abs().max() <= ATOL
-    assert (ours - plain).abs().max() > 1e-3  # the ablation did something
+    _, model, path = dual(variant)
+    assert_head_ablation_equals_hf_surgery(model, path, _inputs(model), tower)
 
 
 def test_clip_text_tower_is_causal_and_siglip_bidirectional(dual):
@@ -163,7 +126,7 @@ def test_tl_patching_on_tower_views(dual, variant):
 def test_weight_processing_keeps_logits(dual, variant):
     _, model, path = dual(variant)
     inputs = _inputs(model)
-    processed = _quiet(HookedCLIP.from_pretrained, path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    processed = quiet(HookedCLIP.from_pretrained, path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
     with torch.no_grad():
         assert (processed(inputs) - model(inputs)).abs().max() <= ATOL
     assert processed.text.blocks[0].ln1.w is None and processed.vision.blocks[0].ln2.w is None
@@ -242,7 +205,7 @@ def test_hooked_vlm_points_dual_encoders_to_hooked_clip(dual):
 
     _, _, path = dual("clip")
     with pytest.raises(NotImplementedError, match="HookedCLIP"):
-        _quiet(HookedVLM.from_pretrained, path)
+        quiet(HookedVLM.from_pretrained, path)
 
 
 def test_hook_points_are_modules_and_gradients_flow(dual):

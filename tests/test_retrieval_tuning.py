@@ -3,10 +3,9 @@ hard-negative loss, resumes exactly, saves as a HF checkpoint), and the encoder 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from conformance.registry import quiet
 from PIL import Image
 from transformers import AutoModel, CLIPConfig, CLIPModel
 
@@ -17,12 +16,6 @@ from tl_vlm.tuning.swap import answer_loss, train_projector, with_vision_encoder
 from tl_vlm.zoo import data
 from tl_vlm.zoo.tiny import build_tiny_vlm
 from tl_vlm.zoo.tiny_clip import build_tiny_clip
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_hard_negatives_swap_one_fact():
 
 
 def test_evaluate_reports_every_kind(paths):
-    model = _quiet(HookedCLIP.from_pretrained, paths["clip"])
+    model = quiet(HookedCLIP.from_pretrained, paths["clip"])
     report = evaluate(model, data.make_examples(12, 0, kinds=("colour", "bar_value")), ks=(1, 5))
     kinds = set(report[report.metric == "hard_negative"].kind)
     assert kinds == {"colour", "shape", "position", "relation", "value"}
@@ -89,7 +82,7 @@ def test_evaluate_reports_every_kind(paths):
 
 @pytest.mark.parametrize("variant", ["clip", "siglip"])
 def test_negclip_tuning_lowers_held_out_hard_negative_loss(paths, variant, tmp_path):
-    model = _quiet(HookedCLIP.from_pretrained, paths[variant])
+    model = quiet(HookedCLIP.from_pretrained, paths[variant])
     held_out = triples(16, seed=99)
     with torch.no_grad():
         before = batch_loss(model, *held_out).item()
@@ -112,26 +105,26 @@ def test_negclip_loss_prefers_captions_over_negatives():
 
 
 def test_tuning_resumes_exactly_and_saves_a_hf_checkpoint(paths, tmp_path):
-    straight = _quiet(HookedCLIP.from_pretrained, paths["clip"])
+    straight = quiet(HookedCLIP.from_pretrained, paths["clip"])
     tune_negclip(straight, 4, tmp_path / "a", batch_size=4, lr=1e-3, save_every=2, progress=False)
-    resumed = _quiet(HookedCLIP.from_pretrained, paths["clip"])
+    resumed = quiet(HookedCLIP.from_pretrained, paths["clip"])
     tune_negclip(resumed, 2, tmp_path / "b", batch_size=4, lr=1e-3, save_every=2, progress=False)
-    again = _quiet(HookedCLIP.from_pretrained, paths["clip"])
+    again = quiet(HookedCLIP.from_pretrained, paths["clip"])
     assert len(tune_negclip(again, 4, tmp_path / "b", batch_size=4, lr=1e-3, save_every=2, progress=False)) == 2
     for (name, a), b in zip(straight.named_parameters(), again.parameters()):
         assert torch.equal(a, b), name
     straight.save_pretrained(tmp_path / "saved")
-    hf = _quiet(AutoModel.from_pretrained, tmp_path / "saved").eval()
+    hf = quiet(AutoModel.from_pretrained, tmp_path / "saved").eval()
     inputs = straight.prepare(images=[e.image for e in data.make_examples(2, 0)], text=["a red bar", "chart"])
     with torch.no_grad():
         assert torch.allclose(hf(**inputs.as_kwargs()).logits_per_image, straight(inputs), atol=1e-5)
-    folded = _quiet(HookedCLIP.from_pretrained, paths["clip"], fold_ln=True)
+    folded = quiet(HookedCLIP.from_pretrained, paths["clip"], fold_ln=True)
     with pytest.raises(ValueError, match="processed weights"):
         folded.save_pretrained(tmp_path / "folded")
 
 
 def test_swapped_encoder_and_projector_only_training(tmp_path):
-    vlm = _quiet(HookedVLM.from_pretrained, build_tiny_vlm(tmp_path / "llava", "llava15"))
+    vlm = quiet(HookedVLM.from_pretrained, build_tiny_vlm(tmp_path / "llava", "llava15"))
     text = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=8, eos_token_id=3)
     torch.manual_seed(0)

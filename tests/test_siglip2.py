@@ -5,11 +5,13 @@ retrieval, store extraction, saving, TL patching on tower views and bad input. F
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conformance.registry import ATOL, quiet
+from dual_encoder_checks import (
+    TEXTS, assert_half_precision_is_hf_bit_for_bit, assert_head_ablation_equals_hf_surgery, assert_hidden_states_match,
+)
 from transformer_lens import patching
 from transformers import AutoModel, Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
@@ -21,15 +23,7 @@ from tl_vlm.loading import load_model
 from tl_vlm.zoo.data import make_examples, sample_images
 from tl_vlm.zoo.tiny_siglip2 import MAX_NUM_PATCHES, PATCH_SIZE, build_tiny_siglip2
 
-ATOL = 1e-4
-TEXTS = ["a red bar", "the blue circle is left of the green square", "chart"]
 SIZES = [(64, 32), (40, 40), (24, 72)]  # (w, h): a wide, a square and a tall image -> 3x6, 4x4 and 8x3 patches
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +37,8 @@ def loaded(path):
 
     def get(dtype=torch.float32):
         if dtype not in models:
-            models[dtype] = (_quiet(AutoModel.from_pretrained, path, dtype=dtype).eval(),
-                             _quiet(HookedCLIP.from_pretrained, path, dtype=dtype))
+            models[dtype] = (quiet(AutoModel.from_pretrained, path, dtype=dtype).eval(),
+                             quiet(HookedCLIP.from_pretrained, path, dtype=dtype))
         return models[dtype]
 
     return get
@@ -56,11 +50,6 @@ def _images(sizes=SIZES):
 
 def _inputs(model, texts=TEXTS, sizes=SIZES, **kwargs):
     return model.prepare(images=_images(sizes), text=texts, **kwargs)
-
-
-def _hidden(cache, tower: str, n_layers: int) -> list[torch.Tensor]:
-    return [cache[f"{tower}.blocks.{i}.hook_resid_pre"] for i in range(n_layers)] + [
-        cache[f"{tower}.blocks.{n_layers - 1}.hook_resid_post"]]
 
 
 def test_every_hidden_state_and_embedding_matches_hf(loaded):
@@ -85,11 +74,7 @@ def test_every_hidden_state_and_embedding_matches_hf(loaded):
     assert (cache["text.hook_embed_out"] - text).abs().max() <= ATOL
     assert (cache["vision.hook_pos_embed"] - hf_positions).abs().max() <= 1e-6
     assert (cache["vision.hook_embed"] + cache["vision.hook_pos_embed"] - cache["vision.blocks.0.hook_resid_pre"]).abs().max() == 0
-    for tower, hf_hidden in (("vision", ref.vision_model_output.hidden_states), ("text", ref.text_model_output.hidden_states)):
-        ours = _hidden(cache, tower, model.towers()[tower].cfg.n_layers)
-        assert len(ours) == len(hf_hidden)
-        for i, (a, b) in enumerate(zip(ours, hf_hidden)):
-            assert a.shape == b.shape and (a - b).abs().max() <= ATOL, f"{tower} hidden state {i}"
+    assert_hidden_states_match(cache, model, ref)
     ln_post = model.vision.ln_post
     assert (cache["vision.ln_post.hook_normalized"] * ln_post.w + ln_post.b
             - ref.vision_model_output.last_hidden_state).abs().max() <= ATOL
@@ -101,35 +86,13 @@ def test_half_precision_is_hf_bit_for_bit_and_caching_changes_nothing(loaded, dt
     hf, model = loaded(dtype)
     inputs = _inputs(model, texts=TEXTS[:len(sizes)], sizes=sizes).as_kwargs()
     assert bool(inputs["pixel_attention_mask"].all()) == (len(sizes) == 2)  # HF drops an all-real mask: so do we
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    with torch.no_grad():
-        ref = hf(**inputs)
-        plain = model(inputs)
-        cached, _ = model.run_with_cache(inputs)
-    assert torch.equal(plain, ref.logits_per_image)
-    assert torch.equal(cached, plain)
+    assert_half_precision_is_hf_bit_for_bit(hf, model, inputs, dtype)
 
 
 @pytest.mark.parametrize("tower", ["text", "vision"])
 def test_head_ablation_equals_hf_surgery(loaded, path, tower):
     _, model = loaded()
-    inputs = _inputs(model)
-    layer, head = 1, 2
-    d_head = model.towers()[tower].cfg.d_head
-
-    def ablate(z, hook):
-        z[:, :, head] = 0.0
-        return z
-
-    with torch.no_grad():
-        ours = model.run_with_hooks(inputs, fwd_hooks=[(f"{tower}.blocks.{layer}.attn.hook_z", ablate)])
-        surgery = _quiet(AutoModel.from_pretrained, path).eval()
-        hf_tower = surgery.text_model if tower == "text" else surgery.vision_model
-        hf_tower.encoder.layers[layer].self_attn.out_proj.weight[:, head * d_head:(head + 1) * d_head] = 0.0
-        ref = surgery(**inputs.as_kwargs()).logits_per_image
-        plain = model(inputs)
-    assert (ours - ref).abs().max() <= ATOL
-    assert (ours - plain).abs().max() > 1e-3  # the ablation did something
+    assert_head_ablation_equals_hf_surgery(model, path, _inputs(model), tower)
 
 
 def test_padded_patches_never_reach_real_patches_or_the_embedding(loaded):
@@ -207,8 +170,7 @@ def test_random_configs_match_hf(seed):
         ref = hf(**kwargs, output_hidden_states=True)
         logits, cache = model.run_with_cache(kwargs)
     assert (logits - ref.logits_per_image).abs().max() <= ATOL
-    for i, (a, b) in enumerate(zip(_hidden(cache, "vision", 2), ref.vision_model_output.hidden_states)):
-        assert (a - b).abs().max() <= ATOL, f"vision hidden state {i}"
+    assert_hidden_states_match(cache, model, ref)
     assert (cache["vision.hook_embed_out"] - ref.vision_model_output.pooler_output).abs().max() <= ATOL
     # the patchifier is a view of HF's linear weight, in the conv layout
     assert model.vision.embed.W_patch.data_ptr() == hf.vision_model.embeddings.patch_embedding.weight.data_ptr()
@@ -271,9 +233,9 @@ def test_store_extraction_pools_real_patches_only(dataset, path, tmp_path, pooli
     config = ExtractConfig(model_path=str(path), output_db=str(tmp_path / "out.db"), modules=hooks, batch_size=2,
                            pooling_method=pooling,
                            dataset={"local_dataset_path": str(dataset / "data.csv"), "image_dataset_path": str(dataset / "images")})
-    assert _quiet(extract, config, progress=False) == {"done": 5, "skipped": 0, "failed": 0}
+    assert quiet(extract, config, progress=False) == {"done": 5, "skipped": 0, "failed": 0}
     stored = load(tmp_path / "out.db")
-    model = _quiet(HookedCLIP.from_pretrained, path)
+    model = quiet(HookedCLIP.from_pretrained, path)
     row = stored[stored.image_id == stored.image_id.iloc[0]]
     inputs = model.prepare(images=[Image.open(row.image_path.iloc[0]).convert("RGB")], text=[row.prompt.iloc[0]])
     real = inputs.pixel_attention_mask[0].bool()
@@ -315,18 +277,18 @@ def test_save_pretrained_round_trip_and_loaders(loaded, path, tmp_path):
     hf, model = loaded()
     inputs = _inputs(model)
     model.save_pretrained(tmp_path / "saved")
-    again = _quiet(AutoModel.from_pretrained, tmp_path / "saved").eval()
+    again = quiet(AutoModel.from_pretrained, tmp_path / "saved").eval()
     with torch.no_grad():
         assert (again(**inputs.as_kwargs()).logits_per_image - hf(**inputs.as_kwargs()).logits_per_image).abs().max() == 0
-    assert isinstance(_quiet(load_model, path), HookedCLIP)
+    assert isinstance(quiet(load_model, path), HookedCLIP)
     with pytest.raises(NotImplementedError, match="HookedCLIP"):
-        _quiet(HookedVLM.from_pretrained, path)
+        quiet(HookedVLM.from_pretrained, path)
 
 
 def test_weight_processing_keeps_logits(loaded, path):
     _, model = loaded()
     inputs = _inputs(model)
-    processed = _quiet(HookedCLIP.from_pretrained, path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    processed = quiet(HookedCLIP.from_pretrained, path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
     with torch.no_grad():
         assert (processed(inputs) - model(inputs)).abs().max() <= ATOL
     assert processed.vision.blocks[0].ln1.w is None and processed.vision.blocks[1].attn.b_V.abs().max() == 0
@@ -335,7 +297,7 @@ def test_weight_processing_keeps_logits(loaded, path):
 def test_hooks_command_runs_the_naflex_tower(path, capsys):
     from tl_vlm.cli import main
 
-    assert _quiet(main, ["hooks", str(path), "--shapes", "--filter", r"^vision\.(hook_pos_embed|head\.attn\.hook_pattern)$"]) == 0
+    assert quiet(main, ["hooks", str(path), "--shapes", "--filter", r"^vision\.(hook_pos_embed|head\.attn\.hook_pattern)$"]) == 0
     out = capsys.readouterr().out
     assert f"(1, {MAX_NUM_PATCHES}, 32)" in out and f"(1, 4, 1, {MAX_NUM_PATCHES})" in out
 

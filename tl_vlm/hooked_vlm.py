@@ -17,33 +17,32 @@ import dataclasses
 import itertools
 import os
 import warnings
-from collections import Counter
 from contextlib import nullcontext
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 from jaxtyping import Bool, Float, Int
-from safetensors import safe_open
 from torch import Tensor
 from transformer_lens import HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 
 from tl_vlm import weight_processing
 from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.capabilities import Capabilities
-from tl_vlm.checkpoints import resolve_checkpoint, safetensors_files
 from tl_vlm.components import KVCache, TransformerBlock
 from tl_vlm.components.gated_cross_block import GatedCrossBlock
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
-from tl_vlm.dtypes import resolve_dtype
 from tl_vlm.convert.hf_modules import ModuleRule
+from tl_vlm.convert.model_loading import (
+    cast_keeping_float32, check_complete, in_memory_target, iter_safetensors, optional_processor,
+    open_checkpoint, set_tower_placement, sync_tower_placement,
+)
 from tl_vlm.convert.rules import WeightMap, load_weights, set_parameter
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.placement import BlockOffload, dispatch, plan_placement, to_device, unit_device
@@ -209,13 +208,21 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
     ) -> Tensor:
         """The family's forward pass. Default: embed the text, put the image features at the placeholders, run
         the language tower."""
-        ids, mask = inputs.input_ids, inputs.attention_mask
+        embeds, _ = self.embed_prompt(inputs, generated_from)
+        return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep)
+
+    def embed_prompt(
+        self, inputs: VLMInputs, generated_from: int | None
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Bool[Tensor, "batch pos"]]:
+        """The language tower's input embeddings, the image features (checked against the placeholders) at the
+        image placeholders, and the placeholder mask."""
+        ids = inputs.input_ids
         image_mask = self.image_token_mask(ids)
         if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
             image_mask[:, generated_from:] = False
         features = self.checked_image_features(inputs, image_mask)
         embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
-        return self.language(embeds, mask, position_ids, cache, stop_at_layer, logits_to_keep)
+        return embeds, image_mask
 
     def checked_image_features(self, inputs: VLMInputs, image_mask: Bool[Tensor, "batch pos"]) -> Tensor | None:
         """``image_features`` after checking images and placeholders against each other (never a silent drop)."""
@@ -284,17 +291,15 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         part -> device), ``n_devices`` or ``max_memory`` split the model over devices (``placement.plan_placement``);
         each weight loads straight onto its device. ``offload_blocks``: the language blocks stay in CPU memory and
         are streamed to ``device`` one at a time (``placement.BlockOffload``)."""
-        path = resolve_checkpoint(model_name, revision)
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        dtype = resolve_dtype(dtype, _config_dtype(hf_config))
+        path, hf_config, dtype = open_checkpoint(model_name, revision, trust_remote_code, dtype)
         family = cls._family(hf_config, hf_config.architectures)
-        processor = _load_processor(family, path, trust_remote_code) if load_processor else None
+        processor = optional_processor(family, path, trust_remote_code) if load_processor else None
         generation_config = (
             GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() else None
         )
         placement = _placement_request(device, device_map, n_devices, max_memory, offload_blocks)
         model = family._convert(
-            hf_config, _iter_safetensors(path), device, dtype, processor, generation_config, placement=placement
+            hf_config, iter_safetensors(path), device, dtype, processor, generation_config, placement=placement
         )
         if offload_blocks:
             model.offload_blocks(device)
@@ -319,21 +324,21 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         agree; weight processing writes new tensors, so it never edits the HF model. Without ``dtype`` each weight
         keeps the HF model's dtype (what it loaded in float32 stays so, what it was cast to stays cast); with one,
         weights are converted as ``from_pretrained`` would load them in that dtype."""
-        param = next(hf_model.parameters())
         family = cls._family(hf_model.config, [type(hf_model).__name__])
         state = hf_model.state_dict()
         # Rotary frequencies are buffers outside the state dict; a HF model cast with .to(dtype) uses them rounded.
         # Gemma 3 keeps one table per layer type (full_attention_inv_freq, sliding_attention_inv_freq).
         frequencies = [(name, b) for name, b in hf_model.named_buffers()
                        if name.endswith((".inv_freq", "_attention_inv_freq")) and name not in state]
+        device, dtype, keep_float32 = in_memory_target(hf_model, device, dtype)
         model = family._convert(
             hf_model.config,
             itertools.chain(state.items(), frequencies),
-            device or param.device,
-            resolve_dtype(dtype or "auto", _loaded_dtype(hf_model)),
+            device,
+            dtype,
             processor,
             getattr(hf_model, "generation_config", None),
-            keep_float32=dtype in (None, "auto"),
+            keep_float32=keep_float32,
         )
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         model.process_weights(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
@@ -358,8 +363,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         family's ``fp32_parameters`` say which weights HF keeps in float32 when loading in ``dtype``. ``placement``:
         ``plan_placement``'s arguments, planned on the built model before any weight loads."""
         cfg = cls.config_from_hf(hf_config)
-        for tower in cfg.towers():
-            tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
+        set_tower_placement(cfg, device, dtype)
         # Parameters start as torch.empty (pages untouched until written) and are replaced by views of
         # the checkpoint's tensors, so the process never holds two copies of the weights.
         model = cls(cfg, processor, generation_config or GenerationConfig.from_model_config(hf_config))
@@ -371,17 +375,9 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         if "unembed.W_U" not in loaded and cfg.language.tie_word_embeddings:
             set_parameter(model, "unembed.W_U", model.embed.W_E.T)
             loaded.add("unembed.W_U")
-        missing = {name for name, _ in model.named_parameters()} - loaded
-        if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} weights the config requires (fewer layers or parts than its config "
-                f"says?): {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
-            )
-        kept = {name: p.data for name, p in model.named_parameters() if p.dtype == torch.float32 != dtype}
-        model = model.to(dtype=dtype) if plan is not None else model.to(device=device, dtype=dtype)
-        for name, p in model.named_parameters():
-            if name in kept:
-                p.data = kept[name]  # loaded in float32 above; .to(dtype) must not round them
+        check_complete(model, loaded)
+        # A placed model's weights are already on their devices.
+        model = cast_keeping_float32(model, dtype, None if plan is not None else device)
         if plan is not None:
             model.place(plan)
         return model.eval()
@@ -428,9 +424,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         """``.to`` / ``.half()`` / ``.cuda()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
         super()._apply(fn, recurse)
         if "language" in self.__dict__:
-            for tower in self.towers().values():
-                tower.cfg.dtype = _dominant_dtype(tower)
-                tower.cfg.device = str(next(tower.parameters()).device)
+            sync_tower_placement(self.towers().values())
         return self
 
     @property
@@ -896,41 +890,3 @@ def _next_token_loss(
         valid &= mask[:, 1:].bool()  # as HF with pad labels set to -100, and TL's lm_cross_entropy_loss
     return -(target_log_probs * valid).sum() / valid.sum().clamp(min=1)
 
-
-def _load_processor(family, path: Path, trust_remote_code: bool):
-    try:
-        return family.load_processor(path, trust_remote_code)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a video processor needing torchvision
-        warnings.warn(f"no usable processor in {path} ({err}); model.prepare is unavailable, pass token ids and pixel_values")
-        return None
-
-
-def _loaded_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a model was loaded or cast in: that of most of its non-float32 weights, since HF keeps some
-    modules in float32 (BLIP-2's Q-Former, its first parameters, which in a small model can be most of them)."""
-    counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32)
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
-def _config_dtype(hf_config) -> torch.dtype | None:
-    """The dtype a checkpoint's config records (``dtype``; ``torch_dtype`` in older configs)."""
-    dtype = hf_config.dtype if hf_config.dtype is not None else getattr(hf_config, "torch_dtype", None)
-    return resolve_dtype(dtype, None) if dtype is not None else None
-
-
-def _dominant_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of most of the weights: a float16 BLIP-2 keeps its Q-Former (its first parameters) in float32."""
-    counts: Counter = Counter()
-    for p in module.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] += p.numel()
-    return counts.most_common(1)[0][0]
-
-
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                # Old files store rotary frequencies; HF's loader recomputes them (non-persistent buffers), so do we.
-                if not key.endswith("inv_freq"):
-                    yield key, handle.get_tensor(key)

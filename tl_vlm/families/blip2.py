@@ -215,15 +215,8 @@ class HookedBlip2(HookedVLM):
             )
         return super().checked_image_features(inputs, image_mask)
 
-    def run_vlm(
-        self,
-        inputs: VLMInputs,
-        position_ids: Tensor | None,
-        cache: KVCache | None,
-        stop_at_layer: int | None,
-        logits_to_keep: int,
-        generated_from: int | None,
-    ) -> Tensor:
+    def run_vlm(self, inputs: VLMInputs, position_ids: Tensor | None, cache: KVCache | None, stop_at_layer: int | None,
+                logits_to_keep: int, generated_from: int | None) -> Tensor:
         if self.vlm_cfg.encoder_decoder:
             if stop_at_layer is not None or cache is not None:
                 raise NotImplementedError("stop_at_layer / a KV cache are not supported with an encoder-decoder LM")
@@ -255,9 +248,7 @@ class HookedBlip2(HookedVLM):
         """The language model's input embeddings and mask, with the projected queries at their positions."""
         ids, mask = inputs.input_ids, inputs.attention_mask
         if self.vlm_cfg.image_token_id is not None:
-            image_mask = self.image_token_mask(ids)
-            features = self.checked_image_features(inputs, image_mask)
-            return self.language.embed_inputs(ids, features, image_mask if features is not None else None), mask
+            return self.embed_prompt(inputs, None)[0], mask
         if inputs.pixel_values is None:
             return self.language.embed_inputs(ids), mask
         n_query, batch = self.qformer.n_query, ids.shape[0]

@@ -30,22 +30,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
-from transformers import AutoConfig
 
 from tl_vlm import weight_processing
-from tl_vlm.checkpoints import resolve_checkpoint
 from tl_vlm.config import ViTConfig
 from tl_vlm.convert.export import write_into_hf
 from tl_vlm.convert.dual_encoders import normalize_in_proj, pooled_vit_rules, text_encoder_config, text_encoder_rules
+from tl_vlm.convert.model_loading import (
+    cast_keeping_float32, check_complete, in_memory_target, iter_safetensors, open_checkpoint, optional_processor,
+    set_tower_placement, sync_tower_placement,
+)
 from tl_vlm.convert.naflex_vit import naflex_vit_config, naflex_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
-from tl_vlm.dtypes import resolve_dtype
-from tl_vlm.families.llava import crop_geometry, grid_cells
-from tl_vlm.hooked_vlm import (
-    HookedVLM, _check_token_ids, _config_dtype, _dominant_dtype, _iter_safetensors, _load_processor, _loaded_dtype,
-    _name_predicate, _not_result,
-)
+from tl_vlm.families.llava import grid_cells, original_pixels, processed_pixels
+from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _name_predicate, _not_result
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.naflex_vit import NaFlexViT, naflex_cells
@@ -167,11 +165,9 @@ class HookedCLIP(HookedRootModule):
         load_processor: bool = True,
     ) -> "HookedCLIP":
         """Load a CLIP / SigLIP / SigLIP 2 checkpoint (local directory or hub id) straight from its safetensors files."""
-        path = resolve_checkpoint(model_name, revision)
-        hf_config = AutoConfig.from_pretrained(path)
-        dtype = resolve_dtype(dtype, _config_dtype(hf_config))
-        processor = _load_processor(HookedVLM, path, False) if load_processor else None
-        model = cls._convert(hf_config, _iter_safetensors(path), device, dtype, processor)
+        path, hf_config, dtype = open_checkpoint(model_name, revision, False, dtype)
+        processor = optional_processor(HookedVLM, path, False) if load_processor else None
+        model = cls._convert(hf_config, iter_safetensors(path), device, dtype, processor)
         model.name_or_path = str(model_name)
         model.process_weights(fold_ln, center_writing_weights, fold_value_biases)
         return model
@@ -192,11 +188,8 @@ class HookedCLIP(HookedRootModule):
         where device and dtype agree (weight processing writes new tensors)."""
         if type(hf_model).__name__ not in cls.architectures:
             raise ValueError(f"HookedCLIP converts {list(cls.architectures)}, got {type(hf_model).__name__}")
-        param = next(hf_model.parameters())
-        model = cls._convert(
-            hf_model.config, hf_model.state_dict().items(), device or param.device,
-            resolve_dtype(dtype or "auto", _loaded_dtype(hf_model)), processor, keep_float32=dtype in (None, "auto"),
-        )
+        device, dtype, keep_float32 = in_memory_target(hf_model, device, dtype)
+        model = cls._convert(hf_model.config, hf_model.state_dict().items(), device, dtype, processor, keep_float32)
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         model.process_weights(fold_ln, center_writing_weights, fold_value_biases)
         return model
@@ -204,19 +197,11 @@ class HookedCLIP(HookedRootModule):
     @classmethod
     def _convert(cls, hf_config, tensors, device, dtype, processor, keep_float32: bool = False) -> "HookedCLIP":
         cfg = cls.config_from_hf(hf_config)
-        for tower in cfg.towers():
-            tower.dtype, tower.device = dtype, str(device) if device is not None else "cpu"
+        set_tower_placement(cfg, device, dtype)
         model = cls(cfg, processor)
         loaded = load_weights(model, cls.weight_map(cfg), tensors, cls.normalize_key, device, dtype, None, keep_float32)
-        missing = {name for name, _ in model.named_parameters()} - loaded
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} weights the config requires: {sorted(missing)[:8]}")
-        kept = {name: p.data for name, p in model.named_parameters() if p.dtype == torch.float32 != dtype}
-        model = model.to(device=device, dtype=dtype)
-        for name, p in model.named_parameters():
-            if name in kept:
-                p.data = kept[name]
-        return model.eval()
+        check_complete(model, loaded)
+        return cast_keeping_float32(model, dtype, device).eval()
 
     def process_weights(self, fold_ln: bool = False, center_writing_weights: bool = False,
                         fold_value_biases: bool = False) -> None:
@@ -248,9 +233,7 @@ class HookedCLIP(HookedRootModule):
         """``.to`` / ``.half()``: each tower's ``cfg.dtype`` / ``cfg.device`` follow its weights."""
         super()._apply(fn, recurse)
         if "vision" in self._modules:
-            for tower in self.towers().values():
-                tower.cfg.dtype = _dominant_dtype(tower)
-                tower.cfg.device = str(next(tower.parameters()).device)
+            sync_tower_placement(self.towers().values())
         return self
 
     @property
@@ -414,11 +397,8 @@ class HookedCLIP(HookedRootModule):
             return naflex_cells(inputs.spatial_shapes, inputs.pixel_values.shape[1], cfg.patch_size, original_sizes)
         cells = []
         for image in range(inputs.pixel_values.shape[0]):
-            if original_sizes is None:
-                geometry = lambda x, y: (float(x), float(y))  # noqa: E731
-            else:
-                sx, sy, left, top = crop_geometry(self.processor.image_processor, original_sizes[image])
-                geometry = lambda x, y, sx=sx, sy=sy, l=left, t=top: ((x + l) / sx, (y + t) / sy)  # noqa: E731
+            geometry = processed_pixels if original_sizes is None else original_pixels(
+                self.processor.image_processor, original_sizes[image])
             cells += grid_cells(cfg, image, image, geometry, cfg.class_token, first_patch=int(cfg.class_token))
         return cells
 

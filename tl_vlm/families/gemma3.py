@@ -28,7 +28,7 @@ from tl_vlm.convert.rules import Rule, WeightMap
 from tl_vlm.convert.llava_layout import LEGACY_MODULE_PREFIXES, llava_layout_key
 from tl_vlm.convert.hf_modules import ModuleRule, vit_modules
 from tl_vlm.convert.vits import vit_config, vit_ignored, vit_rules
-from tl_vlm.families.llava import crop_geometry
+from tl_vlm.families.llava import original_pixels, processed_pixels
 from tl_vlm.families.paligemma import prompt_token_types
 from tl_vlm.hooked_vlm import HookedVLM
 from tl_vlm.inputs import VLMInputs
@@ -145,12 +145,7 @@ class HookedGemma3(HookedVLM):
         return self.projector(patches).flatten(0, 1)
 
     def run_vlm(self, inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from):
-        ids = inputs.input_ids
-        image_mask = self.image_token_mask(ids)
-        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
-            image_mask[:, generated_from:] = False
-        features = self.checked_image_features(inputs, image_mask)
-        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
+        embeds, image_mask = self.embed_prompt(inputs, generated_from)
         blocks = self.image_blocks(inputs, image_mask, cache, generated_from)
         return self.language(embeds, inputs.attention_mask, position_ids, cache, stop_at_layer, logits_to_keep, blocks)
 
@@ -189,12 +184,12 @@ class HookedGemma3(HookedVLM):
         kernel = grid // side
         cells = []
         for image in range(n_images):
-            sx, sy, left, top = (1.0, 1.0, 0.0, 0.0) if original_sizes is None else crop_geometry(
+            geometry = processed_pixels if original_sizes is None else original_pixels(
                 self.processor.image_processor, original_sizes[image])
             for r in range(side):
                 for c in range(side):
-                    x0, y0, x1, y1 = (c * kernel * ps, r * kernel * ps, (c + 1) * kernel * ps, (r + 1) * kernel * ps)
+                    x0, y0 = geometry(c * kernel * ps, r * kernel * ps)
+                    x1, y1 = geometry((c + 1) * kernel * ps, (r + 1) * kernel * ps)
                     cells.append(dict(image=image, tile=image, patch=r * kernel * grid + c * kernel, row=r, col=c,
-                                      kind="patch", x0=(x0 + left) / sx, y0=(y0 + top) / sy, x1=(x1 + left) / sx,
-                                      y1=(y1 + top) / sy))
+                                      kind="patch", x0=x0, y0=y0, x1=x1, y1=y1))
         return cells

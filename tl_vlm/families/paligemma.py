@@ -109,12 +109,8 @@ class HookedPaliGemma(HookedVLM):
         return self.projector(self.vision.ln_post(self.vision(inputs.pixel_values, keep=[n])[n])).flatten(0, 1)
 
     def run_vlm(self, inputs, position_ids, cache, stop_at_layer, logits_to_keep, generated_from):
+        embeds, image_mask = self.embed_prompt(inputs, generated_from)
         ids = inputs.input_ids
-        image_mask = self.image_token_mask(ids)
-        if generated_from is not None:  # generated placeholder ids are plain tokens, as in HF's decode steps
-            image_mask[:, generated_from:] = False
-        features = self.checked_image_features(inputs, image_mask)
-        embeds = self.language.embed_inputs(ids, features, image_mask if features is not None else None)
         if position_ids is None:  # HF: 1-based, whatever the padding
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past + 1, past + 1 + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)

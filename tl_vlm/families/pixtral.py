@@ -28,7 +28,7 @@ from tl_vlm.convert.hf_modules import ModuleRule, decoder_lm_modules
 from tl_vlm.convert.pixtral_vit import pixtral_vit_config, pixtral_vit_rules
 from tl_vlm.convert.rules import WeightMap
 from tl_vlm.convert.text_lms import decoder_lm_rules
-from tl_vlm.families.llava import HookedLlava
+from tl_vlm.families.llava import HookedLlava, LlavaConfig
 from tl_vlm.families.pixtral_processor import PixtralImageTextProcessor
 from tl_vlm.families.qwen2_vl import placeholder_runs
 from tl_vlm.inputs import VLMInputs
@@ -44,11 +44,7 @@ class PixtralConfig(VLMConfig):
     projector_bias: bool = True
     merge_size: int = 1  # patches a side behind one language token (Mistral3's patch merger: 2)
 
-    @property
-    def feature_layers(self) -> list[int]:
-        """Vision feature layers as non-negative hidden-state indices (0 = input of block 0)."""
-        layers = [self.vision_feature_layer] if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
-        return [layer % (self.vision.n_layers + 1) for layer in layers]
+    feature_layers = LlavaConfig.feature_layers  # read from vision_feature_layer and the tower's depth, as LLaVA's
 
     @property
     def token_size(self) -> int:

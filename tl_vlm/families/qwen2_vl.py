@@ -202,15 +202,8 @@ class HookedQwen2VL(HookedVLM):
         merged = self.projector(hidden)
         return merged[patches.valid[:, :: self.vlm_cfg.geometry.merge_size**2]]
 
-    def run_vlm(
-        self,
-        inputs: VLMInputs,
-        position_ids: Tensor | None,
-        cache: KVCache | None,
-        stop_at_layer: int | None,
-        logits_to_keep: int,
-        generated_from: int | None,
-    ) -> Tensor:
+    def run_vlm(self, inputs: VLMInputs, position_ids: Tensor | None, cache: KVCache | None, stop_at_layer: int | None,
+                logits_to_keep: int, generated_from: int | None) -> Tensor:
         ids = inputs.input_ids
         image_mask, video_mask = self.placeholder_masks(ids, generated_from)
         visual = image_mask | video_mask

@@ -146,15 +146,8 @@ class HookedQwen3VL(HookedQwen2VL):
         deepstack = [merger(h)[real] for merger, h in zip(self.projector.deepstack, stack)]
         return self.projector(hidden)[real], deepstack
 
-    def run_vlm(
-        self,
-        inputs: VLMInputs,
-        position_ids: Tensor | None,
-        cache: KVCache | None,
-        stop_at_layer: int | None,
-        logits_to_keep: int,
-        generated_from: int | None,
-    ) -> Tensor:
+    def run_vlm(self, inputs: VLMInputs, position_ids: Tensor | None, cache: KVCache | None, stop_at_layer: int | None,
+                logits_to_keep: int, generated_from: int | None) -> Tensor:
         ids = inputs.input_ids
         image_mask, video_mask = self.placeholder_masks(ids, generated_from)
         visual = image_mask | video_mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -29,3 +29,16 @@ def cached_build(
         build(path)
     marker.write_text(json.dumps(expected))
     return path
+
+
+def cached_pretrained_build(
+    path: str | os.PathLike, variant: str, seed: int, format_version: int, make: Callable[[], tuple[Any, Any]]
+) -> pathlib.Path:
+    """``cached_build`` of the (model, processor) pair that ``make`` builds, both written with ``save_pretrained``."""
+
+    def build(target: pathlib.Path) -> None:
+        model, processor = make()
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+
+    return cached_build(path, variant, seed, format_version, build)

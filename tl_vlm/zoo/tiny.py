@@ -37,7 +37,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.build_cache import cached_pretrained_build
 
 __all__ = ["VARIANTS", "build_tiny_vlm", "build_tokenizer"]
 
@@ -227,12 +227,6 @@ def build_tiny_vlm(path: str | os.PathLike, variant: str = "llava15", seed: int 
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-
-    def build(target: pathlib.Path) -> None:
-        model, processor = _build(variant, build_tokenizer())
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-
-    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
+    return cached_pretrained_build(path, variant, seed, _FORMAT_VERSION, lambda: _build(variant, build_tokenizer()))
 
 

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from tl_vlm.zoo.tiny import IMAGE_SIZE, IMAGE_TOKEN, PATCH_SIZE, build_tokenizer
-from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.build_cache import cached_pretrained_build
 
 __all__ = ["NUM_QUERY_TOKENS", "VARIANTS", "build_tiny_blip2"]
 
@@ -165,10 +165,4 @@ def build_tiny_blip2(path: str | os.PathLike, variant: str = "blip2_opt", seed: 
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-
-    def build(target: pathlib.Path) -> None:
-        model, processor = _build(variant, _tokenizer(), _tokenizer())
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-
-    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
+    return cached_pretrained_build(path, variant, seed, _FORMAT_VERSION, lambda: _build(variant, _tokenizer(), _tokenizer()))

@@ -29,7 +29,7 @@ from transformers import (
     SiglipProcessor,
 )
 
-from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.build_cache import cached_pretrained_build
 from tl_vlm.zoo.data import VOCABULARY
 from tl_vlm.zoo.tiny import IMAGE_SIZE, PATCH_SIZE
 
@@ -105,10 +105,4 @@ def build_tiny_clip(path: str | os.PathLike, variant: str = "clip", seed: int = 
     """Build and save a tiny dual encoder (model + config + tokenizer + processor) into ``path``; idempotent."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-
-    def build(target: pathlib.Path) -> None:
-        model, processor = _build(variant)
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-
-    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
+    return cached_pretrained_build(path, variant, seed, _FORMAT_VERSION, lambda: _build(variant))

@@ -38,7 +38,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.build_cache import cached_pretrained_build
 from tl_vlm.zoo.tiny import build_tokenizer
 
 __all__ = ["VARIANTS", "build_gemma_tokenizer", "build_tiny_gemma"]
@@ -133,10 +133,4 @@ def build_tiny_gemma(path: str | os.PathLike, variant: str = "gemma3", seed: int
     """Build and save (model, config, tokenizer, processor) into ``path`` unless already built; returns the path."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-
-    def build(target: pathlib.Path) -> None:
-        model, processor = _build(variant)
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-
-    return cached_build(path, variant, seed, _FORMAT_VERSION, build)
+    return cached_pretrained_build(path, variant, seed, _FORMAT_VERSION, lambda: _build(variant))

@@ -21,7 +21,7 @@ import string
 
 from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
 
-from tl_vlm.zoo.build_cache import cached_build
+from tl_vlm.zoo.build_cache import cached_pretrained_build
 from tl_vlm.zoo.tiny_clip import _WORDS
 
 __all__ = ["build_tiny_siglip2", "build_siglip2_tokenizer", "PATCH_SIZE", "MAX_NUM_PATCHES"]
@@ -77,10 +77,4 @@ def _build():
 
 def build_tiny_siglip2(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build and save the tiny SigLIP 2 (model + config + tokenizer + processor) into ``path``; idempotent."""
-
-    def build(target: pathlib.Path) -> None:
-        model, processor = _build()
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-
-    return cached_build(path, "siglip2", seed, _FORMAT_VERSION, build)
+    return cached_pretrained_build(path, "siglip2", seed, _FORMAT_VERSION, lambda: _build())
