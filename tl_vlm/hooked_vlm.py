@@ -566,15 +566,16 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         direct = [hook for name, hook in chosen if not nested(name)]
         # HookPoints inside a swapped-in module (an SAE's own hooks) are called by it, not by run_hook.
         inner = [(name, partial(_store, cache)) for name, _ in chosen if nested(name)]
+        # Plain attributes, set in __dict__: nn.Module.__setattr__ costs more than the rest of a tiny forward's caching.
         previous = [hook.__dict__.get("cache_into") for hook in direct]
         for hook in direct:
-            hook.cache_into = cache
+            hook.__dict__["cache_into"] = cache
         try:
             with self.hooks(fwd_hooks=inner) if inner else nullcontext():
                 out = self(*model_args, **kwargs)
         finally:
             for hook, before in zip(direct, previous):
-                hook.cache_into = before
+                hook.__dict__["cache_into"] = before
         return out, cache
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:

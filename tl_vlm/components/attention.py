@@ -19,6 +19,7 @@ from tl_vlm.components import param_layout as layout
 from tl_vlm.components.hooks import active, editing, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.norms import RMSNorm
+from tl_vlm.components.reused_storage import ReusedStorage
 from tl_vlm.components.rotary import apply_rotary
 from tl_vlm.components.segments import Segments
 from tl_vlm.config import TowerConfig
@@ -52,6 +53,7 @@ class Attention(nn.Module):
         # As TL's use_qk_norm: hook_q / hook_k hold the projections, q_norm / k_norm (with their own hooks) follow.
         self.q_norm = RMSNorm(dh, cfg.eps) if cfg.use_qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.eps) if cfg.use_qk_norm else None
+        self.reused = ReusedStorage()  # memory of the explicit path's scores / pattern, kept from run to run
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -197,7 +199,12 @@ class Attention(nn.Module):
             mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
         if self.repeat > 1:
             k, v = k.repeat_interleave(self.repeat, 1), v.repeat_interleave(self.repeat, 1)
-        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))  # scaling q is cheaper than scaling scores
+        # Written into memory reused from run to run where nothing still holds it (reused_storage.py): the same
+        # kernels, the same numbers, without faulting in fresh pages for the largest cached activations every run.
+        same_heads = q.shape[:-2] == k.shape[:-2]  # (else matmul broadcasts, and resizes whatever it writes into)
+        reused = self.reused.empty("scores", (*q.shape[:-1], k.shape[-2]), q, k) if same_heads else None
+        # Scaling q is cheaper than scaling scores.
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2), **({} if reused is None else {"out": reused}))
         # In place on the fresh scores: with every activation cached, each extra [head, q, k] temporary costs.
         # Filling (not adding) the dtype's minimum cannot overflow to -inf in fp16.
         if mask is not None and mask.dtype == torch.bool:
@@ -207,10 +214,15 @@ class Attention(nn.Module):
         elif causal:
             scores.masked_fill_(causal_block(q.shape[2], k.shape[2], q.device), torch.finfo(q.dtype).min)
         scores = run_hook(self.hook_attn_scores, scores)
-        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # (A hook may have returned scores of another dtype: F.softmax then converts them.)
+        reused = self.reused.empty("pattern", scores.shape, scores) if scores.dtype == torch.float32 else None
+        if reused is None:
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:  # scores are float32 here: F.softmax's kernel, into the reused memory
+            pattern = torch.ops.aten._softmax.out(scores, -1, False, out=reused)
         if mask is not None and mask.dtype == torch.bool:
             # A query that may see nothing (left padding) attends nowhere, as in SDPA, not uniformly.
-            pattern = pattern * mask.any(-1, keepdim=True)
+            pattern = pattern * mask.any(-1, keepdim=True) if reused is None else pattern.mul_(mask.any(-1, keepdim=True))
         pattern = run_hook(self.hook_pattern, pattern)
         return None if for_cache else torch.matmul(pattern, v).to(dtype)
 

@@ -57,7 +57,7 @@ def run_hook(hook: nn.Module, x: Tensor) -> Tensor:
         x = hook(x)
     store = hook.__dict__.get("cache_into")
     if store is not None:
-        store[hook.name] = x.detach()
+        store[hook.name] = x.detach() if x.requires_grad else x  # already detached: no alias op per point
     return x
 
 

@@ -1,0 +1,48 @@
+"""Memory for an activation that is kept (cached) every run, reused from run to run once nothing refers to it.
+
+With every hook point cached, the explicit attention path's scores and pattern ([batch, head, q, k], the largest
+entries of a cache) are fresh memory each run on the CPU: the previous run's cache was freed, glibc handed its
+pages back to the kernel, and every run pays for faulting (and zeroing) them in again; HF's forward frees those
+tensors at once and never does. ``ReusedStorage`` keeps the storage the kernels write into (``out=``) and hands it
+out again only when no tensor, view, storage object or autograd graph refers to it any more (the storage's
+reference count, which every tensor and view sharing it holds, is the pool's own reference alone). A user who
+keeps a cache therefore never sees it overwritten: the next run takes the second storage, or fresh memory.
+
+Two storages per slot cover ``_, cache = model.run_with_cache(x)`` in a loop (the previous cache is alive until
+the call returns). CPU only: CUDA's caching allocator already reuses memory. Only without autograd (``out=`` ops
+do not record gradients), so a forward that needs gradients allocates as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_KEPT = 2  # storages per slot: the cache the caller still holds, and the one this run fills
+
+
+def _unreferenced(storage: torch.UntypedStorage) -> bool:
+    # The StorageImpl's use count: one per tensor (view or not) and storage object sharing it. Ours is the only one.
+    return torch._C._storage_Use_Count(storage._cdata) == 1
+
+
+class ReusedStorage:
+    def __init__(self):
+        self.slots: dict[str, list[torch.UntypedStorage]] = {}
+
+    def empty(self, slot: str, shape: tuple[int, ...], *sources: Tensor) -> Tensor | None:
+        """A contiguous ``shape`` tensor of ``sources[0]``'s dtype on memory no one else refers to, to be computed
+        from ``sources``; None where reuse does not apply (not the CPU, or autograd records this computation): the
+        caller allocates as usual."""
+        like = sources[0]
+        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return None
+        nbytes = like.element_size() * torch.Size(shape).numel()
+        kept = self.slots.setdefault(slot, [])
+        storage = next((s for s in kept if s.nbytes() == nbytes and _unreferenced(s)), None)
+        if storage is None:
+            storage = torch.UntypedStorage(nbytes)
+            # Kept: the newest in-use storage of this size (the others are in use too, or the pool would have taken
+            # them) and this one. A dropped storage lives on as long as the cache that holds it.
+            kept[:] = [s for s in kept if s.nbytes() == nbytes][-(_KEPT - 1):] + [storage]
+        return torch.empty(0, dtype=like.dtype).set_(storage, 0, shape)
