@@ -5,7 +5,8 @@ entries of a cache) are fresh memory each run on the CPU: the previous run's cac
 pages back to the kernel, and every run pays for faulting (and zeroing) them in again; HF's forward frees those
 tensors at once and never does. ``ReusedStorage`` keeps the storage the kernels write into (``out=``) and hands it
 out again only when no tensor, view, storage object or autograd graph refers to it any more (the storage's
-reference count, which every tensor and view sharing it holds, is the pool's own reference alone). A user who
+reference counts, which every tensor, view and storage object sharing it raise, are those of the pool's handle
+alone). A user who
 keeps a cache therefore never sees it overwritten: the next run takes the second storage, or fresh memory.
 
 Two storages per slot cover ``_, cache = model.run_with_cache(x)`` in a loop (the previous cache is alive until
@@ -15,20 +16,32 @@ do not record gradients), so a forward that needs gradients allocates as before.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 _KEPT = 2  # storages per slot: the cache the caller still holds, and the one this run fills
 
 
-def _unreferenced(storage: torch.UntypedStorage) -> bool:
-    # The StorageImpl's use count: one per tensor (view or not) and storage object sharing it. Ours is the only one.
-    return torch._C._storage_Use_Count(storage._cdata) == 1
+def _references(handle: Tensor) -> tuple[int, int]:
+    """How many hold the handle's memory: C++ references to the storage (one per tensor or view sharing it, and
+    one per storage object) and Python references to its storage object (a user may keep ``x.untyped_storage()``,
+    which is the very object this call gets back)."""
+    storage = handle.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+
+def _new_handle(nbytes: int) -> Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage(nbytes))
+
+
+_ALONE = _references(_new_handle(1))  # the counts when the pool's handle is all that refers to the memory
 
 
 class ReusedStorage:
     def __init__(self):
-        self.slots: dict[str, list[torch.UntypedStorage]] = {}
+        self.slots: dict[str, list[Tensor]] = {}  # uint8 handles on the kept storages
 
     def empty(self, slot: str, shape: tuple[int, ...], *sources: Tensor) -> Tensor | None:
         """A contiguous ``shape`` tensor of ``sources[0]``'s dtype on memory no one else refers to, to be computed
@@ -39,10 +52,10 @@ class ReusedStorage:
             return None
         nbytes = like.element_size() * torch.Size(shape).numel()
         kept = self.slots.setdefault(slot, [])
-        storage = next((s for s in kept if s.nbytes() == nbytes and _unreferenced(s)), None)
-        if storage is None:
-            storage = torch.UntypedStorage(nbytes)
+        handle = next((h for h in kept if h.untyped_storage().nbytes() == nbytes and _references(h) == _ALONE), None)
+        if handle is None:
+            handle = _new_handle(nbytes)
             # Kept: the newest in-use storage of this size (the others are in use too, or the pool would have taken
             # them) and this one. A dropped storage lives on as long as the cache that holds it.
-            kept[:] = [s for s in kept if s.nbytes() == nbytes][-(_KEPT - 1):] + [storage]
-        return torch.empty(0, dtype=like.dtype).set_(storage, 0, shape)
+            kept[:] = [h for h in kept if h.untyped_storage().nbytes() == nbytes][-(_KEPT - 1):] + [handle]
+        return torch.empty(0, dtype=like.dtype).set_(handle.untyped_storage(), 0, shape)
