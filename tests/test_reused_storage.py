@@ -13,35 +13,38 @@ from tl_vlm.components.reused_storage import ReusedStorage
 from tl_vlm.zoo.data import sample_images
 
 ATTENTION = ("hook_attn_scores", "hook_pattern")
+SHAPE = (2, 3, 4)
 
 
 def test_memory_is_handed_out_again_only_when_nothing_refers_to_it():
-    pool, like = ReusedStorage(), torch.zeros(1)
-    first = pool.empty("scores", (2, 3, 4), like)
+    pool, like = ReusedStorage(min_bytes=0), torch.zeros(1)
+    first = pool.empty("scores", SHAPE, like)
     view = first[1]
     del first
-    second = pool.empty("scores", (2, 3, 4), like)  # a view of the first still lives: other memory
+    second = pool.empty("scores", SHAPE, like)  # a view of the first still lives: other memory
     assert second.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
     kept_ptr = view.untyped_storage().data_ptr()
     del view
-    third = pool.empty("scores", (2, 3, 4), like)
-    assert third.data_ptr() == kept_ptr and third.shape == (2, 3, 4) and third.is_contiguous()
+    third = pool.empty("scores", SHAPE, like)
+    assert third.data_ptr() == kept_ptr and third.shape == SHAPE and third.is_contiguous()
     storage = second.untyped_storage()  # a storage object refers to the memory as much as a tensor does
     storage_ptr = storage.data_ptr()
     del second
-    assert pool.empty("scores", (2, 3, 4), like).data_ptr() != storage.data_ptr()
+    assert pool.empty("scores", SHAPE, like).data_ptr() != storage.data_ptr()
     assert len(pool.slots["scores"]) == 2
     del storage
-    assert pool.empty("scores", (2, 3, 4), like).data_ptr() == storage_ptr
+    assert pool.empty("scores", SHAPE, like).data_ptr() == storage_ptr
 
 
-def test_no_reuse_where_autograd_records_or_off_the_cpu():
-    pool = ReusedStorage()
+def test_no_reuse_where_autograd_records_off_the_cpu_or_small():
+    pool = ReusedStorage(min_bytes=0)
     leaf = torch.zeros(3, requires_grad=True)
-    assert pool.empty("scores", (3,), leaf) is None
+    assert pool.empty("scores", SHAPE, leaf) is None
     with torch.no_grad():
-        assert pool.empty("scores", (3,), leaf) is not None
-    assert pool.empty("scores", (3,), torch.zeros(3, device="meta")) is None
+        assert pool.empty("scores", SHAPE, leaf) is not None
+    assert pool.empty("scores", SHAPE, torch.zeros(3, device="meta")) is None
+    assert ReusedStorage().empty("scores", SHAPE, torch.zeros(1)) is None  # small: malloc's heap serves it
+    assert ReusedStorage().empty("scores", (32, 1024), torch.zeros(1)) is not None
 
 
 def _without_reuse(model) -> None:
@@ -52,8 +55,12 @@ def _without_reuse(model) -> None:
 
 @pytest.fixture
 def llava(llava15):
+    """The tiny fixture, its attention reusing memory of any size (its scores are below the default minimum)."""
+    attentions = [m for m in llava15.model.modules() if isinstance(m, Attention)]
+    for attn in attentions:
+        attn.reused = ReusedStorage(min_bytes=0)
     yield llava15.model
-    for attn in (m for m in llava15.model.modules() if isinstance(m, Attention)):
+    for attn in attentions:
         attn.reused = ReusedStorage()
 
 

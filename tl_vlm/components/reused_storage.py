@@ -10,7 +10,8 @@ alone). A user who
 keeps a cache therefore never sees it overwritten: the next run takes the second storage, or fresh memory.
 
 Two storages per slot cover ``_, cache = model.run_with_cache(x)`` in a loop (the previous cache is alive until
-the call returns). CPU only: CUDA's caching allocator already reuses memory. Only without autograd (``out=`` ops
+the call returns). CPU only (CUDA's caching allocator already reuses memory), and from 128 KiB (below, malloc
+reuses its heap). Only without autograd (``out=`` ops
 do not record gradients), so a forward that needs gradients allocates as before.
 """
 
@@ -40,17 +41,19 @@ _ALONE = _references(_new_handle(1))  # the counts when the pool's handle is all
 
 
 class ReusedStorage:
-    def __init__(self):
+    # Smaller blocks come from the heap glibc's malloc keeps (its default mmap threshold): fresh, they cost nothing.
+    def __init__(self, min_bytes: int = 128 * 1024):
+        self.min_bytes = min_bytes
         self.slots: dict[str, list[Tensor]] = {}  # uint8 handles on the kept storages
 
     def empty(self, slot: str, shape: tuple[int, ...], *sources: Tensor) -> Tensor | None:
         """A contiguous ``shape`` tensor of ``sources[0]``'s dtype on memory no one else refers to, to be computed
-        from ``sources``; None where reuse does not apply (not the CPU, or autograd records this computation): the
-        caller allocates as usual."""
+        from ``sources``; None where reuse does not apply (small, not the CPU, or autograd records this computation):
+        the caller allocates as usual."""
         like = sources[0]
-        if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-            return None
         nbytes = like.element_size() * torch.Size(shape).numel()
+        if nbytes < self.min_bytes or like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return None
         kept = self.slots.setdefault(slot, [])
         handle = next((h for h in kept if h.untyped_storage().nbytes() == nbytes and _references(h) == _ALONE), None)
         if handle is None:
