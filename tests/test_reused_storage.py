@@ -1,6 +1,6 @@
-"""The explicit attention path's scores / pattern are written into memory reused from run to run
-(components/reused_storage.py): the same numbers as fresh memory, and a cache (or any view of it) that someone
-still holds is never written into."""
+"""Cached activations (the explicit attention path's scores / pattern, the MLP's pre-activations and gated
+product, the block's residual sums) are written into memory reused from run to run (components/reused_storage.py):
+the same numbers as fresh memory, and a cache (or any view of it) that someone still holds is never written into."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import torch
 from conftest import PROMPTS
 
 from tl_vlm.components.attention import Attention
+from tl_vlm.components.block import TransformerBlock
+from tl_vlm.components.mlp import MLP
 from tl_vlm.components.reused_storage import ReusedStorage
 from tl_vlm.zoo.data import sample_images
 
 ATTENTION = ("hook_attn_scores", "hook_pattern")
+REUSING = (Attention, MLP, TransformerBlock)  # the modules with a ReusedStorage
 SHAPE = (2, 3, 4)
 
 
@@ -49,19 +52,19 @@ def test_no_reuse_where_autograd_records_off_the_cpu_or_small():
 
 def _without_reuse(model) -> None:
     """The same model with every attention allocating as before (the reference numbers)."""
-    for attn in (m for m in model.modules() if isinstance(m, Attention)):
-        attn.reused.empty = lambda *args: None
+    for module in (m for m in model.modules() if isinstance(m, REUSING)):
+        module.reused.empty = lambda *args: None
 
 
 @pytest.fixture
 def llava(llava15):
-    """The tiny fixture, its attention reusing memory of any size (its scores are below the default minimum)."""
-    attentions = [m for m in llava15.model.modules() if isinstance(m, Attention)]
-    for attn in attentions:
-        attn.reused = ReusedStorage(min_bytes=0)
+    """The tiny fixture, reusing memory of any size (its activations are below the default minimum)."""
+    modules = [m for m in llava15.model.modules() if isinstance(m, REUSING)]
+    for module in modules:
+        module.reused = ReusedStorage(min_bytes=0)
     yield llava15.model
-    for attn in attentions:
-        attn.reused = ReusedStorage()
+    for module in modules:
+        module.reused = ReusedStorage()
 
 
 def test_a_kept_cache_is_never_overwritten_and_a_dropped_one_is_reused(llava):
@@ -95,13 +98,16 @@ def test_same_numbers_as_fresh_memory(llava, padded):
         assert inputs.attention_mask is not None and not bool(inputs.attention_mask.all())
     else:
         inputs = llava.prepare(images=sample_images(1, seed=3), text=PROMPTS[0])
-    name = "blocks.1.attn.hook_attn_scores"
+    names = ["blocks.1.attn.hook_attn_scores", "vision.blocks.0.attn.hook_pattern", "blocks.0.mlp.hook_pre",
+             "blocks.1.mlp.hook_pre_linear", "blocks.1.mlp.hook_post", "vision.blocks.1.mlp.hook_pre",
+             "blocks.0.hook_resid_mid", "blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]
     with torch.no_grad():
         _, previous = llava.run_with_cache(inputs)
-        ptr = previous[name].data_ptr()
+        ptrs = [previous[name].data_ptr() for name in names]
         del previous
         out, cache = llava.run_with_cache(inputs)  # into the previous run's memory, values and all
-        assert cache[name].data_ptr() == ptr
+        assert [cache[name].data_ptr() for name in names] == ptrs
+        assert cache["blocks.1.hook_resid_pre"].data_ptr() == cache["blocks.0.hook_resid_post"].data_ptr()
         _without_reuse(llava)
         ref_out, ref = llava.run_with_cache(inputs)
     assert torch.equal(out, ref_out)

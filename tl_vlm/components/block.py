@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_vlm.components.attention import Attention, AttentionMask
-from tl_vlm.components.hooks import run_hook
+from tl_vlm.components.hooks import cached, run_hook
 from tl_vlm.components.kv_cache import KVCacheEntry
 from tl_vlm.components.mlp import MLP
 from tl_vlm.components.norms import make_norm
+from tl_vlm.components.reused_storage import ReusedStorage
 from tl_vlm.config import TowerConfig
 
 
@@ -32,6 +34,7 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        self.reused = ReusedStorage()  # memory of the cached residual streams, kept from run to run
 
     def forward(
         self,
@@ -52,10 +55,16 @@ class TransformerBlock(nn.Module):
         else:
             attn_out = self.attn(self.ln1(resid), rotary, mask, causal, cache)
         attn_out = run_hook(self.hook_attn_out, self.attn_written(attn_out))
-        resid = run_hook(self.hook_resid_mid, resid + attn_out)
+        resid = run_hook(self.hook_resid_mid, self._sum(resid, attn_out, self.hook_resid_mid, "mid"))
         mlp_in = run_hook(self.hook_mlp_in, resid.clone()) if "hook_mlp_in" in self._modules else resid
         mlp_out = run_hook(self.hook_mlp_out, self.mlp_written(self.mlp(self.ln2(mlp_in))))
-        return run_hook(self.hook_resid_post, resid + mlp_out)
+        return run_hook(self.hook_resid_post, self._sum(resid, mlp_out, self.hook_resid_post, "post"))
+
+    def _sum(self, resid: Tensor, out: Tensor, hook: HookPoint, slot: str) -> Float[Tensor, "batch pos d_model"]:
+        """``resid + out``; a cached stream is written into reused memory (reused_storage.py), the same add."""
+        same = cached(hook) and resid.shape == out.shape and resid.dtype == out.dtype
+        into = self.reused.empty(slot, resid.shape, resid, out) if same else None
+        return resid + out if into is None else torch.add(resid, out, out=into)
 
     def attn_written(self, attn_out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         """What the attention writes into the stream (``hook_attn_out``): its output; a gate or post-norm in

@@ -38,9 +38,14 @@ def must_call(hook: nn.Module) -> bool:
     return type(hook) is not HookPoint or has_torch_hooks(hook)
 
 
+def cached(hook: nn.Module) -> bool:
+    """Whether ``run_hook`` will store the slot's value (it is kept after the run)."""
+    return hook.__dict__.get("cache_into") is not None
+
+
 def active(hook: nn.Module) -> bool:
     """Whether the slot's value is observed or changed (so a lazily computed activation must be computed)."""
-    return must_call(hook) or hook.__dict__.get("cache_into") is not None
+    return must_call(hook) or cached(hook)
 
 
 def observed(module: nn.Module) -> bool:
