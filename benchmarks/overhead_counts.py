@@ -8,7 +8,9 @@ Per run, next to wall time (median over interleaved rounds, as overhead.py): CPU
 getrusage; with one thread it does not grow with other processes' load as wall time does), minor page faults (fresh
 memory the kernel must map and zero), and from one extra run each: aten ops (torch.profiler), bytes the ops
 allocated (profile_memory) and Python function calls (cProfile). ``run_with_cache all, fresh memory`` is the same
-run with the explicit attention path's reused storage turned off (components/reused_storage.py), i.e. as before it.
+run with reused memory turned off (components/reused_storage.py: attention scores / pattern, MLP activations,
+residual sums). Both models live in one process, so glibc's heap is shared: the fresh-memory row can fault less
+here than in a process of its own (compare with a run of the previous commit).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from common import FAMILIES, SHAPES, build, inputs_for, sibling, write_report
 from overhead import _bridge, _nnsight
 from tl_vlm import HookedVLM
 from tl_vlm.components.attention import Attention
+from tl_vlm.components.block import TransformerBlock
+from tl_vlm.components.mlp import MLP
 
 
 def main() -> None:
@@ -41,9 +45,9 @@ def main() -> None:
 
     hf, processor = build(args.family, args.shape)
     model = HookedVLM.from_hf_model(hf)
-    fresh = HookedVLM.from_hf_model(hf)  # the same weights, attention allocating as before reuse
-    for attn in (m for m in fresh.modules() if isinstance(m, Attention)):
-        attn.reused.empty = lambda *a: None
+    fresh = HookedVLM.from_hf_model(hf)  # the same weights, every activation in fresh memory (as before reuse)
+    for module in (m for m in fresh.modules() if isinstance(m, (Attention, MLP, TransformerBlock))):
+        module.reused.empty = lambda *a: None
     inputs = inputs_for(processor, "cpu", torch.float32)
     resid = lambda name: name.endswith("hook_resid_post")  # noqa: E731
     runs = {

@@ -128,3 +128,17 @@ def test_gradients_flow_through_the_explicit_path(llava):
     logits[0, -1].sum().backward()
     assert grads and all(g.abs().sum() > 0 for g in grads.values())
     llava.zero_grad(set_to_none=True)
+
+
+def test_release_lets_go_of_the_kept_memory(llava):
+    inputs = llava.prepare(images=sample_images(1, seed=3), text=PROMPTS[0])
+    name = "blocks.0.mlp.hook_pre"
+    with torch.no_grad():
+        _, cache = llava.run_with_cache(inputs)
+        ptr = cache[name].data_ptr()
+        llava.release_reused_memory()
+        assert all(not m.reused.slots for m in llava.modules() if isinstance(m, REUSING))
+        kept = cache[name].clone()
+        _, again = llava.run_with_cache(inputs)
+    assert cache[name].data_ptr() == ptr and torch.equal(cache[name], kept)  # the cache still owns its memory
+    assert torch.equal(again[name], kept)

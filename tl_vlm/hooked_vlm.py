@@ -34,7 +34,9 @@ from tl_vlm import weight_processing
 from tl_vlm.activation_cache import VLMActivationCache
 from tl_vlm.capabilities import Capabilities
 from tl_vlm.components import KVCache, TransformerBlock
+from tl_vlm.components.attention import Attention
 from tl_vlm.components.gated_cross_block import GatedCrossBlock
+from tl_vlm.components.mlp import MLP
 from tl_vlm.components.kv_cache import check_context
 from tl_vlm.components.hooks import nested
 from tl_vlm.config import VLMConfig
@@ -577,6 +579,13 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             for hook, before in zip(direct, previous):
                 hook.__dict__["cache_into"] = before
         return out, cache
+
+    def release_reused_memory(self) -> None:
+        """Free the memory that ``run_with_cache`` keeps from run to run for its largest activations (up to twice
+        their size, on the CPU; components/reused_storage.py). The next cache allocates it again."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP, TransformerBlock)):
+                module.reused.release()
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """As in TL: whether caching everything includes the per-head ``hook_result`` of every tower."""

@@ -62,3 +62,7 @@ class ReusedStorage:
             # them) and this one. A dropped storage lives on as long as the cache that holds it.
             kept[:] = [h for h in kept if h.untyped_storage().nbytes() == nbytes][-(_KEPT - 1):] + [handle]
         return torch.empty(0, dtype=like.dtype).set_(handle.untyped_storage(), 0, shape)
+
+    def release(self) -> None:
+        """Let go of the kept memory (a cache that still holds some keeps it)."""
+        self.slots.clear()
