@@ -1,7 +1,7 @@
 """Where the time of an all-hooks ``run_with_cache`` goes, in counts the load of a shared machine does not change.
 
 Usage: python benchmarks/overhead_counts.py --family llava|blip2|qwen2_vl --shape tiny|design|real
-           [--repeats 7] [--threads 1]
+           [--repeats 7] [--threads 1] [--bare]
 Writes benchmarks/results/overhead_counts_<family>_<shape>_cpu_fp32.{json,md}.
 
 Per run, next to wall time (median over interleaved rounds, as overhead.py): CPU time of the process (user + sys,
@@ -40,25 +40,28 @@ def main() -> None:
     parser.add_argument("--shape", default="design", choices=SHAPES)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bare", action="store_true", help="only HF, forward and the all-hooks cache of one model: "
+                        "the allocator's state is then this code's own (run once per version to compare faults)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     hf, processor = build(args.family, args.shape)
     model = HookedVLM.from_hf_model(hf)
-    fresh = HookedVLM.from_hf_model(hf)  # the same weights, every activation in fresh memory (as before reuse)
-    for module in (m for m in fresh.modules() if isinstance(m, (Attention, MLP, TransformerBlock))):
-        module.reused.empty = lambda *a: None
     inputs = inputs_for(processor, "cpu", torch.float32)
-    resid = lambda name: name.endswith("hook_resid_post")  # noqa: E731
     runs = {
         "hf (default attention)": lambda: hf(**inputs),
         "tl_vlm forward": lambda: model(**inputs),
         "tl_vlm run_with_cache all": lambda: model.run_with_cache(**inputs),
-        "tl_vlm run_with_cache all, fresh memory": lambda: fresh.run_with_cache(**inputs),
-        "tl_vlm run_with_cache resid_post": lambda: model.run_with_cache(**inputs, names_filter=resid),
     }
+    if not args.bare:
+        fresh = HookedVLM.from_hf_model(hf)  # the same weights, every activation in fresh memory (as before reuse)
+        for module in (m for m in fresh.modules() if isinstance(m, (Attention, MLP, TransformerBlock))):
+            module.reused.empty = lambda *a: None
+        resid = lambda name: name.endswith("hook_resid_post")  # noqa: E731
+        runs["tl_vlm run_with_cache all, fresh memory"] = lambda: fresh.run_with_cache(**inputs)
+        runs["tl_vlm run_with_cache resid_post"] = lambda: model.run_with_cache(**inputs, names_filter=resid)
     skipped = {}
-    for name, fn in (("tl bridge", _bridge), ("nnsight", _nnsight)):
+    for name, fn in () if args.bare else (("tl bridge", _bridge), ("nnsight", _nnsight)):
         try:
             peer = fn(args.family, sibling(hf), inputs)
             runs.update({f"{name} {row}": f for row, f in peer.items() if row != "forward"})
@@ -83,7 +86,7 @@ def main() -> None:
             "cpu_ratio": cpu / hf_cpu, "page_faults": faults, "extra_faults": faults - hf_faults, **work[name],
         })
     meta = {
-        "family": args.family, "shape": args.shape, "threads": args.threads, "repeats": args.repeats,
+        "family": args.family, "shape": args.shape, "threads": args.threads, "repeats": args.repeats, "bare": args.bare,
         "tokens": int(inputs["input_ids"].shape[1]), "load_avg_1m": _load(), "skipped": skipped,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
     }

@@ -14,3 +14,9 @@ def test_overhead_counts(run_script):  # noqa: F811
     assert {"hf (default attention)", "tl_vlm run_with_cache all", "tl_vlm run_with_cache all, fresh memory"} <= set(rows)
     assert rows["tl_vlm run_with_cache all"]["aten_ops"] > rows["tl_vlm forward"]["aten_ops"] > 0
     assert all(row["python_calls"] > 0 and row["page_faults"] >= 0 for row in rows.values())
+
+
+def test_overhead_counts_bare(run_script):  # noqa: F811
+    out = run_script("overhead_counts.py", "--family", "blip2", "--shape", "tiny", "--repeats", "1", "--bare")
+    report = json.loads((out / "overhead_counts_blip2_tiny_cpu_fp32.json").read_text())
+    assert [row["run"] for row in report["rows"]] == ["hf (default attention)", "tl_vlm forward", "tl_vlm run_with_cache all"]
