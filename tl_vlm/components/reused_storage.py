@@ -10,8 +10,8 @@ alone). A user who
 keeps a cache therefore never sees it overwritten: the next run takes the second storage, or fresh memory.
 
 Two storages per slot cover ``_, cache = model.run_with_cache(x)`` in a loop (the previous cache is alive until
-the call returns). CPU only (CUDA's caching allocator already reuses memory), and from 128 KiB (below, malloc
-reuses its heap). Only without autograd (``out=`` ops
+the call returns). CPU only (CUDA's caching allocator already reuses memory), and only above 32 MiB (see
+``ReusedStorage``). Only without autograd (``out=`` ops
 do not record gradients), so a forward that needs gradients allocates as before.
 """
 
@@ -41,8 +41,11 @@ _ALONE = _references(_new_handle(1))  # the counts when the pool's handle is all
 
 
 class ReusedStorage:
-    # Smaller blocks come from the heap glibc's malloc keeps (its default mmap threshold): fresh, they cost nothing.
-    def __init__(self, min_bytes: int = 128 * 1024):
+    # Only blocks above glibc's largest mmap threshold (32 MiB on 64-bit), which are fresh pages from the kernel on
+    # every allocation. Smaller blocks glibc learns to keep in its heap when such blocks are freed: holding them
+    # instead stopped that learning, and the rest of the process (HF's own forward too) faulted more (LLaVA at real
+    # width, benchmarks/RESULTS.md).
+    def __init__(self, min_bytes: int = 32 * 1024 * 1024 + 1):
         self.min_bytes = min_bytes
         self.slots: dict[str, list[Tensor]] = {}  # uint8 handles on the kept storages
 
