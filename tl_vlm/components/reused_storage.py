@@ -10,8 +10,8 @@ alone). A user who
 keeps a cache therefore never sees it overwritten: the next run takes the second storage, or fresh memory.
 
 Two storages per slot cover ``_, cache = model.run_with_cache(x)`` in a loop (the previous cache is alive until
-the call returns). CPU only (CUDA's caching allocator already reuses memory), and only above 32 MiB (see
-``ReusedStorage``). Only without autograd (``out=`` ops
+the call returns). CPU only (CUDA's caching allocator already reuses memory), and from 128 KiB (below, malloc
+reuses its heap). Only without autograd (``out=`` ops
 do not record gradients), so a forward that needs gradients allocates as before.
 """
 
@@ -41,11 +41,8 @@ _ALONE = _references(_new_handle(1))  # the counts when the pool's handle is all
 
 
 class ReusedStorage:
-    # Only blocks above glibc's largest mmap threshold (32 MiB on 64-bit), which are fresh pages from the kernel on
-    # every allocation. Smaller blocks glibc learns to keep in its heap when such blocks are freed: holding them
-    # instead stopped that learning, and the rest of the process (HF's own forward too) faulted more (LLaVA at real
-    # width, benchmarks/RESULTS.md).
-    def __init__(self, min_bytes: int = 32 * 1024 * 1024 + 1):
+    # Smaller blocks come from the heap glibc's malloc keeps (its default mmap threshold): fresh, they cost nothing.
+    def __init__(self, min_bytes: int = 128 * 1024):
         self.min_bytes = min_bytes
         self.slots: dict[str, list[Tensor]] = {}  # uint8 handles on the kept storages
 
@@ -61,6 +58,11 @@ class ReusedStorage:
         handle = next((h for h in kept if h.untyped_storage().nbytes() == nbytes and _references(h) == _ALONE), None)
         if handle is None:
             handle = _new_handle(nbytes)
+            # A block of this size freed once, untouched (no page is faulted in): glibc raises its mmap threshold to
+            # the size of a freed mapping and keeps such blocks in its heap from then on, as it would have learned from
+            # this activation's own frees had the pool not kept it; otherwise the process's other temporaries of this
+            # size stay fresh mappings.
+            torch.UntypedStorage(nbytes)  # allocated and freed at once
             # Kept: the newest in-use storage of this size (the others are in use too, or the pool would have taken
             # them) and this one. A dropped storage lives on as long as the cache that holds it.
             kept[:] = [h for h in kept if h.untyped_storage().nbytes() == nbytes][-(_KEPT - 1):] + [handle]
