@@ -4,6 +4,8 @@ the same numbers as fresh memory, and a cache (or any view of it) that someone s
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import PROMPTS
@@ -34,9 +36,21 @@ def test_memory_is_handed_out_again_only_when_nothing_refers_to_it():
     storage_ptr = storage.data_ptr()
     del second
     assert pool.empty("scores", SHAPE, like).data_ptr() != storage.data_ptr()
-    assert len(pool.slots["scores"]) == 2
+    assert len(pool.slots[threading.get_ident(), "scores"]) == 2
     del storage
     assert pool.empty("scores", SHAPE, like).data_ptr() == storage_ptr
+
+
+def test_threads_never_share_memory():
+    """Two threads running a model at once must not both take the storage the other just found free."""
+    pool, like = ReusedStorage(min_bytes=0), torch.zeros(1)
+    freed = pool.empty("scores", SHAPE, like).data_ptr()  # dropped at once: free for this thread
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(pool.empty("scores", SHAPE, like).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != freed
+    assert pool.empty("scores", SHAPE, like).data_ptr() == freed
 
 
 def test_no_reuse_where_autograd_records_off_the_cpu_or_small():

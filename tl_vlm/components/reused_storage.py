@@ -18,6 +18,7 @@ do not record gradients), so a forward that needs gradients allocates as before.
 from __future__ import annotations
 
 import sys
+import threading
 
 import torch
 from torch import Tensor
@@ -44,7 +45,9 @@ class ReusedStorage:
     # Smaller blocks come from the heap glibc's malloc keeps (its default mmap threshold): fresh, they cost nothing.
     def __init__(self, min_bytes: int = 128 * 1024):
         self.min_bytes = min_bytes
-        self.slots: dict[str, list[Tensor]] = {}  # uint8 handles on the kept storages
+        # uint8 handles on the kept storages, per thread: two threads running the model at once (e.g. the explorer's
+        # requests) must not both find the same storage free and write into it.
+        self.slots: dict[tuple[int, str], list[Tensor]] = {}
 
     def empty(self, slot: str, shape: tuple[int, ...], *sources: Tensor) -> Tensor | None:
         """A contiguous ``shape`` tensor of ``sources[0]``'s dtype on memory no one else refers to, to be computed
@@ -54,7 +57,7 @@ class ReusedStorage:
         nbytes = like.element_size() * torch.Size(shape).numel()
         if nbytes < self.min_bytes or like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return None
-        kept = self.slots.setdefault(slot, [])
+        kept = self.slots.setdefault((threading.get_ident(), slot), [])
         handle = next((h for h in kept if h.untyped_storage().nbytes() == nbytes and _references(h) == _ALONE), None)
         if handle is None:
             handle = _new_handle(nbytes)
