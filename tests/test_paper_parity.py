@@ -125,3 +125,6 @@ def test_project_away_layer_numbering(loaded):
         ProjectAway(model, "square", text_layer=1, image_layer=2)  # the paper's demo index, beyond this model
     with pytest.raises(ValueError, match="last decoder layer"):
         ProjectAway(model, "square", image_layer=-1)
+    assert ProjectAway(model, "square", text_layer=0, image_layer="input").hook_name == "blocks.0.hook_resid_pre"
+    with pytest.raises(ValueError, match="'inputs': pass a decoder layer index or 'input'"):
+        ProjectAway(model, "square", image_layer="inputs")

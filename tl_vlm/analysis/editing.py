@@ -11,6 +11,10 @@ Layers are numbered as in the paper's code (its demo: ``lT=1, lI=2``):
   at image positions only, for each object in turn and each image token h with p = <h, t> / <t, t> > 0:
   h <- h - alpha * p * t.
 
+``image_layer="input"`` edits the image tokens as they enter the language model (the projector's output, HF's
+``hidden_states[0]``, ``blocks.0.hook_resid_pre``): for a model that reads the image in its first blocks, where
+no decoder layer's output still holds what to erase.
+
 Negative indices count from the end, as Python indexing in the paper's code does. The last decoder layer is
 refused as ``image_layer``: no later block reads its image positions, so the edit could not change any output
 (the paper's code runs it as a no-op).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -73,9 +78,16 @@ class ProjectAway:
     """The edit for an object or a list of objects; ``applied(inputs)`` is the context in which runs and
     ``generate`` see it."""
 
-    def __init__(self, model, objects: str | Sequence[str], text_layer: int = 1, image_layer: int = 2, alpha: float = 1.5):
+    def __init__(self, model, objects: str | Sequence[str], text_layer: int = 1,
+                 image_layer: int | Literal["input"] = 2, alpha: float = 1.5):
         n = model.cfg.n_layers
-        image_layer = _checked_layer(image_layer, n, "image_layer", "decoder layers")
+        if image_layer == "input":
+            self.hook_name = "blocks.0.hook_resid_pre"
+        elif isinstance(image_layer, str):
+            raise ValueError(f"image_layer {image_layer!r}: pass a decoder layer index or 'input' (the LM's input)")
+        else:
+            image_layer = _checked_layer(image_layer, n, "image_layer", "decoder layers")
+            self.hook_name = f"blocks.{image_layer}.hook_resid_post"
         if image_layer == n - 1:
             raise ValueError(
                 f"image_layer {image_layer} is the last decoder layer: the edit needs a later block to read the edited "
@@ -84,7 +96,6 @@ class ProjectAway:
             )
         self.model, self.alpha = model, alpha
         self.objects = [objects] if isinstance(objects, str) else list(objects)
-        self.hook_name = f"blocks.{image_layer}.hook_resid_post"
         self.directions = torch.stack([text_direction(model, word, text_layer) for word in self.objects])
 
     @contextmanager

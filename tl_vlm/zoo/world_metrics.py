@@ -13,8 +13,8 @@ reports, as their paper does:
 - ``project_away``: on each caption with hallucinated objects, ``ProjectAway`` of those objects, then caption again:
   the share of hallucinated mentions removed and of correct mentions kept (their Table: hallucination reduction and
   correct objects retained). ``project_away`` edits where the paper's hook does (the output of decoder layer
-  ``image_layer``); ``project_away_at_input`` makes the same edit (``editing.project_away``, text direction of
-  ``hidden_states[0]``) on the image tokens entering the language model, the projector's output: this toy's
+  ``image_layer``); ``project_away_at_input`` makes the same edit (``ProjectAway(..., image_layer="input")``, text
+  direction of ``hidden_states[0]``) on the image tokens entering the language model, the projector's output: this toy's
   4-layer language model reads the image in its first block, before any decoder layer's output.
 
 ``world_reference.measure`` computes the same numbers on the HF model alone, for the side-by-side check.
@@ -22,14 +22,10 @@ reports, as their paper does:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from tl_vlm.analysis.confidence import confidence_map
-from tl_vlm.analysis.editing import ProjectAway, captions, project_away, text_direction
-from tl_vlm.analysis.logit_lens import image_positions
+from tl_vlm.analysis.editing import ProjectAway, captions
 from tl_vlm.analysis.hallucination import extract_mentions, hallucination_metrics, label_mentions, score_mentions
 from tl_vlm.analysis.spatial import spatial_index
 from tl_vlm.prompts import format_prompt
@@ -86,34 +82,18 @@ def pointing_game(model, scenes: list[world.Scene], inputs) -> dict:
     return {"objects": total, "hits": hits, "accuracy": hits / total, "chance": 1 / world.GRID**2}
 
 
-@contextmanager
-def edited_input(model, inputs, words: list[str], alpha: float = 1.5) -> Iterator[None]:
-    """ProjectAway's edit on the image tokens entering the language model (``blocks.0.hook_resid_pre``), with the
-    words' directions in that space (``text_direction`` at layer 0: HF's ``hidden_states[0]``)."""
-    directions = torch.stack([text_direction(model, w, 0) for w in words])
-    mask = image_positions(model, inputs.input_ids.to(model.device))
-
-    def edit(resid, hook):
-        if resid.shape[1] < mask.shape[1]:
-            return resid  # a KV-cached decode step: no image positions in this pass
-        resid[mask] = project_away(resid[mask], directions, alpha)
-        return resid
-
-    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", edit)]):
-        yield
-
-
-def project_away_table(model, scenes, rows, said: list[set[str]], text_layer: int | None = TEXT_LAYER,
+def project_away_table(model, scenes, rows, said: list[set[str]], text_layer: int = TEXT_LAYER,
                        image_layer: int | None = IMAGE_LAYER) -> dict:
     """ProjectAway of each caption's hallucinated objects: hallucinated mentions removed, correct ones kept.
-    ``image_layer=None``: the edit on the language model's input (``edited_input``)."""
+    ``image_layer=None``: the edit on the language model's input (``image_layer="input"``, alpha ``INPUT_ALPHA``)."""
     removed = hallucinated = kept = correct = 0
     for scene, row, before in zip(scenes, rows, said):
         fake = sorted(before - scene.present)
         if not fake:
             continue
-        edit = edited_input(model, row, fake, INPUT_ALPHA) if image_layer is None else ProjectAway(model, fake, text_layer, image_layer).applied(row)
-        with edit:
+        edit = (ProjectAway(model, fake, text_layer, "input", INPUT_ALPHA) if image_layer is None
+                else ProjectAway(model, fake, text_layer, image_layer))
+        with edit.applied(row):
             after = mentioned(captions(model, row, **GENERATION))[0]
         real = before & scene.present
         hallucinated += len(fake)
