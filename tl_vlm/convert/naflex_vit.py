@@ -12,6 +12,7 @@ import math
 from tl_vlm.config import ViTConfig
 from tl_vlm.convert.dual_encoders import pooled_vit_rules
 from tl_vlm.convert.rules import Rule
+from tl_vlm.convert.vits import encoder_fields
 
 
 def naflex_vit_config(vc) -> ViTConfig:
@@ -27,22 +28,10 @@ def naflex_vit_config(vc) -> ViTConfig:
     if side * side != vc.num_patches:
         raise ValueError(f"SigLIP 2's position grid is square; num_patches={vc.num_patches} is not a square number")
     return ViTConfig(
-        n_layers=vc.num_hidden_layers,
-        d_model=vc.hidden_size,
-        n_heads=vc.num_attention_heads,
-        d_head=vc.hidden_size // vc.num_attention_heads,
-        d_mlp=vc.intermediate_size,
-        act_fn=vc.hidden_act,
-        normalization_type="LN",
-        eps=vc.layer_norm_eps,
+        **encoder_fields(vc),
         n_ctx=vc.num_patches,
         attn_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        attention_dir="bidirectional",
-        positional_embedding_type="standard",
         original_architecture="Siglip2VisionModel",
-        hf_config=vc,
         image_size=side * vc.patch_size,
         patch_size=vc.patch_size,
         num_channels=vc.num_channels,

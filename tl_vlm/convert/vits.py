@@ -13,6 +13,26 @@ from tl_vlm.convert.rules import Rule, attention_rules, mlp_rules, norm_rules
 _VIT_KINDS = ("clip_vision_model", "siglip_vision_model", "blip_2_vision_model", "instructblip_vision_model")
 
 
+def encoder_fields(vc) -> dict:
+    """The ViTConfig fields every HF ViT encoder config gives the same way (pre-norm LayerNorm blocks with biases,
+    bidirectional attention, learned positions)."""
+    return dict(
+        n_layers=vc.num_hidden_layers,
+        d_model=vc.hidden_size,
+        n_heads=vc.num_attention_heads,
+        d_head=vc.hidden_size // vc.num_attention_heads,
+        d_mlp=vc.intermediate_size,
+        act_fn=vc.hidden_act,
+        normalization_type="LN",
+        eps=vc.layer_norm_eps,
+        attn_out_bias=True,
+        mlp_bias=True,
+        attention_dir="bidirectional",
+        positional_embedding_type="standard",
+        hf_config=vc,
+    )
+
+
 def vit_config(vc) -> ViTConfig:
     """CLIP (class token, ``ln_pre``), SigLIP (no class token, no ``ln_pre``, patch bias) or EVA (BLIP-2's:
     class token, patch bias, optional q/v biases, ``ln_post``)."""
@@ -22,22 +42,10 @@ def vit_config(vc) -> ViTConfig:
     clip, siglip = kind == "clip_vision_model", kind == "siglip_vision_model"
     eva = not (clip or siglip)
     return ViTConfig(
-        n_layers=vc.num_hidden_layers,
-        d_model=vc.hidden_size,
-        n_heads=vc.num_attention_heads,
-        d_head=vc.hidden_size // vc.num_attention_heads,
-        d_mlp=vc.intermediate_size,
-        act_fn=vc.hidden_act,
-        normalization_type="LN",
-        eps=vc.layer_norm_eps,
+        **encoder_fields(vc),
         n_ctx=(vc.image_size // vc.patch_size) ** 2 + (not siglip),
         attn_bias=vc.qkv_bias if eva else True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        attention_dir="bidirectional",
-        positional_embedding_type="standard",
         original_architecture=type(vc).__name__.removesuffix("Config") + "Model",
-        hf_config=vc,
         image_size=vc.image_size,
         patch_size=vc.patch_size,
         num_channels=getattr(vc, "num_channels", 3),
