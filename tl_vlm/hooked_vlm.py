@@ -27,6 +27,7 @@ import torch.nn as nn
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import remove_batch_dim as drop_batch_dim
 from transformers import GenerationConfig
 
@@ -560,14 +561,10 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         loss = _next_token_loss(out, inputs.input_ids, inputs.attention_mask, self.unscored_positions(inputs))
         return loss if return_type == "loss" else (out, loss)
 
-    def _run_caching(
-        self, model_args, wanted: Callable[[str], bool], kwargs, cache: dict | None = None
-    ) -> tuple[Any, dict[str, Tensor]]:
+    def _run_caching(self, model_args, names_filter, kwargs, cache: dict | None = None) -> tuple[Any, dict[str, Tensor]]:
         cache = {} if cache is None else cache  # a SlicedCache slices / moves what it stores
-        chosen = [(name, hook) for name, hook in self.hook_dict.items() if wanted(name)]
-        direct = [hook for name, hook in chosen if not nested(name)]
-        # HookPoints inside a swapped-in module (an SAE's own hooks) are called by it, not by run_hook.
-        inner = [(name, partial(_store, cache)) for name, _ in chosen if nested(name)]
+        direct, inner_names = _caching_plan(self, names_filter)
+        inner = [(name, partial(_store, cache)) for name in inner_names]
         # Plain attributes, set in __dict__: nn.Module.__setattr__ costs more than the rest of a tiny forward's caching.
         previous = [hook.__dict__.get("cache_into") for hook in direct]
         for hook in direct:
@@ -645,7 +642,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
             for hook_cleanup in ("reset_hooks_end", "clear_contexts"):  # no hooks are registered on this path
                 kwargs.pop(hook_cleanup, None)
             store = SlicedCache(device, pos_slice, remove_batch_dim, arena)
-            out, _ = self._run_caching(model_args, _name_predicate(names_filter), kwargs, store)
+            out, _ = self._run_caching(model_args, names_filter, kwargs, store)
             cache = store.finish()
         elif incl_bwd:
             out, cache = super().run_with_cache(
@@ -655,7 +652,7 @@ class HookedVLM(SAEMethods, LanguageWeights, StackedWeights, HookedRootModule):
         else:
             for hook_cleanup in ("reset_hooks_end", "clear_contexts"):  # no hooks are registered on this path
                 kwargs.pop(hook_cleanup, None)
-            out, cache = self._run_caching(model_args, _name_predicate(names_filter), kwargs)
+            out, cache = self._run_caching(model_args, names_filter, kwargs)
             if remove_batch_dim:
                 cache = {name: drop_batch_dim(t) for name, t in cache.items()}
         if return_cache_object:
@@ -859,16 +856,25 @@ def _check_token_ids(ids: Tensor, d_vocab: int, image_token_mask: Callable[[Tens
         )
 
 
-def _name_predicate(names_filter) -> Callable[[str], bool]:
-    """TL's names_filter forms (None, a name, a list of names, a predicate) as a predicate."""
-    if names_filter is None:
-        return lambda name: True
-    if isinstance(names_filter, str):
-        return lambda name: name == names_filter
-    if callable(names_filter):
-        return names_filter
-    names = set(names_filter)
-    return lambda name: name in names
+def _caching_plan(model: nn.Module, names_filter) -> tuple[list[HookPoint], list[str]]:
+    """The hook points a cache stores from directly, and the chosen names inside a swapped-in module (an SAE's own
+    hooks, called by it, not by run_hook), for TL's names_filter forms (None, a name, a list of names, a predicate).
+    Names are looked up, not scanned for; the plan for everything (and everything but hook_result) is kept until
+    ``setup()`` builds a new ``hook_dict``: per run, no Python work for hook points a cache does not touch."""
+    hook_dict = model.hook_dict
+    if names_filter is None or names_filter is _not_result:
+        plans = model.__dict__.setdefault("_caching_plans", {})
+        if names_filter in plans and plans[names_filter][0] is hook_dict:
+            return plans[names_filter][1:]
+    if isinstance(names_filter, str) or not (names_filter is None or callable(names_filter)):
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        chosen = [name for name in dict.fromkeys(names) if name in hook_dict]
+    else:
+        chosen = [name for name in hook_dict if names_filter is None or names_filter(name)]
+    plan = [hook_dict[name] for name in chosen if not nested(name)], [name for name in chosen if nested(name)]
+    if names_filter is None or names_filter is _not_result:
+        plans[names_filter] = (hook_dict, *plan)
+    return plan
 
 
 def _placeholders_per_row(token, texts: list[str], media) -> tuple[int, ...]:

@@ -203,28 +203,36 @@ class Attention(nn.Module):
         # kernels, the same numbers, without faulting in fresh pages for the largest cached activations every run.
         same_heads = q.shape[:-2] == k.shape[:-2]  # (else matmul broadcasts, and resizes whatever it writes into)
         reused = self.reused.empty("scores", (*q.shape[:-1], k.shape[-2]), q, k) if same_heads else None
-        # Scaling q is cheaper than scaling scores.
-        scores = torch.matmul(q * self.scale, k.transpose(-1, -2), **({} if reused is None else {"out": reused}))
-        # In place on the fresh scores: with every activation cached, each extra [head, q, k] temporary costs.
-        # Filling (not adding) the dtype's minimum cannot overflow to -inf in fp16.
-        if mask is not None and mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, torch.finfo(q.dtype).min)
-        elif mask is not None:
-            scores += mask
-        elif causal:
-            scores.masked_fill_(causal_block(q.shape[2], k.shape[2], q.device), torch.finfo(q.dtype).min)
+        scores = torch.matmul(q, k.transpose(-1, -2), **({} if reused is None else {"out": reused}))
+        # In place on the fresh scores: with every activation cached, each extra [head, q, k] temporary costs. The
+        # dtype's minimum (filled, or added to scores far smaller) cannot overflow to -inf in fp16.
+        bias = causal_bias(q.shape[2], k.shape[2], q.device, q.dtype) if mask is None and causal else mask
+        additive = bias is not None and bias.dtype != torch.bool
+        if additive and not (torch.is_grad_enabled() and (scores.requires_grad or bias.requires_grad)):
+            torch.add(bias, scores, alpha=self.scale, out=scores)  # scale and mask in one pass (out= records no grad)
+        else:
+            if self.scale != 1.0:
+                scores.mul_(self.scale)
+            if additive:
+                scores += bias
+            elif bias is not None:
+                scores.masked_fill_(~bias, torch.finfo(q.dtype).min)
         scores = run_hook(self.hook_attn_scores, scores)
-        # (A hook may have returned scores of another dtype: F.softmax then converts them.)
         reused = self.reused.empty("pattern", scores.shape, scores) if scores.dtype == torch.float32 else None
-        if reused is None:
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        else:  # scores are float32 here: F.softmax's kernel, into the reused memory
+        if reused is not None:  # float32 scores: F.softmax's kernel, into the reused memory
             pattern = torch.ops.aten._softmax.out(scores, -1, False, out=reused)
+        elif scores.dtype == q.dtype:
+            pattern = scores.softmax(-1)
+        else:  # a hook returned scores of another dtype
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if mask is not None and mask.dtype == torch.bool:
             # A query that may see nothing (left padding) attends nowhere, as in SDPA, not uniformly.
             pattern = pattern * mask.any(-1, keepdim=True) if reused is None else pattern.mul_(mask.any(-1, keepdim=True))
         pattern = run_hook(self.hook_pattern, pattern)
-        return None if for_cache else torch.matmul(pattern, v).to(dtype)
+        if for_cache:
+            return None
+        z = torch.matmul(pattern, v)
+        return z if z.dtype == dtype else z.to(dtype)
 
     def _soft_capped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """HF's eager attention with Gemma 2's tanh cap on the scores, op for op in the model dtype (so half precision
@@ -242,6 +250,14 @@ class Attention(nn.Module):
         scores = run_hook(self.hook_attn_scores, scores)
         pattern = run_hook(self.hook_pattern, F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)
+
+
+@functools.lru_cache(maxsize=4)
+def causal_bias(q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> Float[Tensor, "q k"]:
+    """``causal_block`` as an additive mask of the dtype's minimum (read only: it is shared)."""
+    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(
+        causal_block(q_len, k_len, device), torch.finfo(dtype).min
+    )
 
 
 @functools.lru_cache(maxsize=4)

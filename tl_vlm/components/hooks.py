@@ -21,21 +21,30 @@ from transformer_lens.hook_points import HookPoint
 
 def has_torch_hooks(module: nn.Module) -> bool:
     """Anything PyTorch would run around this module's call (hooks of either direction, a patched forward)."""
+    return _hooked(module.__dict__)
+
+
+def _hooked(attributes: dict) -> bool:
+    # Read from the instance dict (where nn.Module keeps its hook dicts): run_hook asks this of every hook slot of
+    # every run, and a Module attribute lookup walks the class hierarchy first.
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or "forward" in module.__dict__
+        attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+        or attributes["_backward_pre_hooks"] or "forward" in attributes
     )
 
 
 def editing(hook: nn.Module) -> bool:
     """Whether what is attached may change the activation (a forward hook or pre-hook, a patched forward, a
     module swapped in); caching alone cannot."""
-    return type(hook) is not HookPoint or bool(hook._forward_hooks or hook._forward_pre_hooks or "forward" in hook.__dict__)
+    if type(hook) is not HookPoint:
+        return True
+    attributes = hook.__dict__
+    return bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes)
 
 
 def must_call(hook: nn.Module) -> bool:
     """The slot holds something other than an idle, plain HookPoint."""
-    return type(hook) is not HookPoint or has_torch_hooks(hook)
+    return type(hook) is not HookPoint or _hooked(hook.__dict__)
 
 
 def cached(hook: nn.Module) -> bool:
@@ -45,7 +54,8 @@ def cached(hook: nn.Module) -> bool:
 
 def active(hook: nn.Module) -> bool:
     """Whether the slot's value is observed or changed (so a lazily computed activation must be computed)."""
-    return must_call(hook) or cached(hook)
+    attributes = hook.__dict__
+    return type(hook) is not HookPoint or attributes.get("cache_into") is not None or _hooked(attributes)
 
 
 def observed(module: nn.Module) -> bool:
@@ -58,9 +68,10 @@ def observed(module: nn.Module) -> bool:
 
 
 def run_hook(hook: nn.Module, x: Tensor) -> Tensor:
-    if type(hook) is not HookPoint or has_torch_hooks(hook):
+    attributes = hook.__dict__
+    if type(hook) is not HookPoint or _hooked(attributes):
         x = hook(x)
-    store = hook.__dict__.get("cache_into")
+    store = attributes.get("cache_into")
     if store is not None:
         store[hook.name] = x.detach() if x.requires_grad else x  # already detached: no alias op per point
     return x

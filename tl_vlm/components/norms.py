@@ -1,8 +1,10 @@
 """LayerNorm and RMSNorm with TL's hook_scale / hook_normalized.
 
 Without hooks they run the same fused kernels as HF. A hook that may edit ``hook_scale`` / ``hook_normalized``
-switches to the explicit form, whose output uses the hooked values; caching alone computes the explicit
-statistics for the cache but keeps the fused output, so half-precision results stay HF's bit for bit.
+switches to the explicit form, whose output uses the hooked values. Caching alone keeps the fused output in half
+precision (HF's bit for bit; the statistics for the cache are computed beside it in float32); in float32 the
+cache takes the fused kernel's own normalized values and statistics (RMSNorm: HF's output unchanged; LayerNorm:
+within an ulp of it).
 ``elementwise=False`` is the folded (LNPre / RMSPre) form used after ``fold_ln``.
 """
 
@@ -31,9 +33,18 @@ class LayerNorm(nn.Module):
         if editing(self.hook_scale) or editing(self.hook_normalized):
             normalized = self._normalized(x)
             return (normalized if self.w is None else normalized * self.w.float() + self.b.float()).to(x.dtype)
-        if active(self.hook_scale) or active(self.hook_normalized):
+        if not (active(self.hook_scale) or active(self.hook_normalized)):
+            return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        if x.dtype != torch.float32:  # (the fused kernel's statistics would be rounded to the half dtype)
             self._normalized(x)  # for the cache
-        return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+            return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        # For the cache, the fused kernel's normalized values and statistics, then the affine map (within an ulp of
+        # F.layer_norm): three ops where recomputing the statistics takes eight, which counts in a forward of a few
+        # milliseconds.
+        normalized, _, rstd = torch.native_layer_norm(x, (self.d_model,), None, None, self.eps)
+        run_hook(self.hook_scale, rstd.reciprocal())
+        normalized = run_hook(self.hook_normalized, normalized)
+        return normalized if self.w is None else torch.addcmul(self.b, normalized, self.w)
 
     def _normalized(self, x: Tensor) -> Float[Tensor, "... d_model"]:
         # In float32, as F.layer_norm accumulates (fp16 squares would overflow), rounded once by the caller.
@@ -53,22 +64,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         dtype = x.dtype
-        x = x.float()  # HF computes the statistic in fp32 whatever the model dtype
+        x = x if dtype == torch.float32 else x.float()  # HF computes the statistic in fp32 whatever the model dtype
         if editing(self.hook_scale) or editing(self.hook_normalized):
             scale = run_hook(self.hook_scale, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
             x = run_hook(self.hook_normalized, x / scale)
         else:
-            mean_square = x.pow(2).mean(-1, keepdim=True)
-            if active(self.hook_scale) or active(self.hook_normalized):  # for the cache; the output stays HF's
-                run_hook(self.hook_normalized, x / run_hook(self.hook_scale, (mean_square + self.eps).sqrt()))
-            x = x * torch.rsqrt(mean_square + self.eps)
+            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            x = x * rstd  # HF's output; the cache gets the same normalized values
+            if active(self.hook_scale) or active(self.hook_normalized):
+                run_hook(self.hook_scale, rstd.reciprocal())
+                run_hook(self.hook_normalized, x)
         if self.w is not None and self.w.dtype == torch.float32 != dtype:
             # Gemma keeps its (1 + w) in float32 and multiplies before rounding, as HF's Gemma RMSNorm.
             return (self.w * x).to(dtype)
         # Back to the input dtype; to a half-precision weight's dtype when they differ (T5's float32 residual stream
         # after a float32 W_out, as HF's T5LayerNorm does).
         half = self.w is not None and self.w.dtype in (torch.float16, torch.bfloat16)
-        x = x.to(self.w.dtype if half else dtype)
+        target = self.w.dtype if half else dtype
+        x = x if x.dtype == target else x.to(target)
         return x if self.w is None else self.w * x
 
 

@@ -17,6 +17,7 @@ do not record gradients), so a forward that needs gradients allocates as before.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -54,7 +55,7 @@ class ReusedStorage:
         from ``sources``; None where reuse does not apply (small, not the CPU, or autograd records this computation):
         the caller allocates as usual."""
         like = sources[0]
-        nbytes = like.element_size() * torch.Size(shape).numel()
+        nbytes = like.itemsize * math.prod(shape)
         if nbytes < self.min_bytes or like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return None
         kept = self.slots.setdefault((threading.get_ident(), slot), [])

@@ -43,7 +43,7 @@ from tl_vlm.convert.naflex_vit import naflex_vit_config, naflex_vit_rules
 from tl_vlm.convert.rules import Rule, WeightMap, load_weights
 from tl_vlm.convert.vits import vit_config
 from tl_vlm.families.llava import grid_cells, original_pixels, processed_pixels
-from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _name_predicate, _not_result
+from tl_vlm.hooked_vlm import HookedVLM, _check_token_ids, _not_result
 from tl_vlm.inputs import VLMInputs
 from tl_vlm.tower_view import TowerView
 from tl_vlm.towers.naflex_vit import NaFlexViT, naflex_cells
@@ -379,7 +379,7 @@ class HookedCLIP(HookedRootModule):
         else:
             for hook_cleanup in ("reset_hooks_end", "clear_contexts"):
                 kwargs.pop(hook_cleanup, None)
-            out, cache = HookedVLM._run_caching(self, model_args, _name_predicate(names_filter), kwargs)
+            out, cache = HookedVLM._run_caching(self, model_args, names_filter, kwargs)
             if remove_batch_dim:
                 cache = {name: drop_batch_dim(t) for name, t in cache.items()}
         if return_cache_object:
