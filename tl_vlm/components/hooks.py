@@ -60,16 +60,24 @@ def active(hook: nn.Module) -> bool:
 
 def observed(module: nn.Module) -> bool:
     """Whether any hook slot in ``module`` is active or any of its modules has PyTorch hooks (a tower skips
-    blocks that cannot change its output only when nothing would notice)."""
-    return any(
-        active(m) if name.rpartition(".")[2].startswith("hook_") else has_torch_hooks(m)
-        for name, m in module.named_modules()
-    )
+    blocks that cannot change its output only when nothing would notice). A walk over the children: no names are
+    built, as ``named_modules`` would, on a check that runs every forward."""
+    if _hooked(module.__dict__):
+        return True
+    for name, child in module._modules.items():
+        # A hook slot is active when it is cached or hooked, or holds a module swapped in (whose insides are its own).
+        if child is not None and (active(child) if name.startswith("hook_") else observed(child)):
+            return True
+    return False
 
 
 def run_hook(hook: nn.Module, x: Tensor) -> Tensor:
     attributes = hook.__dict__
-    if type(hook) is not HookPoint or _hooked(attributes):
+    # _hooked, inlined: this runs at every hook slot of every run.
+    if type(hook) is not HookPoint or (
+        attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+        or attributes["_backward_pre_hooks"] or "forward" in attributes
+    ):
         x = hook(x)
     store = attributes.get("cache_into")
     if store is not None:

@@ -20,11 +20,14 @@ from torch import Tensor
 class Segments:
     parts: list[tuple[int, Int[Tensor, " n"]]]  # (row, patch indices of one segment, in HF's order)
     mask: Bool[Tensor, "batch 1 q k"] | None  # the same restriction as a mask (None: one segment per row)
+    ordered: bool = False  # HF's order within each segment is the row's order (frames; not windows)
 
     def attend(
         self, q: Float[Tensor, "batch head pos d_head"], k: Tensor, v: Tensor, scale: float
     ) -> Float[Tensor, "batch head pos d_head"]:
         """SDPA per segment; positions in no segment (padding) get zeros."""
+        if self.mask is None and self.ordered:  # each row is one segment in its own order: one call, the same sums
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         z = torch.zeros_like(q)
         for row, idx in self.parts:
             out = F.scaled_dot_product_attention(

@@ -18,7 +18,9 @@ def kept_hidden_states(
     blocks: nn.ModuleList, resid: Float[Tensor, "image pos d_model"], keep: list[int], *block_args
 ) -> dict[int, Float[Tensor, "image pos d_model"]]:
     """The hidden states with the indices in ``keep`` (0..len(blocks)); ``block_args`` go to every block."""
-    stop = max(max(keep), last_hooked_block(blocks) + 1)
+    deepest = max(keep)
+    # Past the deepest state read, a block runs only if it (or one after it) has a hook attached.
+    stop = next((i + 1 for i in range(len(blocks) - 1, deepest - 1, -1) if observed(blocks[i])), deepest)
     out = {}
     for i in range(stop):
         # A feature read at hidden state i sees what block i's hook_resid_pre made of it.
@@ -30,10 +32,3 @@ def kept_hidden_states(
         out[stop] = resid
     return out
 
-
-def last_hooked_block(blocks: nn.ModuleList) -> int:
-    """The deepest block with a hook attached (-1: none)."""
-    for i in range(len(blocks) - 1, -1, -1):
-        if observed(blocks[i]):
-            return i
-    return -1

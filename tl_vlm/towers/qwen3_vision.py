@@ -67,7 +67,7 @@ class Qwen3VisionTower(QwenVisionTower):
         pos = self.position_embeddings(grid_thw).to(packed.dtype)
         x = run_hook(self.hook_embed, padded(packed, layout)) + run_hook(self.hook_pos_embed, padded(pos, layout))
         rotary = self.rotary(layout.positions)
-        frames = Segments(layout.frame_parts, segment_mask(layout.frame))
+        frames = Segments(layout.frame_parts, segment_mask(layout.frame), ordered=True)
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, frames)

@@ -134,7 +134,7 @@ class QwenVisionTower(StackedWeights, nn.Module):
         layout = self.checked_layout(pixel_values, grid_thw)
         x = run_hook(self.hook_embed, padded(self.embed(pixel_values), layout))
         rotary = self.rotary(layout.positions)
-        frames = Segments(layout.frame_parts, segment_mask(layout.frame))
+        frames = Segments(layout.frame_parts, segment_mask(layout.frame), ordered=True)
         windows = frames if layout.window is None else Segments(layout.window_parts, segment_mask(layout.window))
         for i, block in enumerate(self.blocks):
             full = layout.window is None or i in self.geometry.full_attention_blocks
