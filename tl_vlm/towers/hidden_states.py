@@ -31,4 +31,3 @@ def kept_hidden_states(
     if stop in keep:
         out[stop] = resid
     return out
-
