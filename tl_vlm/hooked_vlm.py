@@ -862,17 +862,16 @@ def _caching_plan(model: nn.Module, names_filter) -> tuple[list[HookPoint], list
     Names are looked up, not scanned for; the plan for everything (and everything but hook_result) is kept until
     ``setup()`` builds a new ``hook_dict``: per run, no Python work for hook points a cache does not touch."""
     hook_dict = model.hook_dict
-    if names_filter is None or names_filter is _not_result:
-        plans = model.__dict__.setdefault("_caching_plans", {})
-        if names_filter in plans and plans[names_filter][0] is hook_dict:
-            return plans[names_filter][1:]
+    plans = model.__dict__.setdefault("_caching_plans", {}) if names_filter is None or names_filter is _not_result else None
+    if plans is not None and names_filter in plans and plans[names_filter][0] is hook_dict:
+        return plans[names_filter][1:]
     if isinstance(names_filter, str) or not (names_filter is None or callable(names_filter)):
         names = [names_filter] if isinstance(names_filter, str) else names_filter
         chosen = [name for name in dict.fromkeys(names) if name in hook_dict]
     else:
         chosen = [name for name in hook_dict if names_filter is None or names_filter(name)]
     plan = [hook_dict[name] for name in chosen if not nested(name)], [name for name in chosen if nested(name)]
-    if names_filter is None or names_filter is _not_result:
+    if plans is not None:
         plans[names_filter] = (hook_dict, *plan)
     return plan
 
